@@ -1,0 +1,40 @@
+// CUDA-side helpers: current stream from torch, device guard, launch checks.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include "vitops/common.h"
+
+namespace vitops {
+
+// The stream torch is currently using on `device_index` (never the legacy default stream).
+inline cudaStream_t current_cuda_stream(int32_t device_index) {
+  void* stream = nullptr;
+  auto err = aoti_torch_get_current_cuda_stream(device_index, &stream);
+  VITOPS_CHECK(err == AOTI_TORCH_SUCCESS, "vitops: could not get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
+}
+
+using CudaDeviceGuard = torch::stable::accelerator::DeviceGuard;
+
+#define VITOPS_CUDA_CHECK_LAUNCH()                                                              \
+  do {                                                                                          \
+    cudaError_t vitops_err_ = cudaGetLastError();                                               \
+    VITOPS_CHECK(vitops_err_ == cudaSuccess, "vitops: CUDA kernel launch failed: ",             \
+                 cudaGetErrorString(vitops_err_));                                              \
+  } while (0)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Load/store one element of a storage dtype as float (bf16/fp16 via their device conversions).
+template <typename scalar_t>
+__device__ __forceinline__ float to_float(scalar_t v) { return static_cast<float>(v); }
+
+}  // namespace vitops
+
+// CUDA kernels cover float32, bfloat16 and float16 (float64 is CPU only, for gradcheck).
+#define VITOPS_DISPATCH_CUDA_FLOATING(TYPE, NAME, ...)                                            \
+  THO_DISPATCH_V2(TYPE, NAME, AT_WRAP(__VA_ARGS__), torch::headeronly::ScalarType::Float,         \
+                  torch::headeronly::ScalarType::BFloat16, torch::headeronly::ScalarType::Half)

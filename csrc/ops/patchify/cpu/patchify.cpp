@@ -1,0 +1,92 @@
+// patchify on the CPU: a permutation copy. Each (image, image row) moves W*C contiguous elements
+// into Wp runs of p*C contiguous elements, so the inner loop is a memcpy-sized contiguous copy.
+#include <cstring>
+
+#include "../patchify.h"
+
+namespace vitops::patchify {
+namespace {
+
+// to_patches=true: images -> patches; false: patches -> images (the backward, same permutation).
+template <typename scalar_t>
+void permute_rows(const scalar_t* src, scalar_t* dst, const Geometry& g, bool to_patches) {
+  const int64_t p = g.patch, C = g.channels, W = g.width, H = g.height;
+  const int64_t run = p * C;  // contiguous elements shared by one image row and one patch row
+  const int64_t cols = g.cols();
+  const int64_t pd = g.patch_dim();
+  const int64_t image_elems = H * W * C;
+  torch::stable::parallel_for(0, g.batch * H, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H, y = row % H;
+      const int64_t hp = y / p, r = y % p;
+      const int64_t image_off = b * image_elems + y * W * C;
+      const int64_t patch_base = b * image_elems + (hp * cols) * pd + r * run;
+      for (int64_t wp = 0; wp < cols; ++wp) {
+        const int64_t i_off = image_off + wp * run;
+        const int64_t p_off = patch_base + wp * pd;
+        if (to_patches) {
+          std::memcpy(dst + p_off, src + i_off, run * sizeof(scalar_t));
+        } else {
+          std::memcpy(dst + i_off, src + p_off, run * sizeof(scalar_t));
+        }
+      }
+    }
+  });
+}
+
+void fill_positions(int64_t* pos, const Geometry& g) {
+  const int64_t n = g.num_patches(), cols = g.cols();
+  torch::stable::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t* out = pos + b * n * 2;
+      for (int64_t i = 0; i < n; ++i) {
+        out[2 * i] = i % cols;      // x = column
+        out[2 * i + 1] = i / cols;  // y = row
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> patchify_cpu(const Tensor& images, int64_t patch_size) {
+  const Geometry g = check_forward(images, patch_size, /*allow_double=*/true);
+  auto lead = leading_sizes(images, 3);
+  auto psizes = lead, qsizes = lead;
+  psizes.push_back(g.num_patches());
+  psizes.push_back(g.patch_dim());
+  qsizes.push_back(g.num_patches());
+  qsizes.push_back(2);
+  Tensor patches = new_empty(images, psizes, images.scalar_type());
+  Tensor positions = new_empty(images, qsizes, ScalarType::Long);
+  if (images.numel() > 0) {
+    const Tensor src = as_contiguous(images);
+    VITOPS_DISPATCH_FLOATING(images.scalar_type(), "patchify_cpu", [&] {
+      permute_rows<scalar_t>(src.const_data_ptr<scalar_t>(), patches.mutable_data_ptr<scalar_t>(), g, true);
+    });
+  }
+  if (positions.numel() > 0) fill_positions(positions.mutable_data_ptr<int64_t>(), g);
+  return {patches, positions};
+}
+
+Tensor patchify_backward_cpu(const Tensor& grad, int64_t height, int64_t width, int64_t patch_size) {
+  const Geometry g = check_backward(grad, height, width, patch_size, /*allow_double=*/true);
+  auto sizes = leading_sizes(grad, 2);
+  sizes.push_back(height);
+  sizes.push_back(width);
+  sizes.push_back(g.channels);
+  Tensor out = new_empty(grad, sizes, grad.scalar_type());
+  if (out.numel() > 0) {
+    const Tensor src = as_contiguous(grad);
+    VITOPS_DISPATCH_FLOATING(grad.scalar_type(), "patchify_backward_cpu", [&] {
+      permute_rows<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, false);
+    });
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace vitops::patchify
+
+STABLE_TORCH_LIBRARY_IMPL(vitops, CPU, m) {
+  m.impl("patchify", TORCH_BOX(&vitops::patchify::patchify_cpu));
+  m.impl("_patchify_backward", TORCH_BOX(&vitops::patchify::patchify_backward_cpu));
+}

@@ -1,0 +1,64 @@
+// patchify: shape checks shared by the CPU and CUDA kernels.
+#pragma once
+#include "vitops/common.h"
+
+namespace vitops::patchify {
+
+// Geometry of images[..., H, W, C] cut into p x p patches.
+struct Geometry {
+  int64_t batch;  // product of the leading dims
+  int64_t height, width, channels, patch;
+  int64_t rows() const { return height / patch; }
+  int64_t cols() const { return width / patch; }
+  int64_t num_patches() const { return rows() * cols(); }
+  int64_t patch_dim() const { return patch * patch * channels; }
+};
+
+inline Geometry check_forward(const Tensor& images, int64_t patch_size, bool allow_double) {
+  VITOPS_CHECK(images.dim() >= 3, "vitops.patchify: `images` must have shape [..., H, W, C] (at least 3 dims), got ",
+               shape_str(images));
+  check_float("patchify", "images", images, allow_double);
+  VITOPS_CHECK(patch_size > 0, "vitops.patchify: `patch_size` must be a positive int, got ", patch_size);
+  Geometry g;
+  const int64_t d = images.dim();
+  g.height = images.size(d - 3);
+  g.width = images.size(d - 2);
+  g.channels = images.size(d - 1);
+  g.patch = patch_size;
+  VITOPS_CHECK(g.height % patch_size == 0 && g.width % patch_size == 0, "vitops.patchify: image height and width (",
+               g.height, ", ", g.width, ") must be divisible by `patch_size` (", patch_size, "); `images` has shape ",
+               shape_str(images));
+  g.batch = 1;
+  for (int64_t i = 0; i < d - 3; ++i) g.batch *= images.size(i);
+  return g;
+}
+
+inline Geometry check_backward(const Tensor& grad, int64_t height, int64_t width, int64_t patch_size,
+                               bool allow_double) {
+  VITOPS_CHECK(grad.dim() >= 2, "vitops._patchify_backward: `grad_patches` must have shape [..., N, p*p*C], got ",
+               shape_str(grad));
+  check_float("_patchify_backward", "grad_patches", grad, allow_double);
+  VITOPS_CHECK(patch_size > 0 && height % patch_size == 0 && width % patch_size == 0,
+               "vitops._patchify_backward: `height` and `width` must be multiples of a positive `patch_size`");
+  Geometry g;
+  const int64_t d = grad.dim();
+  g.height = height;
+  g.width = width;
+  g.patch = patch_size;
+  const int64_t pd = grad.size(d - 1);
+  VITOPS_CHECK(pd % (patch_size * patch_size) == 0 && grad.size(d - 2) == (height / patch_size) * (width / patch_size),
+               "vitops._patchify_backward: `grad_patches` shape ", shape_str(grad), " does not match a ", height, "x",
+               width, " image with patch_size ", patch_size);
+  g.channels = pd / (patch_size * patch_size);
+  g.batch = 1;
+  for (int64_t i = 0; i < d - 2; ++i) g.batch *= grad.size(i);
+  return g;
+}
+
+inline std::vector<int64_t> leading_sizes(const Tensor& t, int64_t trailing) {
+  std::vector<int64_t> s;
+  for (int64_t i = 0; i < t.dim() - trailing; ++i) s.push_back(t.size(i));
+  return s;
+}
+
+}  // namespace vitops::patchify

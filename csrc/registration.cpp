@@ -1,0 +1,27 @@
+// Every vitops operator schema, in one place. Kernels register their implementations with
+// STABLE_TORCH_LIBRARY_IMPL(vitops, CPU|CUDA, m) next to their code in csrc/ops/<op>/.
+// Fake (meta) kernels and autograd live in python/vitops/ops/<op>.py.
+//
+// Conventions: functional ops only (fresh outputs, no aliasing); sizes that may be symbolic under
+// torch.compile(dynamic=True) are SymInt; backward ops are named _<op>_backward.
+#include "vitops/common.h"
+
+STABLE_TORCH_LIBRARY(vitops, m) {
+  // images[..., H, W, C] -> patches[..., N, p*p*C] in (row, col, channel) order and
+  // positions_xy[..., N, 2] int64 (x = column, y = row, patch units, row-major patch order).
+  m.def("patchify(Tensor images, SymInt patch_size) -> (Tensor patches, Tensor positions_xy)");
+  m.def("_patchify_backward(Tensor grad_patches, SymInt height, SymInt width, SymInt patch_size) -> Tensor");
+
+  // posemb: [2, N_pos, D] (table_dim=0, HF) or [N_pos, 2, D] (table_dim=1, MaxText), any strides.
+  // out[..., D] = posemb[x] (x table) + posemb[y] (y table); a coordinate of -1 contributes zero.
+  m.def("factorized_posemb(Tensor posemb, Tensor positions_xy, int table_dim) -> Tensor");
+  m.def("_factorized_posemb_backward(Tensor grad_output, Tensor positions_xy, SymInt num_positions, int table_dim) -> Tensor");
+
+  // inputs[..., L, H, hd] rotated by positions [..., L] (1-D) or [..., L, ndim] (N-D).
+  m.def("apply_multidimensional_rope(Tensor inputs, Tensor positions, float base_frequency, float? rotary_fraction=None, float scale_factor=1.0) -> Tensor");
+  m.def("_apply_multidimensional_rope_backward(Tensor grad_output, Tensor positions, float base_frequency, float? rotary_fraction, float scale_factor) -> Tensor");
+
+  // x[B, L, D], positions_xy[B, L, 2] -> (output[B, length, D], mask[B, length] bool).
+  m.def("avg_pool_by_positions(Tensor x, Tensor positions_xy, SymInt length) -> (Tensor output, Tensor mask)");
+  m.def("_avg_pool_by_positions_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len) -> Tensor");
+}

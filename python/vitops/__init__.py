@@ -1,0 +1,52 @@
+"""vitops: exact and fast vision towers (Gemma 4, Gemma 3, Llama 4) for PyTorch.
+
+Operators live in ``torch.ops.vitops`` (C++/CUDA kernels with fake kernels and autograd);
+``vitops.ops`` holds their functional wrappers, ``vitops.reference`` the pure-PyTorch references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _loader
+
+_loader.load()
+
+from . import reference  # noqa: E402
+from . import ops  # noqa: E402  (registers fake kernels and autograd)
+from .ops import (  # noqa: E402
+    apply_multidimensional_rope,
+    avg_pool_by_positions,
+    factorized_posemb,
+    patchify,
+)
+
+__version__ = "0.1.0"
+
+OPS = ("patchify", "factorized_posemb", "apply_multidimensional_rope", "avg_pool_by_positions")
+
+
+def build_info() -> dict:
+    """Versions vitops was built with and runs with, and which backends have kernels for each op."""
+    from . import _C, _build_info
+
+    info = dict(_C.build_info())
+    info["torch_runtime"] = torch.__version__
+    info["torch_cuda_runtime"] = torch.version.cuda
+    info["built_torch_cuda"] = _build_info.torch_cuda_version
+    info["cuda_available"] = torch.cuda.is_available()
+    info["backends"] = {
+        op: [key for key in ("CPU", "CUDA") if _loader.has_kernel(op, key)] for op in OPS
+    }
+    return info
+
+
+__all__ = [
+    "apply_multidimensional_rope",
+    "avg_pool_by_positions",
+    "build_info",
+    "factorized_posemb",
+    "ops",
+    "patchify",
+    "reference",
+]

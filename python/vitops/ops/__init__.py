@@ -1,0 +1,12 @@
+"""Functional wrappers of the vitops operators (one module per op).
+
+Importing this package registers every op's fake kernel (for torch.compile / FakeTensor) and its
+autograd formula; the kernels themselves come from the compiled library.
+"""
+
+from .apply_multidimensional_rope import apply_multidimensional_rope
+from .avg_pool_by_positions import avg_pool_by_positions
+from .factorized_posemb import factorized_posemb
+from .patchify import patchify
+
+__all__ = ["apply_multidimensional_rope", "avg_pool_by_positions", "factorized_posemb", "patchify"]

@@ -1,0 +1,84 @@
+"""vitops.factorized_posemb: x-table row + y-table row per patch (Gemma 4 2-D position embedding)."""
+
+from __future__ import annotations
+
+import torch
+
+_op = torch.ops.vitops.factorized_posemb.default
+_backward_op = torch.ops.vitops._factorized_posemb_backward.default
+
+_LAYOUTS = {"hf": 0, "maxtext": 1}
+
+
+def _table_dim(posemb: torch.Tensor, layout: str | None) -> int:
+    if posemb.dim() != 3:
+        raise ValueError(
+            f"vitops.factorized_posemb: `posemb` must be [2, N_pos, D] (HF) or [N_pos, 2, D] (MaxText), "
+            f"got shape {tuple(posemb.shape)}"
+        )
+    if layout is not None:
+        if layout not in _LAYOUTS:
+            raise ValueError(f"vitops.factorized_posemb: `layout` must be 'hf' or 'maxtext', got {layout!r}")
+        return _LAYOUTS[layout]
+    hf, mt = posemb.shape[0] == 2, posemb.shape[1] == 2
+    if hf and mt:
+        raise ValueError(
+            "vitops.factorized_posemb: `posemb` of shape [2, 2, D] is ambiguous; pass layout='hf' or 'maxtext'"
+        )
+    if not (hf or mt):
+        raise ValueError(
+            f"vitops.factorized_posemb: `posemb` must be [2, N_pos, D] (HF) or [N_pos, 2, D] (MaxText), "
+            f"got shape {tuple(posemb.shape)}"
+        )
+    return 0 if hf else 1
+
+
+def factorized_posemb(
+    posemb: torch.Tensor, positions_xy: torch.Tensor, precision=None, *, layout: str | None = None
+) -> torch.Tensor:
+    """Computes the factorized position embedding from (x, y) coordinates (MaxText ``factorized_posemb``).
+
+    Args:
+      posemb: the table, HF layout [2, N_pos, D] or MaxText layout [N_pos, 2, D] (read in place,
+        any strides). The layout is inferred from which dim has size 2, or given by ``layout``.
+      positions_xy: [..., 2] int64/int32 (x, y) patch coordinates; -1 marks padding and contributes
+        zero. Any other coordinate outside [0, N_pos) is an error.
+      precision: accepted for MaxText compatibility; accumulation is always float32.
+
+    Returns:
+      [..., D] in the table's dtype.
+    """
+    return _op(posemb, positions_xy, _table_dim(posemb, layout))
+
+
+@torch.library.register_fake("vitops::factorized_posemb")
+def _fake(posemb, positions_xy, table_dim):
+    torch._check(posemb.dim() == 3 and posemb.shape[table_dim] == 2, lambda: "vitops.factorized_posemb: bad `posemb`")
+    torch._check(positions_xy.dim() >= 1 and positions_xy.shape[-1] == 2,
+                 lambda: "vitops.factorized_posemb: `positions_xy` must be [..., 2]")
+    return posemb.new_empty((*positions_xy.shape[:-1], posemb.shape[2]))
+
+
+@torch.library.register_fake("vitops::_factorized_posemb_backward")
+def _backward_fake(grad_output, positions_xy, num_positions, table_dim):
+    d = grad_output.shape[-1]
+    shape = (2, num_positions, d) if table_dim == 0 else (num_positions, 2, d)
+    return grad_output.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    posemb, positions_xy, table_dim = inputs
+    ctx.save_for_backward(positions_xy)
+    ctx.table_dim = table_dim
+    ctx.num_positions = posemb.shape[1 - table_dim]
+
+
+def _backward(ctx, grad_output):
+    (positions_xy,) = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _backward_op(grad_output, positions_xy, ctx.num_positions, ctx.table_dim)
+    return grad, None, None
+
+
+torch.library.register_autograd("vitops::factorized_posemb", _backward, setup_context=_setup_context)

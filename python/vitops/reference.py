@@ -1,0 +1,189 @@
+"""Pure-PyTorch references of every vitops operator: the test oracle and the spec in code.
+
+Each function computes exactly what the matching ``torch.ops.vitops`` op computes (same dtype
+flow, float32 accumulation, float64 kept in float64), written with plain ATen ops and no custom
+kernels. Semantics follow MaxText ``maxtext.models.gemma4_vision`` and HF ``transformers``
+``models/gemma4/modeling_gemma4.py`` (see ../shared/specs/gemma4_vision.md and README "Semantics").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "patchify",
+    "factorized_posemb",
+    "apply_multidimensional_rope",
+    "avg_pool_by_positions",
+    "rope_inv_freq",
+]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# patchify
+# --------------------------------------------------------------------------------------------
+def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """images[..., H, W, C] -> (patches[..., N, p*p*C] in (row, col, channel) order,
+    positions_xy[..., N, 2] int64 with x = column and y = row in patch units, row-major)."""
+    *lead, h, w, c = images.shape
+    p = patch_size
+    x = images.reshape(*lead, h // p, p, w // p, p, c).transpose(-4, -3)
+    patches = x.reshape(*lead, (h // p) * (w // p), p * p * c)
+    ys, xs = torch.meshgrid(
+        torch.arange(h // p, device=images.device), torch.arange(w // p, device=images.device), indexing="ij"
+    )
+    pos = torch.stack([xs, ys], dim=-1).reshape(-1, 2)
+    return patches, pos.expand(*lead, *pos.shape).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# factorized_posemb
+# --------------------------------------------------------------------------------------------
+def factorized_posemb(posemb: torch.Tensor, positions_xy: torch.Tensor, table_dim: int = 0) -> torch.Tensor:
+    """Sum of the x-table row at x and the y-table row at y, in the table's dtype.
+
+    posemb is [2, N_pos, D] (table_dim=0, HF) or [N_pos, 2, D] (table_dim=1, MaxText). A coordinate
+    equal to -1 contributes zero; any other coordinate outside [0, N_pos) raises.
+    """
+    n_pos = posemb.shape[1 - table_dim]
+    valid = (positions_xy >= -1) & (positions_xy < n_pos)
+    if not bool(valid.all()):
+        raise ValueError(f"positions_xy has coordinates outside [-1, {n_pos})")
+    acc = _acc_dtype(posemb.dtype)
+    out = None
+    for axis in range(2):
+        table = posemb.select(table_dim, axis).to(acc)
+        coord = positions_xy[..., axis].long()
+        rows = table[coord.clamp(min=0)]
+        rows = torch.where((coord == -1).unsqueeze(-1), torch.zeros((), dtype=acc, device=rows.device), rows)
+        out = rows if out is None else out + rows
+    return out.to(posemb.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# apply_multidimensional_rope
+# --------------------------------------------------------------------------------------------
+def rope_inv_freq(width: int, base_frequency: float, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """HF's inverse frequencies for a rotated chunk of `width` channels: 1 / base^(2i/width)."""
+    exponent = torch.arange(0, width, 2, dtype=torch.int64, device=device).to(dtype) / width
+    return 1.0 / (base_frequency**exponent)
+
+
+def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float) -> torch.Tensor:
+    """Half-split (rotate_half) RoPE over the whole last dim of x[..., L, H, d]; pos is [..., L]."""
+    d = x.shape[-1]
+    acc = _acc_dtype(x.dtype)
+    inv_freq = rope_inv_freq(d, base, acc, x.device)
+    angle = (pos.to(acc).unsqueeze(-1) * inv_freq) * scale  # [..., L, d/2]
+    # cos/sin are computed in float32 and rounded to the activation dtype, as HF does.
+    cos = angle.cos().to(x.dtype).to(acc).unsqueeze(-2)
+    sin = angle.sin().to(x.dtype).to(acc).unsqueeze(-2)
+    xf = x.to(acc)
+    a, b = xf[..., : d // 2], xf[..., d // 2 :]
+    out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+def rope_chunks(head_dim: int, ndim: int, rotary_fraction: float | None) -> list[int]:
+    """Channel widths MaxText's apply_multidimensional_rope rotates per position axis (N-D case);
+    channels after their sum pass through unrotated."""
+    rotated = head_dim if rotary_fraction is None else int(round(head_dim * rotary_fraction))
+    per_dim = 2 * (rotated // (2 * ndim))
+    if per_dim <= 0:
+        raise ValueError(
+            f"apply_multidimensional_rope: head dim {head_dim} with rotary_fraction={rotary_fraction} leaves no "
+            f"channels to rotate for {ndim} position axes (need at least 2 per axis)"
+        )
+    widths = [per_dim] * ndim
+    if rotary_fraction is None:
+        widths[-1] = head_dim - per_dim * (ndim - 1)  # MaxText: the last chunk takes the remainder
+    return widths
+
+
+def apply_multidimensional_rope(
+    inputs: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    base_frequency: float,
+    rotary_fraction: float | None = None,
+    scale_factor: float = 1.0,
+) -> torch.Tensor:
+    """MaxText's apply_multidimensional_rope (== HF Gemma 4 vision RoPE for 2-D positions).
+
+    inputs [..., L, H, hd]; positions [..., L] (1-D) or [..., L, ndim] (N-D, one chunk per axis).
+    """
+    hd = inputs.shape[-1]
+    if positions.dim() + 2 == inputs.dim():  # 1-D positions
+        rot = hd if rotary_fraction is None else int(rotary_fraction * hd)
+        if rot % 2:
+            raise ValueError(f"apply_multidimensional_rope: rotated width {rot} must be even")
+        if rot == 0:
+            return inputs.clone()
+        y = _rope_chunk(inputs[..., :rot], positions, base_frequency, scale_factor)
+        return torch.cat([y, inputs[..., rot:]], dim=-1) if rot < hd else y
+    ndim = positions.shape[-1]
+    widths = rope_chunks(hd, ndim, rotary_fraction)
+    parts, start = [], 0
+    for axis, w in enumerate(widths):
+        if w % 2:
+            raise ValueError(f"apply_multidimensional_rope: chunk width {w} for axis {axis} must be even")
+        parts.append(_rope_chunk(inputs[..., start : start + w], positions[..., axis], base_frequency, scale_factor))
+        start += w
+    if start < hd:
+        parts.append(inputs[..., start:])
+    return torch.cat(parts, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# avg_pool_by_positions
+# --------------------------------------------------------------------------------------------
+def pool_kernel_size(seq_len: int, length: int) -> int:
+    """k such that k*k*length == seq_len (raises otherwise)."""
+    if length <= 0:
+        raise ValueError(f"avg_pool_by_positions: `length` must be positive, got {length}")
+    k = math.isqrt(seq_len // length)
+    if k < 1 or k * k * length != seq_len:
+        raise ValueError(
+            f"avg_pool_by_positions: cannot pool {seq_len} patches to length={length}: "
+            f"the sequence length must be k*k*length for an integer k >= 1"
+        )
+    return k
+
+
+def pool_slots(positions_xy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot[B, L] int64, is_padding[B, L]) with HF's per-image grid width."""
+    pad = (positions_xy == -1).all(dim=-1)
+    c = positions_xy.long().clamp(min=0)
+    max_x = torch.where(pad, 0, c[..., 0]).amax(dim=-1, keepdim=True) + 1 if c.shape[1] else c[..., 0]
+    slot = torch.div(c[..., 0], k, rounding_mode="floor") + torch.div(max_x, k, rounding_mode="floor") * torch.div(
+        c[..., 1], k, rounding_mode="floor"
+    )
+    return slot, pad
+
+
+def avg_pool_by_positions(
+    x: torch.Tensor, positions_xy: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image k x k average pooling by patch position (spec §6): the sum of the patches that land
+    in a slot divided by k*k, padding patches (both coordinates -1) ignored; mask marks slots that
+    received at least one patch. Output in x's dtype, accumulated in float32."""
+    b, seq_len, d = x.shape
+    k = pool_kernel_size(seq_len, length)
+    pad = (positions_xy == -1).all(dim=-1)
+    if bool(((positions_xy < 0) & ~pad.unsqueeze(-1)).any()):
+        raise ValueError("avg_pool_by_positions: positions_xy has negative coordinates outside padding (-1, -1)")
+    slot, pad = pool_slots(positions_xy, k)
+    if bool(((slot >= length) & ~pad).any()):
+        raise ValueError(f"avg_pool_by_positions: a patch position maps past length={length}")
+    acc = _acc_dtype(x.dtype)
+    weights = torch.nn.functional.one_hot(torch.where(pad, length, slot), length + 1)[..., :length].to(acc)
+    weights = weights / (k * k)
+    out = weights.transpose(1, 2) @ x.to(acc)
+    mask = (weights != 0).any(dim=1)
+    return out.to(x.dtype), mask

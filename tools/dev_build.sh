@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Developer build without pip: configure + build with CMake into build/dev-<name>, then copy the
+# compiled modules next to the sources so `PYTHONPATH=python` imports them.
+#   PYTHON=/path/to/python VITOPS_CUDA=OFF tools/dev_build.sh [name]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+NAME=${1:-default}
+BUILD=build/dev-$NAME
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+  -DVITOPS_CUDA="${VITOPS_CUDA:-AUTO}" >/dev/null
+cmake --build "$BUILD" -j "${BUILD_JOBS:-2}"
+cp -f "$BUILD"/_C*.so "$BUILD"/_build_info.py python/vitops/
+rm -f python/vitops/_vitops_cuda.so
+if [ -f "$BUILD"/_vitops_cuda.so ]; then cp -f "$BUILD"/_vitops_cuda.so python/vitops/; fi
+echo "built $BUILD -> python/vitops"
