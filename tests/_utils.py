@@ -1,0 +1,44 @@
+"""Shared test helpers: devices, dtypes, tolerances, non-contiguous copies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def device_dtypes():
+    """(device, dtype) pairs: every CPU dtype; CUDA kernels cover float32/bfloat16/float16."""
+    out = [pytest.param("cpu", d, id=f"cpu-{str(d).split('.')[-1]}") for d in CPU_DTYPES]
+    out += [pytest.param("cuda", d, id=f"cuda-{str(d).split('.')[-1]}", marks=pytest.mark.cuda) for d in CUDA_DTYPES]
+    return out
+
+
+def tol(dtype: torch.dtype) -> dict:
+    """Tolerances for comparing a kernel with the reference (both accumulate in float32)."""
+    return {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+        torch.float16: dict(rtol=1e-3, atol=1e-3),
+    }[dtype]
+
+
+def noncontiguous(t: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Same values as t, but a strided view (every other element along `dim` of a 2x larger buffer)."""
+    shape = list(t.shape)
+    shape[dim] = shape[dim] * 2
+    buf = torch.empty(shape, dtype=t.dtype, device=t.device)
+    idx = [slice(None)] * t.dim()
+    idx[dim] = slice(0, None, 2)
+    view = buf[tuple(idx)]
+    view.copy_(t)
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False):
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)

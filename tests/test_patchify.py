@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+import vitops
+from vitops import reference
+
+from _utils import DEVICES, device_dtypes, noncontiguous, randn, tol
+
+SHAPES = [
+    ((2, 32, 48, 3), 16),  # batch, rectangular grid
+    ((3, 1, 12, 12, 3), 4),  # two leading dims (B, I)
+    ((6, 10, 5), 2),  # no batch dim, odd channel count
+    ((1, 9, 15, 3), 3),  # odd patch size
+    ((0, 8, 8, 3), 4),  # empty batch
+    ((2, 0, 8, 3), 4),  # zero height
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("shape,p", SHAPES)
+def test_forward_matches_reference(device, dtype, shape, p):
+    images = randn(*shape, dtype=dtype, device=device)
+    patches, pos = vitops.patchify(images, p)
+    ref_patches, ref_pos = reference.patchify(images, p)
+    assert patches.is_contiguous() and pos.dtype == torch.int64
+    torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
+    torch.testing.assert_close(pos, ref_pos, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_noncontiguous_and_backward(device, dtype):
+    images = noncontiguous(randn(2, 8, 12, 3, dtype=dtype, device=device), dim=-2).requires_grad_()
+    ref_images = images.detach().clone().requires_grad_()
+    patches, _ = vitops.patchify(images, 4)
+    ref_patches, _ = reference.patchify(ref_images, 4)
+    torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
+    grad = randn(*patches.shape, dtype=dtype, device=device)
+    patches.backward(grad)
+    ref_patches.backward(grad)
+    torch.testing.assert_close(images.grad, ref_images.grad, rtol=0, atol=0)
+
+
+def test_matches_hf_processor_layout():
+    """Same (row, col, channel) order and (x, y) positions as HF's Gemma 4 image processor."""
+    hf = pytest.importorskip("transformers.models.gemma4.image_processing_gemma4")
+    img_chw = torch.rand(3, 32, 48)
+    hf_patches = hf.convert_image_to_patches(img_chw, 16)
+    patches, pos = vitops.patchify(img_chw.permute(1, 2, 0).unsqueeze(0), 16)
+    torch.testing.assert_close(patches[0], hf_patches.to(patches.dtype), rtol=0, atol=0)
+    assert pos[0, :4].tolist() == [[0, 0], [1, 0], [2, 0], [0, 1]]
+
+
+def test_gradcheck_float64():
+    images = randn(2, 4, 6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: vitops.patchify(t, 2)[0], (images,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for requires_grad in (False, True):
+        images = randn(2, 8, 12, 3, device=device, requires_grad=requires_grad)
+        torch.library.opcheck(torch.ops.vitops.patchify.default, (images, 4))
+    grad = randn(2, 6, 48, device=device)
+    torch.library.opcheck(torch.ops.vitops._patchify_backward.default, (grad, 8, 12, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph(device, dynamic):
+    def f(images):
+        patches, pos = vitops.patchify(images, 4)
+        return patches * 2, pos
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for shape in [(2, 8, 12, 3), (3, 16, 8, 3)]:
+        images = randn(*shape, device=device, requires_grad=True)
+        out, pos = compiled(images)
+        ref, ref_pos = f(images.detach())
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(pos, ref_pos)
+        out.sum().backward()
+        torch.testing.assert_close(images.grad, torch.full_like(images, 2.0))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.randn(8, 8), 4), "at least 3 dims"),
+        ((torch.randn(1, 10, 8, 3), 4), "divisible by `patch_size`"),
+        ((torch.randn(1, 8, 8, 3), 0), "`patch_size` must be a positive"),
+        ((torch.ones(1, 8, 8, 3, dtype=torch.int64), 4), "`images` must be float32"),
+    ],
+)
+def test_bad_input(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        vitops.patchify(*args)
