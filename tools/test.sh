@@ -5,10 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 VENV=${VITOPS_VENV:-.venv}
-# Run from tests/ so `import vitops` resolves to the installed package, not the source tree.
-cd tests
+# The sources live in python/vitops, so `import vitops` resolves to the installed build.
 set +e
-"../$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
