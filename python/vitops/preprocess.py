@@ -16,7 +16,7 @@ Which resize runs depends on the input type:
   exactly as HF's PIL backend, so uint8 inputs match HF bitwise. Float numpy arrays are resized per
   channel as PIL mode ``"F"`` images (same filter, no uint8 rounding) and clamped to [0, 1].
 * **torch tensors** take the *torch path* (stays on the tensor's device, e.g. CUDA): a separable
-  antialiased ``F.interpolate`` in float32, width first then height like PIL does. PIL's antialias
+  antialiased ``F.interpolate`` in float32. PIL's antialias
   bicubic uses a = -0.5, which is also what torch uses when ``antialias=True``, so the filters are the
   same. Like PIL it runs two 1-D passes (order: see ``_pass_sizes``); for uint8 tensors each pass is
   rounded to integers (half up) and clamped to [0, 255] as PIL stores its passes in uint8, float
@@ -25,8 +25,9 @@ Which resize runs depends on the input type:
   against the PIL path on uint8 data (the bundled demo image and noisy synthetic images of 480x640,
   1000x700, 37x53 and 50x3000, all five budgets): uint8 tensors differ by at most 2/255 with at most
   ~1.1% of values differing at all; float tensors (and float numpy arrays on the PIL path) by at most
-  1.11/255, mean 0.32/255 (tests/test_preprocess.py enforces these bounds with a small margin). Pass ``backend="pil"`` to send tensors through the PIL path instead (CPU,
-  exact HF parity for uint8).
+  1.11/255, mean 0.32/255 (tests/test_preprocess.py enforces these bounds with a small margin).
+  Pass ``backend="pil"`` to send tensors through the PIL path instead (CPU, exact HF parity for
+  uint8).
 
 Value conventions: uint8 inputs hold [0, 255]; floating inputs hold [0, 1] already (they are *not*
 rescaled again; HF would rescale a float image a second time) and are checked to be in range.
