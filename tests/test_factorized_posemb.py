@@ -288,3 +288,14 @@ def test_matches_hf_patch_embedder(device, dtype):
     hf_out_f32 = embedder_f32._position_embeddings(pos, padding)
     (hf_grad,) = torch.autograd.grad(hf_out_f32, embedder_f32.position_embedding_table, grad_out.float())
     torch.testing.assert_close(grad, hf_grad.to(dtype), **tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_table_with_only_padding(device):
+    """N_pos = 0 is legal as long as every coordinate is padding: all-zero output, empty gradient."""
+    table = randn(2, 0, 4, device=device, requires_grad=True)
+    pos = torch.full((3, 2), -1, dtype=torch.long, device=device)
+    out = vitops.factorized_posemb(table, pos)
+    assert torch.equal(out, torch.zeros(3, 4, device=device))
+    out.sum().backward()
+    assert table.grad.shape == (2, 0, 4)
