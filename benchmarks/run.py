@@ -221,7 +221,7 @@ def write_plot(cases, path) -> str | None:
     if rows:
         xs = range(len(rows))
         for i, (other, color) in enumerate((("eager", "tab:blue"), ("compile", "tab:orange"))):
-            ax.bar([x + 0.4 * i for x in xs], [r["speedup"].get(other, 0) for r in rows], 0.4,
+            ax.bar([x + 0.4 * i for x in xs], [r["speedup"].get(other, float("nan")) for r in rows], 0.4,
                    label=f"vitops vs HF {other}", color=color)
         labels = [f"{r['op']} {r['shape_label']} {r['dtype']} {r['mode']}"
                   + (f" {r['threads']}t" if r["device"] == "cpu" else "") for r in rows]
