@@ -340,7 +340,10 @@ def _l4_config(smoke: bool):
         return Llama4VisionConfig(hidden_size=64, num_attention_heads=4, image_size=56, patch_size=14,
                                   num_hidden_layers=1, intermediate_size=256, vision_output_dim=64,
                                   projector_input_dim=64, projector_output_dim=64)
-    return Llama4VisionConfig()  # Llama 4 Scout/Maverick vision defaults: 336 px, patch 14, D 1408
+    # Llama 4 Scout/Maverick vision tower (their released config; the class defaults differ)
+    return Llama4VisionConfig(hidden_size=1408, num_attention_heads=16, image_size=336, patch_size=14,
+                              num_hidden_layers=34, intermediate_size=5632, vision_output_dim=4096,
+                              projector_input_dim=4096, projector_output_dim=4096, pixel_shuffle_ratio=0.5)
 
 
 def build_l4_pixel_shuffle(shape, device, dtype):
