@@ -231,6 +231,36 @@ void launch_backward(const Tensor& grad, const Tensor& positions, const Geometry
   VITOPS_CUDA_CHECK_LAUNCH();
 }
 
+// THO_DISPATCH_V2 splits its body on top-level commas, so the (index type, vector width) choice
+// lives here rather than inside the dispatch lambda.
+template <typename scalar_t>
+void forward_for_dtype(const Tensor& x, const Tensor& positions, const Geometry& g, Tensor& out, Tensor& mask,
+                       cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vectorize = can_vectorize<scalar_t>(x, g.dim);
+  VITOPS_DISPATCH_INDEX(positions.scalar_type(), "avg_pool_by_positions_cuda", [&] {
+    if (vectorize) {
+      launch_forward<scalar_t, index_t, kVec>(x, positions, g, out, mask, stream);
+    } else {
+      launch_forward<scalar_t, index_t, 1>(x, positions, g, out, mask, stream);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_for_dtype(const Tensor& grad, const Tensor& positions, const Geometry& g, Tensor& grad_x,
+                        cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vectorize = can_vectorize<scalar_t>(grad, g.dim);
+  VITOPS_DISPATCH_INDEX(positions.scalar_type(), "avg_pool_by_positions_backward_cuda", [&] {
+    if (vectorize) {
+      launch_backward<scalar_t, index_t, kVec>(grad, positions, g, grad_x, stream);
+    } else {
+      launch_backward<scalar_t, index_t, 1>(grad, positions, g, grad_x, stream);
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor> avg_pool_by_positions_cuda(const Tensor& x, const Tensor& positions_xy, int64_t length) {
   const Geometry g = check_forward(x, positions_xy, length, /*allow_double=*/false);
   CudaDeviceGuard guard(x.get_device());
@@ -238,15 +268,8 @@ std::tuple<Tensor, Tensor> avg_pool_by_positions_cuda(const Tensor& x, const Ten
   Tensor mask = new_empty(x, {g.batch, g.length}, ScalarType::Bool);
   if (mask.numel() == 0) return {out, mask};
   cudaStream_t stream = current_cuda_stream(x.get_device());
-  VITOPS_DISPATCH_CUDA_FLOATING(x.scalar_type(), "avg_pool_by_positions_cuda", [&] {
-    VITOPS_DISPATCH_INDEX(positions_xy.scalar_type(), "avg_pool_by_positions_cuda", [&] {
-      if (can_vectorize<scalar_t>(x, g.dim)) {
-        launch_forward<scalar_t, index_t, 16 / sizeof(scalar_t)>(x, positions_xy, g, out, mask, stream);
-      } else {
-        launch_forward<scalar_t, index_t, 1>(x, positions_xy, g, out, mask, stream);
-      }
-    });
-  });
+  VITOPS_DISPATCH_CUDA_FLOATING(x.scalar_type(), "avg_pool_by_positions_cuda",
+                                [&] { forward_for_dtype<scalar_t>(x, positions_xy, g, out, mask, stream); });
   return {out, mask};
 }
 
@@ -257,15 +280,8 @@ Tensor avg_pool_by_positions_backward_cuda(const Tensor& grad_output, const Tens
   Tensor grad_x = new_empty(grad_output, {g.batch, g.seq_len, g.dim}, grad_output.scalar_type());
   if (grad_x.numel() == 0) return grad_x;
   cudaStream_t stream = current_cuda_stream(grad_output.get_device());
-  VITOPS_DISPATCH_CUDA_FLOATING(grad_output.scalar_type(), "avg_pool_by_positions_backward_cuda", [&] {
-    VITOPS_DISPATCH_INDEX(positions_xy.scalar_type(), "avg_pool_by_positions_backward_cuda", [&] {
-      if (can_vectorize<scalar_t>(grad_output, g.dim)) {
-        launch_backward<scalar_t, index_t, 16 / sizeof(scalar_t)>(grad_output, positions_xy, g, grad_x, stream);
-      } else {
-        launch_backward<scalar_t, index_t, 1>(grad_output, positions_xy, g, grad_x, stream);
-      }
-    });
-  });
+  VITOPS_DISPATCH_CUDA_FLOATING(grad_output.scalar_type(), "avg_pool_by_positions_backward_cuda",
+                                [&] { backward_for_dtype<scalar_t>(grad_output, positions_xy, g, grad_x, stream); });
   return grad_x;
 }
 
