@@ -10,6 +10,10 @@
 namespace vitops::avg_pool_by_positions {
 namespace {
 
+// Images per parallel task: small problems stay on the calling thread (waking the pool costs more
+// than scanning a few thousand positions).
+int64_t image_grain(int64_t seq_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(seq_len, 1)); }
+
 // slots[b * L + l] = slot of patch l of image b, or kSkip for padding. Raises (on the calling
 // thread: errors are recorded per image inside the parallel region and reported afterwards) for
 // a negative non-padding coordinate or a slot >= length.
@@ -20,7 +24,7 @@ std::vector<int64_t> compute_slots(const Tensor& positions_contig, const Geometr
   std::vector<int64_t> slots(g.batch * L);
   // First offending patch per image (L when none), plus what was wrong with it.
   std::vector<int64_t> bad_patch(g.batch, L), bad_kind(g.batch, kSkip);
-  torch::stable::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, g.batch, image_grain(L), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const index_t* p = pos + b * L * 2;
       int64_t max_x = 0;
@@ -67,7 +71,7 @@ void pool_forward(const Tensor& x, const std::vector<int64_t>& slots, const Geom
   // Stable counting sort of each image's patches by slot: slot s of image b owns
   // order[b*L + begin[b*(S+1)+s] .. begin[b*(S+1)+s+1]), in increasing patch order.
   std::vector<int64_t> begin(B * (S + 1), 0), order(B * L);
-  torch::stable::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, B, image_grain(L), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t* start = begin.data() + b * (S + 1);
       const int64_t* slot = slots.data() + b * L;
