@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     scalar_t* dst = grad_x + (b * L + l) * D;
     const scalar_t* src = grad + b * gs_b + (valid ? s : 0) * gs_s;
     for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-      Vec<scalar_t, VEC> v;
+      Vec<scalar_t, VEC> v{};  // zeros, kept for rows with no valid slot
       if constexpr (VEC > 1) {
         if (valid) v = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + g * VEC);
       } else {
