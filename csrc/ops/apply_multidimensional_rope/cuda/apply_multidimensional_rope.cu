@@ -41,6 +41,31 @@ struct alignas(sizeof(scalar_t) * VEC) Vec {
   scalar_t v[VEC];
 };
 
+// Row offsets take an even number of int64 slots so the float tables after them start 16-byte
+// aligned, which lets a unit read its VEC cos/sin values as float4/float2.
+__host__ __device__ inline int row_offset_slots(int tile_rows) { return (tile_rows + 1) & ~1; }
+
+// VEC consecutive floats from shared memory; p is VEC * 4-byte aligned (VEC is 1, 2 or a multiple of 4).
+template <int VEC>
+__device__ __forceinline__ void load_table(const float* p, float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < VEC / 4; ++q) {
+      const float4 f = reinterpret_cast<const float4*>(p)[q];
+      v[4 * q] = f.x;
+      v[4 * q + 1] = f.y;
+      v[4 * q + 2] = f.z;
+      v[4 * q + 3] = f.w;
+    }
+  } else if constexpr (VEC == 2) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    v[0] = f.x;
+    v[1] = f.y;
+  } else {
+    v[0] = p[0];
+  }
+}
+
 __device__ __forceinline__ float load_position(const void* positions, int kind, int64_t i) {
   switch (kind) {
     case kPosInt32: return static_cast<float>(static_cast<const int32_t*>(positions)[i]);
@@ -58,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tile_rows = args.tile_rows;
   int64_t* row_offsets = shared;                                      // [tile_rows]
   const int F = args.rotated / 2;                                     // frequencies per row
-  float* cos_s = reinterpret_cast<float*>(shared + tile_rows);       // [tile_rows, F]
+  float* cos_s = reinterpret_cast<float*>(shared + row_offset_slots(tile_rows));  // [tile_rows, F]
   float* sin_s = cos_s + tile_rows * F;                               // [tile_rows, F]
 
   const int H = args.heads, hd = args.head_dim;
@@ -109,8 +134,10 @@ __global__ void __launch_bounds__(kThreads)
         const int start = chunk * args.chunk_width + (k0 - chunk * chunk_half);
         const Vec<scalar_t, VEC> a = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + start);
         const Vec<scalar_t, VEC> b = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + start + half);
-        const float* cs = cos_s + r * F + k0;
-        const float* sn = sin_s + r * F + k0;
+        // F and k0 are multiples of VEC, so these reads are VEC-float aligned.
+        float cs[VEC], sn[VEC];
+        load_table<VEC>(cos_s + r * F + k0, cs);
+        load_table<VEC>(sin_s + r * F + k0, sn);
         Vec<scalar_t, VEC> out_a, out_b;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
@@ -165,7 +192,10 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
                g.heads * g.head_dim, " is too large for the CUDA kernel");
   int64_t tile_rows = std::min<int64_t>({int64_t{kMaxTileRows}, ceil_div(kTargetUnitsPerBlock, units_row), g.rows});
   tile_rows = std::max<int64_t>(1, std::min<int64_t>(tile_rows, INT_MAX / units_row));
-  auto shared_bytes = [&](int64_t t) { return t * static_cast<int64_t>(sizeof(int64_t) + 2 * sizeof(float) * F); };
+  auto shared_bytes = [&](int64_t t) {
+    return row_offset_slots(static_cast<int>(t)) * static_cast<int64_t>(sizeof(int64_t)) +
+           t * static_cast<int64_t>(2 * sizeof(float) * F);
+  };
   while (tile_rows > 1 && shared_bytes(tile_rows) > kMaxSharedBytes) --tile_rows;
   VITOPS_CHECK(shared_bytes(tile_rows) <= kMaxSharedBytes, "vitops.", op, ": ", F,
                " rotated pairs per head need more shared memory than the CUDA kernel may use");
