@@ -67,7 +67,7 @@ def test_build_info():
 def test_loader_names_the_torch_it_was_built_for(monkeypatch):
     """A torch older than the stable-ABI target gets an error that says what to do."""
     monkeypatch.setattr(_build_info, "torch_target_version", "99.0")
-    with pytest.raises(ImportError, match=r"built for torch .* needs torch >= 99\.0.*Rebuild vitops"):
+    with pytest.raises(ImportError, match=r"(?s)built for torch .* needs torch >= 99\.0.*Rebuild vitops"):
         _loader.load()
     monkeypatch.undo()
     _loader.load()  # loading again is harmless
