@@ -24,6 +24,9 @@
 
 namespace vitops::rope_math {
 
+// ceil(a / b) for host and device code (cuda_utils.cuh's ceil_div is host-only).
+VITOPS_HOST_DEVICE int64_t div_round_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Dtype of an auxiliary tensor read element by element.
 enum class ValueKind : int32_t { Float32, Float64, BFloat16, Float16, Int32, Int64 };
 

@@ -75,8 +75,8 @@ __global__ void forward_kernel(const Params p) {
   __shared__ float sums[kSlotsPerBlock][kForwardThreads];
   __shared__ int slot_hit[kSlotsPerBlock];
   __shared__ int64_t width_scratch[kForwardThreads / kWarpSize];
-  const int64_t slot_chunks = ceil_div(p.length, kSlotsPerBlock);
-  const int64_t dim_chunks = ceil_div(p.dim, kForwardThreads) > 0 ? ceil_div(p.dim, kForwardThreads) : 1;
+  const int64_t slot_chunks = rope_math::div_round_up(p.length, kSlotsPerBlock);
+  const int64_t dim_chunks = rope_math::div_round_up(p.dim, kForwardThreads) > 0 ? rope_math::div_round_up(p.dim, kForwardThreads) : 1;
   int64_t job = blockIdx.x;
   const int64_t dim_chunk = job % dim_chunks;
   job /= dim_chunks;
@@ -133,7 +133,7 @@ template <typename scalar_t, typename index_t>
 __global__ void backward_kernel(const Params p) {
   __shared__ int64_t width_scratch[kBackwardThreads / kWarpSize];
   __shared__ int64_t slots[kPatchesPerBackwardBlock];
-  const int64_t tiles = ceil_div(p.seq_len, kPatchesPerBackwardBlock);
+  const int64_t tiles = rope_math::div_round_up(p.seq_len, kPatchesPerBackwardBlock);
   const int64_t b = blockIdx.x / tiles;
   const int64_t l0 = (blockIdx.x % tiles) * kPatchesPerBackwardBlock;
   const int64_t width = image_width<index_t>(p, b, width_scratch);
@@ -161,6 +161,24 @@ __global__ void backward_kernel(const Params p) {
       g = __fmul_rn(__fmul_rn(g, p.scale), inv_k2);
     }
     out[idx] = static_cast<scalar_t>(g);
+  }
+}
+
+// Kernel launch for one storage dtype; the position dtype is dispatched here (a function, not a
+// dispatch macro, because template argument lists and launch configurations contain commas).
+template <typename scalar_t>
+void launch(const Params& p, ScalarType index_type, bool forward, int64_t blocks, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (index_type == ScalarType::Int) {
+    if (forward) {
+      forward_kernel<scalar_t, int32_t><<<grid, kForwardThreads, 0, stream>>>(p);
+    } else {
+      backward_kernel<scalar_t, int32_t><<<grid, kBackwardThreads, 0, stream>>>(p);
+    }
+  } else if (forward) {
+    forward_kernel<scalar_t, int64_t><<<grid, kForwardThreads, 0, stream>>>(p);
+  } else {
+    backward_kernel<scalar_t, int64_t><<<grid, kBackwardThreads, 0, stream>>>(p);
   }
 }
 
@@ -204,13 +222,11 @@ std::tuple<Tensor, Tensor> avg_pool_scale_standardize_cuda(const Tensor& x, cons
   p.out = out.mutable_data_ptr();
   p.mask = mask.mutable_data_ptr<bool>();
   // D == 0 still needs the mask: one (empty) channel chunk per slot chunk.
-  const int64_t blocks = g.batch * ceil_div(length, kSlotsPerBlock) * std::max<int64_t>(1, ceil_div(g.dim, kForwardThreads));
+  const int64_t blocks = g.batch * rope_math::div_round_up(length, kSlotsPerBlock) * std::max<int64_t>(1, rope_math::div_round_up(g.dim, kForwardThreads));
   VITOPS_CHECK(blocks <= 0x7fffffffLL, "vitops.", op, ": `x` is too large for one launch: ", shape_str(x));
   cudaStream_t stream = current_cuda_stream(x.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(x.scalar_type(), "avg_pool_scale_standardize_cuda", [&] {
-    VITOPS_DISPATCH_INDEX(positions_xy.scalar_type(), "avg_pool_scale_standardize_cuda", [&] {
-      forward_kernel<scalar_t, index_t><<<static_cast<unsigned>(blocks), kForwardThreads, 0, stream>>>(p);
-    });
+    launch<scalar_t>(p, positions_xy.scalar_type(), /*forward=*/true, blocks, stream);
   });
   VITOPS_CUDA_CHECK_LAUNCH();
   return {out, mask};
@@ -226,13 +242,11 @@ Tensor avg_pool_scale_standardize_backward_cuda(const Tensor& grad_output, const
   Params p = make_params(g, grad_output, positions_xy, scale);
   if (g.standardize) p.std_scale = std_scale->const_data_ptr();
   p.out = grad_x.mutable_data_ptr();
-  const int64_t blocks = g.batch * ceil_div(seq_len, kPatchesPerBackwardBlock);
+  const int64_t blocks = g.batch * rope_math::div_round_up(seq_len, kPatchesPerBackwardBlock);
   VITOPS_CHECK(blocks <= 0x7fffffffLL, "vitops.", op, ": `grad_output` is too large for one launch");
   cudaStream_t stream = current_cuda_stream(grad_output.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(grad_output.scalar_type(), "avg_pool_scale_standardize_backward_cuda", [&] {
-    VITOPS_DISPATCH_INDEX(positions_xy.scalar_type(), "avg_pool_scale_standardize_backward_cuda", [&] {
-      backward_kernel<scalar_t, index_t><<<static_cast<unsigned>(blocks), kBackwardThreads, 0, stream>>>(p);
-    });
+    launch<scalar_t>(p, positions_xy.scalar_type(), /*forward=*/false, blocks, stream);
   });
   VITOPS_CUDA_CHECK_LAUNCH();
   return grad_x;

@@ -144,7 +144,7 @@ __global__ void forward_kernel(const Params p) {
   fill_block_constants(p, inverse_frequency, weights);
   const int64_t rows = p.batch * p.seq_len;
   const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
-  const int64_t num_tiles = ceil_div(rows, kRowsPerTile);
+  const int64_t num_tiles = rope_math::div_round_up(rows, kRowsPerTile);
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile;
     __syncthreads();  // previous tile's tables are no longer read (and block constants are ready)
@@ -220,7 +220,7 @@ __global__ void backward_kernel(const Params p) {
   for (int64_t e = threadIdx.x; e < kBackwardWarps * kNumWeights * hd; e += blockDim.x) weight_grads[e] = 0.f;
   const int64_t rows = p.batch * p.seq_len;
   const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
-  const int64_t num_tiles = ceil_div(rows, kRowsPerTile);
+  const int64_t num_tiles = rope_math::div_round_up(rows, kRowsPerTile);
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile;
     __syncthreads();
@@ -358,6 +358,17 @@ size_t backward_smem_bytes(int64_t hd) {
                           kBackwardWarps * kNumWeights * hd);
 }
 
+// Launch helpers (kept out of the dispatch macros: launch configurations contain commas).
+template <typename scalar_t>
+void launch_forward(const Params& p, unsigned blocks, cudaStream_t stream) {
+  forward_kernel<scalar_t><<<blocks, kForwardWarps * kWarpSize, forward_smem_bytes(p.head_dim), stream>>>(p);
+}
+
+template <typename scalar_t>
+void launch_backward(const Params& p, unsigned blocks, cudaStream_t stream) {
+  backward_kernel<scalar_t><<<blocks, kBackwardWarps * kWarpSize, backward_smem_bytes(p.head_dim), stream>>>(p);
+}
+
 std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                       const Tensor& q_weight, const Tensor& k_weight,
                                                       const Tensor& positions, double eps, double base_frequency) {
@@ -372,11 +383,11 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
   if (g.rows() == 0 || g.total_heads() == 0) return {outs[0], outs[1], outs[2]};
   Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency);
   for (int t = 0; t < kNumHeadTensors; ++t) p.out[t] = outs[t].mutable_data_ptr();
-  const int64_t tiles = ceil_div(g.rows(), kRowsPerTile);
+  const int64_t tiles = rope_math::div_round_up(g.rows(), kRowsPerTile);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, 0x7fffffffLL));
   cudaStream_t stream = current_cuda_stream(q.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(q.scalar_type(), "qkv_norm_rope_cuda", [&] {
-    forward_kernel<scalar_t><<<blocks, kForwardWarps * kWarpSize, forward_smem_bytes(g.head_dim), stream>>>(p);
+    launch_forward<scalar_t>(p, blocks, stream);
   });
   VITOPS_CUDA_CHECK_LAUNCH();
   return {outs[0], outs[1], outs[2]};
@@ -400,7 +411,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
   }
   Tensor grad_q_weight = new_empty(q, {g.head_dim}, q_weight.scalar_type());
   Tensor grad_k_weight = new_empty(q, {g.head_dim}, k_weight.scalar_type());
-  const int64_t tiles = ceil_div(g.rows(), kRowsPerTile);
+  const int64_t tiles = rope_math::div_round_up(g.rows(), kRowsPerTile);
   const int64_t blocks = std::max<int64_t>(1, std::min(tiles, kMaxBackwardBlocks));
   // [blocks, 2, hd] float32 partials; every block writes its row (zeros when it had no tiles).
   Tensor partials = new_empty(q, {blocks, kNumWeights, g.head_dim}, ScalarType::Float);
@@ -414,11 +425,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
   p.weight_partials = partials.mutable_data_ptr<float>();
   cudaStream_t stream = current_cuda_stream(q.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(q.scalar_type(), "qkv_norm_rope_backward_cuda", [&] {
-    backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kBackwardWarps * kWarpSize,
-                                backward_smem_bytes(g.head_dim), stream>>>(p);
+    launch_backward<scalar_t>(p, static_cast<unsigned>(blocks), stream);
   });
   VITOPS_CUDA_CHECK_LAUNCH();
-  const unsigned reduce_blocks = static_cast<unsigned>(ceil_div(kNumWeights * g.head_dim, kReduceColumns));
+  const unsigned reduce_blocks = static_cast<unsigned>(rope_math::div_round_up(kNumWeights * g.head_dim, kReduceColumns));
   reduce_weight_grads_kernel<<<reduce_blocks, kReduceColumns * kReduceGroups, 0, stream>>>(
       partials.const_data_ptr<float>(), blocks, g.head_dim, grad_q_weight.mutable_data_ptr(), g.weight_kind[0],
       grad_k_weight.mutable_data_ptr(), g.weight_kind[1]);
