@@ -24,4 +24,15 @@ STABLE_TORCH_LIBRARY(vitops, m) {
   // x[B, L, D], positions_xy[B, L, 2] -> (output[B, length, D], mask[B, length] bool).
   m.def("avg_pool_by_positions(Tensor x, Tensor positions_xy, SymInt length) -> (Tensor output, Tensor mask)");
   m.def("_avg_pool_by_positions_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len) -> Tensor");
+
+  // Fused attention entry: q[B, L, H, hd], k/v[B, L, KV, hd] (any strides, contiguous head dim, e.g.
+  // views of one fused QKV projection) -> per-head RMSNorm (q/k with weights [hd], v without), then
+  // N-D RoPE of q and k by positions[B, L, ndim]; outputs contiguous [B, H, L, hd] / [B, KV, L, hd].
+  m.def("qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency) -> (Tensor q_out, Tensor k_out, Tensor v_out)");
+  m.def("_qkv_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_v_in, Tensor grad_q_weight, Tensor grad_k_weight)");
+
+  // Fused exit: avg_pool_by_positions, pooled rounded to x's dtype, * scale (sqrt(D)) in float32,
+  // optional standardize (y - std_bias) * std_scale in float32 -> (output[B, length, D], mask[B, length]).
+  m.def("avg_pool_scale_standardize(Tensor x, Tensor positions_xy, SymInt length, float scale, Tensor? std_bias=None, Tensor? std_scale=None) -> (Tensor output, Tensor mask)");
+  m.def("_avg_pool_scale_standardize_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len, float scale, Tensor? std_scale) -> Tensor");
 }

@@ -187,3 +187,73 @@ def avg_pool_by_positions(
     out = weights.transpose(1, 2) @ x.to(acc)
     mask = (weights != 0).any(dim=1)
     return out.to(x.dtype), mask
+
+
+# --------------------------------------------------------------------------------------------
+# qkv_norm_rope (fused: HF Gemma4VisionAttention's q/k/v norms + 2-D RoPE + transpose)
+# --------------------------------------------------------------------------------------------
+def _gemma4_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """HF Gemma4RMSNorm: (x_f32 * pow(mean(x_f32^2) + eps, -0.5)) * w_f32, cast to x's dtype
+    (float64 stays float64)."""
+    acc = _acc_dtype(x.dtype)
+    xf = x.to(acc)
+    normed = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        normed = normed * weight.to(acc)
+    return normed.to(x.dtype)
+
+
+def qkv_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    base_frequency: float = 100.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, L, H, hd], k/v [B, L, KV, hd] -> (q_out [B, H, L, hd], k_out, v_out [B, KV, L, hd]):
+    q_norm/k_norm (with weights) and v_norm (without) as HF, N-D RoPE of q and k by positions
+    [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each rotated like _rope_chunk), then
+    transpose(1, 2).contiguous()."""
+    widths = rope_chunks(q.shape[-1], positions.shape[-1], None)
+
+    def rope(x):
+        parts, start = [], 0
+        for axis, w in enumerate(widths):
+            parts.append(_rope_chunk(x[..., start : start + w], positions[..., axis], base_frequency, 1.0))
+            start += w
+        return torch.cat(parts, dim=-1)
+
+    q_out = rope(_gemma4_rms_norm(q, q_weight, eps))
+    k_out = rope(_gemma4_rms_norm(k, k_weight, eps))
+    v_out = _gemma4_rms_norm(v, None, eps)
+    return tuple(t.transpose(1, 2).contiguous() for t in (q_out, k_out, v_out))
+
+
+# --------------------------------------------------------------------------------------------
+# avg_pool_scale_standardize (fused Gemma 4 vision exit)
+# --------------------------------------------------------------------------------------------
+def avg_pool_scale_standardize(
+    x: torch.Tensor,
+    positions_xy: torch.Tensor,
+    length: int,
+    scale: float,
+    std_bias: torch.Tensor | None = None,
+    std_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Newest HF exit: avg_pool_by_positions (pooled rounded to x's dtype), then float32
+    ``pooled * scale`` and, if given, ``(y - std_bias) * std_scale`` in float32 (float64 for
+    float64 x), cast to x's dtype. Returns (output [B, length, D], mask [B, length])."""
+    if (std_bias is None) != (std_scale is None):
+        raise ValueError("avg_pool_scale_standardize: std_bias and std_scale must be given together")
+    pooled, mask = avg_pool_by_positions(x, positions_xy, length)
+    acc = _acc_dtype(x.dtype)
+    y = pooled.to(acc) * scale
+    if std_bias is not None:
+        y = (y - std_bias.to(acc)) * std_scale.to(acc)
+    return y.to(x.dtype), mask
+
+__all__ += ["qkv_norm_rope", "avg_pool_scale_standardize"]

@@ -10,3 +10,7 @@ from .factorized_posemb import factorized_posemb
 from .patchify import patchify
 
 __all__ = ["apply_multidimensional_rope", "avg_pool_by_positions", "factorized_posemb", "patchify"]
+from .qkv_norm_rope import qkv_norm_rope  # noqa: E402
+from .avg_pool_scale_standardize import avg_pool_scale_standardize  # noqa: E402
+
+__all__ += ["qkv_norm_rope", "avg_pool_scale_standardize"]

@@ -1,0 +1,128 @@
+// avg_pool_scale_standardize: argument checks and the slot rule shared by the CPU and CUDA kernels.
+//
+// Slot rule (reference.avg_pool_by_positions / HF Gemma4VisionPooler): k = isqrt(L / length);
+// image b's grid width W_b = max x over its non-padding patches + 1; patch (x, y) lands in slot
+// x/k + (W_b/k) * (y/k); padding patches have both coordinates -1.
+#pragma once
+
+#include "vitops/common.h"
+#include "vitops/rope_math.h"
+
+namespace vitops::avg_pool_scale_standardize {
+
+using rope_math::ValueKind;
+
+// What pool_slot() returns besides a valid slot.
+constexpr int64_t kPaddingSlot = -1;
+constexpr int64_t kInvalidSlot = -2;  // negative non-padding coordinate or slot >= length
+
+struct Geometry {
+  int64_t batch, seq_len, dim, length, kernel;
+  int64_t x_strides[3];
+  int64_t position_strides[3];
+  bool standardize;
+  ValueKind bias_kind, scale_kind;
+  int64_t bias_stride, scale_stride;
+};
+
+VITOPS_HOST_DEVICE bool is_padding(int64_t px, int64_t py) { return px == -1 && py == -1; }
+
+// Contribution of one patch to its image's grid width (max x + 1 over the image).
+VITOPS_HOST_DEVICE int64_t width_contribution(int64_t px, int64_t py) {
+  return is_padding(px, py) ? 0 : (px > 0 ? px : 0);
+}
+
+VITOPS_HOST_DEVICE int64_t pool_slot(int64_t px, int64_t py, int64_t kernel, int64_t image_width, int64_t length) {
+  if (is_padding(px, py)) return kPaddingSlot;
+  if (px < 0 || py < 0) return kInvalidSlot;
+  const int64_t slot = px / kernel + (image_width / kernel) * (py / kernel);
+  return slot < length ? slot : kInvalidSlot;
+}
+
+inline int64_t check_kernel_size(const char* op, int64_t seq_len, int64_t length) {
+  VITOPS_CHECK(length > 0, "vitops.", op, ": `length` must be positive, got ", length);
+  int64_t k = 0;
+  const int64_t ratio = seq_len / length;
+  while ((k + 1) * (k + 1) <= ratio) ++k;  // isqrt; ratio is small (k is the pooling kernel side)
+  VITOPS_CHECK(k >= 1 && k * k * length == seq_len, "vitops.", op, ": cannot pool ", seq_len,
+               " patches to `length`=", length, ": the sequence length must be k*k*length for an integer k >= 1");
+  return k;
+}
+
+inline void check_positions(const char* op, const Tensor& positions_xy, int64_t batch, int64_t seq_len) {
+  VITOPS_CHECK(positions_xy.dim() == 3 && positions_xy.size(0) == batch && positions_xy.size(1) == seq_len &&
+                   positions_xy.size(2) == 2,
+               "vitops.", op, ": `positions_xy` must have shape [B, L, 2] = [", batch, ", ", seq_len, ", 2], got ",
+               shape_str(positions_xy));
+  check_index(op, "positions_xy", positions_xy);
+}
+
+inline void check_std_buffer(const char* op, const char* arg, const Tensor& t, const Tensor& like, int64_t dim,
+                             bool allow_double, ValueKind* kind, int64_t* stride) {
+  VITOPS_CHECK(t.dim() == 1 && t.size(0) == dim, "vitops.", op, ": `", arg, "` must have shape [D] = [", dim,
+               "], got ", shape_str(t));
+  VITOPS_CHECK(is_float_dtype(t.scalar_type()) && (allow_double || t.scalar_type() != ScalarType::Double), "vitops.",
+               op, ": `", arg, "` must be a float32, bfloat16 or float16", allow_double ? " or float64" : "",
+               " tensor, got ", dtype_name(t.scalar_type()));
+  check_same_device(op, "x", like, arg, t);
+  rope_math::value_kind_of(t.scalar_type(), kind);
+  *stride = t.stride(0);
+}
+
+inline Geometry check_forward(const char* op, const Tensor& x, const Tensor& positions_xy, int64_t length,
+                              const std::optional<Tensor>& std_bias, const std::optional<Tensor>& std_scale,
+                              bool allow_double) {
+  VITOPS_CHECK(x.dim() == 3, "vitops.", op, ": `x` must have shape [B, L, D], got ", shape_str(x));
+  check_float(op, "x", x, allow_double);
+  Geometry g;
+  g.batch = x.size(0);
+  g.seq_len = x.size(1);
+  g.dim = x.size(2);
+  g.length = length;
+  check_positions(op, positions_xy, g.batch, g.seq_len);
+  check_same_device(op, "x", x, "positions_xy", positions_xy);
+  g.kernel = check_kernel_size(op, g.seq_len, length);
+  for (int i = 0; i < 3; ++i) {
+    g.x_strides[i] = x.stride(i);
+    g.position_strides[i] = positions_xy.stride(i);
+  }
+  VITOPS_CHECK(std_bias.has_value() == std_scale.has_value(), "vitops.", op,
+               ": `std_bias` and `std_scale` must be given together (both or neither)");
+  g.standardize = std_bias.has_value();
+  g.bias_kind = g.scale_kind = ValueKind::Float32;
+  g.bias_stride = g.scale_stride = 0;
+  if (g.standardize) {
+    check_std_buffer(op, "std_bias", *std_bias, x, g.dim, allow_double, &g.bias_kind, &g.bias_stride);
+    check_std_buffer(op, "std_scale", *std_scale, x, g.dim, allow_double, &g.scale_kind, &g.scale_stride);
+  }
+  return g;
+}
+
+inline Geometry check_backward(const char* op, const Tensor& grad_output, const Tensor& positions_xy,
+                               int64_t length, int64_t seq_len, const std::optional<Tensor>& std_scale,
+                               bool allow_double) {
+  VITOPS_CHECK(grad_output.dim() == 3 && grad_output.size(1) == length, "vitops.", op,
+               ": `grad_output` must have shape [B, length, D] with length=", length, ", got ",
+               shape_str(grad_output));
+  check_float(op, "grad_output", grad_output, allow_double);
+  Geometry g;
+  g.batch = grad_output.size(0);
+  g.seq_len = seq_len;
+  g.dim = grad_output.size(2);
+  g.length = length;
+  check_positions(op, positions_xy, g.batch, seq_len);
+  check_same_device(op, "grad_output", grad_output, "positions_xy", positions_xy);
+  g.kernel = check_kernel_size(op, seq_len, length);
+  for (int i = 0; i < 3; ++i) {
+    g.x_strides[i] = grad_output.stride(i);
+    g.position_strides[i] = positions_xy.stride(i);
+  }
+  g.standardize = std_scale.has_value();
+  g.bias_kind = g.scale_kind = ValueKind::Float32;
+  g.bias_stride = g.scale_stride = 0;
+  if (g.standardize)
+    check_std_buffer(op, "std_scale", *std_scale, grad_output, g.dim, allow_double, &g.scale_kind, &g.scale_stride);
+  return g;
+}
+
+}  // namespace vitops::avg_pool_scale_standardize

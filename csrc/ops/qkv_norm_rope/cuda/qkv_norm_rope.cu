@@ -1,0 +1,445 @@
+// qkv_norm_rope on CUDA.
+//
+// Forward: ONE launch. A block owns a tile of kRowsPerTile (b, l) rows: its threads first fill the
+// tile's cos/sin tables (rounded to the dtype) in shared memory, then each warp takes head rows
+// (row, q/k/v head) in turn: it loads the row (16-byte vectors when the view allows), reduces the
+// sum of squares with warp shuffles, writes the normalised row (rounded to the dtype) to its
+// shared-memory scratch row, and writes the rotated row contiguously into [B, N, L, hd].
+//
+// Backward: the same tiling for dq/dk/dv; weight gradients are accumulated per warp in shared
+// memory (each lane owns fixed channels, so no atomics), summed over warps in fixed order into a
+// [blocks, 2, hd] float32 buffer, and a second small kernel sums that buffer over blocks in fixed
+// order. The grid size depends only on the shape, so results are bitwise reproducible.
+#include "../qkv_norm_rope.h"
+#include "vitops/cuda_utils.cuh"
+
+namespace vitops::qkv_norm_rope {
+namespace {
+
+using rope_math::ChannelRole;
+using rope_math::load_as;
+using rope_math::mul_rounded;
+using rope_math::round_to;
+
+constexpr int kWarpSize = 32;
+constexpr int kRowsPerTile = 2;
+constexpr int kForwardWarps = 8;
+constexpr int kBackwardWarps = 4;
+constexpr int64_t kMaxBackwardBlocks = 1024;  // fixed cap: part of the deterministic reduction order
+constexpr int64_t kMaxHeadDim = 512;          // keeps the shared-memory tables under 48 KiB
+
+template <typename scalar_t>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+struct Params {
+  const void* in[kNumHeadTensors];
+  HeadStrides in_strides[kNumHeadTensors];
+  bool in_vectorized[kNumHeadTensors];
+  const void* grad[kNumHeadTensors];  // backward only: [B, N, L, hd] views
+  HeadStrides grad_strides[kNumHeadTensors];
+  bool grad_vectorized[kNumHeadTensors];
+  void* out[kNumHeadTensors];  // forward: [B, N, L, hd]; backward: [B, L, N, hd] (contiguous)
+  const void* weight[kNumWeights];
+  ValueKind weight_kind[kNumWeights];
+  int64_t weight_stride[kNumWeights];
+  const void* positions;
+  ValueKind position_kind;
+  int64_t position_strides[3];
+  int64_t batch, seq_len, head_dim;
+  int64_t heads[kNumHeadTensors];
+  ChunkLayout chunks;
+  float eps, base;
+  float* weight_partials;  // backward: [gridDim.x, 2, hd]
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Loads one head row into `row` (float) and returns the lane's partial sum of squares.
+template <typename scalar_t>
+__device__ __forceinline__ float load_row(const scalar_t* src, bool vectorized, int64_t hd, float* row, int lane) {
+  float sum_sq = 0.f;
+  if (vectorized) {
+    using V = Vec16<scalar_t>;
+    const int64_t num_vecs = hd / V::kSize;
+    for (int64_t i = lane; i < num_vecs; i += kWarpSize) {
+      const V vec = reinterpret_cast<const V*>(src)[i];
+#pragma unroll
+      for (int j = 0; j < V::kSize; ++j) {
+        const float x = static_cast<float>(vec.v[j]);
+        row[i * V::kSize + j] = x;
+        sum_sq += x * x;
+      }
+    }
+  } else {
+    for (int64_t e = lane; e < hd; e += kWarpSize) {
+      const float x = static_cast<float>(src[e]);
+      row[e] = x;
+      sum_sq += x * x;
+    }
+  }
+  return sum_sq;
+}
+
+// (b, l, cos/sin tables) of every row in the tile starting at `row0`.
+template <typename scalar_t>
+__device__ void fill_tile_tables(const Params& p, int64_t row0, const float* inverse_frequency, float* cos_tab,
+                                 float* sin_tab) {
+  const int64_t half = p.head_dim / 2;
+  for (int64_t idx = threadIdx.x; idx < kRowsPerTile * half; idx += blockDim.x) {
+    const int64_t r = idx / half, k = idx - r * half;
+    const int64_t row = row0 + r;
+    if (row >= p.batch * p.seq_len) continue;
+    const int64_t b = row / p.seq_len, l = row - b * p.seq_len;
+    const int64_t axis = p.chunks.axis_of_table_entry(k);
+    const float pos = load_as<float>(p.positions, p.position_kind,
+                                     b * p.position_strides[0] + l * p.position_strides[1] + axis * p.position_strides[2]);
+    const float angle = pos * inverse_frequency[k];
+    cos_tab[idx] = round_to<scalar_t>(cosf(angle));
+    sin_tab[idx] = round_to<scalar_t>(sinf(angle));
+  }
+}
+
+__device__ void fill_block_constants(const Params& p, float* inverse_frequency, float* weights) {
+  const int64_t hd = p.head_dim;
+  for (int64_t k = threadIdx.x; k < hd / 2; k += blockDim.x)
+    inverse_frequency[k] = rope_math::inverse_frequency<float>(p.chunks, k, p.base);
+  for (int64_t e = threadIdx.x; e < kNumWeights * hd; e += blockDim.x) {
+    const int w = static_cast<int>(e / hd);
+    weights[e] = load_as<float>(p.weight[w], p.weight_kind[w], (e - w * hd) * p.weight_stride[w]);
+  }
+}
+
+// Which tensor and head an item index within a row selects.
+__device__ __forceinline__ void split_head(const Params& p, int64_t h, int* tensor, int64_t* head) {
+  if (h < p.heads[0]) {
+    *tensor = 0;
+    *head = h;
+  } else if (h < p.heads[0] + p.heads[1]) {
+    *tensor = 1;
+    *head = h - p.heads[0];
+  } else {
+    *tensor = 2;
+    *head = h - p.heads[0] - p.heads[1];
+  }
+}
+
+template <typename scalar_t>
+__global__ void forward_kernel(const Params p) {
+  extern __shared__ float smem[];
+  const int64_t hd = p.head_dim, half = hd / 2;
+  float* inverse_frequency = smem;                        // [hd/2]
+  float* weights = inverse_frequency + half;              // [2, hd]
+  float* cos_tab = weights + kNumWeights * hd;            // [rows, hd/2]
+  float* sin_tab = cos_tab + kRowsPerTile * half;         // [rows, hd/2]
+  float* scratch = sin_tab + kRowsPerTile * half;         // [warps, hd]
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float* row_buf = scratch + warp * hd;
+
+  fill_block_constants(p, inverse_frequency, weights);
+  const int64_t rows = p.batch * p.seq_len;
+  const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
+  const int64_t num_tiles = rope_math::div_round_up(rows, kRowsPerTile);
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * kRowsPerTile;
+    __syncthreads();  // previous tile's tables are no longer read (and block constants are ready)
+    fill_tile_tables<scalar_t>(p, row0, inverse_frequency, cos_tab, sin_tab);
+    __syncthreads();
+    const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
+    for (int64_t item = warp; item < tile_rows * total_heads; item += kForwardWarps) {
+      const int64_t r = item / total_heads;
+      int tensor;
+      int64_t head;
+      split_head(p, item - r * total_heads, &tensor, &head);
+      const int64_t row = row0 + r, b = row / p.seq_len, l = row - b * p.seq_len;
+      const HeadStrides& s = p.in_strides[tensor];
+      const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
+      const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, row_buf, lane));
+      const float inv_rms = rope_math::inverse_rms(sum_sq, hd, p.eps);
+      // each lane rewrites exactly the channels it loaded, so no sync is needed before this pass
+      const bool rotate = tensor < 2;
+      const float* w = weights + (rotate ? tensor : 0) * hd;
+      auto normalise = [&](int64_t e) {
+        const float u = mul_rounded(row_buf[e], inv_rms);
+        row_buf[e] = rotate ? round_to<scalar_t>(mul_rounded(u, w[e])) : round_to<scalar_t>(u);
+      };
+      if (p.in_vectorized[tensor]) {
+        constexpr int kVec = Vec16<scalar_t>::kSize;
+        for (int64_t i = lane; i < hd / kVec; i += kWarpSize)
+          for (int j = 0; j < kVec; ++j) normalise(i * kVec + j);
+      } else {
+        for (int64_t e = lane; e < hd; e += kWarpSize) normalise(e);
+      }
+      __syncwarp();
+      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.heads[tensor] + head) * p.seq_len + l) * hd;
+      const float* cos_row = cos_tab + r * half;
+      const float* sin_row = sin_tab + r * half;
+      auto output = [&](int64_t e) -> scalar_t {
+        if (!rotate) return static_cast<scalar_t>(row_buf[e]);
+        const ChannelRole role = rope_math::channel_role(p.chunks, e);
+        return static_cast<scalar_t>(rope_math::rotate_channel(row_buf, cos_row, sin_row, role, e));
+      };
+      using V = Vec16<scalar_t>;
+      if (hd % V::kSize == 0) {  // the output is a fresh contiguous tensor: aligned rows
+        for (int64_t i = lane; i < hd / V::kSize; i += kWarpSize) {
+          V vec;
+#pragma unroll
+          for (int j = 0; j < V::kSize; ++j) vec.v[j] = output(i * V::kSize + j);
+          reinterpret_cast<V*>(dst)[i] = vec;
+        }
+      } else {
+        for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = output(e);
+      }
+      __syncwarp();  // the scratch row is reused by this warp's next item
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void backward_kernel(const Params p) {
+  extern __shared__ float smem[];
+  const int64_t hd = p.head_dim, half = hd / 2;
+  float* inverse_frequency = smem;                                 // [hd/2]
+  float* weights = inverse_frequency + half;                       // [2, hd]
+  float* cos_tab = weights + kNumWeights * hd;                     // [rows, hd/2]
+  float* sin_tab = cos_tab + kRowsPerTile * half;                  // [rows, hd/2]
+  float* x_rows = sin_tab + kRowsPerTile * half;                   // [warps, hd]
+  float* g_rows = x_rows + kBackwardWarps * hd;                    // [warps, hd]
+  float* weight_grads = g_rows + kBackwardWarps * hd;              // [warps, 2, hd]
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float* x_row = x_rows + warp * hd;
+  float* g_row = g_rows + warp * hd;
+  float* my_weight_grads = weight_grads + warp * kNumWeights * hd;
+
+  fill_block_constants(p, inverse_frequency, weights);
+  for (int64_t e = threadIdx.x; e < kBackwardWarps * kNumWeights * hd; e += blockDim.x) weight_grads[e] = 0.f;
+  const int64_t rows = p.batch * p.seq_len;
+  const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
+  const int64_t num_tiles = rope_math::div_round_up(rows, kRowsPerTile);
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * kRowsPerTile;
+    __syncthreads();
+    fill_tile_tables<scalar_t>(p, row0, inverse_frequency, cos_tab, sin_tab);
+    __syncthreads();
+    const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
+    for (int64_t item = warp; item < tile_rows * total_heads; item += kBackwardWarps) {
+      const int64_t r = item / total_heads;
+      int tensor;
+      int64_t head;
+      split_head(p, item - r * total_heads, &tensor, &head);
+      const int64_t row = row0 + r, b = row / p.seq_len, l = row - b * p.seq_len;
+      const HeadStrides& s = p.in_strides[tensor];
+      const HeadStrides& gs = p.grad_strides[tensor];
+      const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
+      const scalar_t* gsrc = static_cast<const scalar_t*>(p.grad[tensor]) + b * gs.batch + l * gs.seq + head * gs.head;
+      const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, x_row, lane));
+      load_row(gsrc, p.grad_vectorized[tensor], hd, g_row, lane);
+      __syncwarp();  // lanes read partners loaded by other lanes
+      const float inv_rms = rope_math::inverse_rms(sum_sq, hd, p.eps);
+      const bool rotate = tensor < 2;
+      const float* cos_row = cos_tab + r * half;
+      const float* sin_row = sin_tab + r * half;
+      // d(loss)/d(normalised, weighted row) at channel e
+      auto grad_normed = [&](int64_t e) -> float {
+        if (!rotate) return g_row[e];
+        const ChannelRole role = rope_math::channel_role(p.chunks, e);
+        return rope_math::rotate_channel_backward(g_row, cos_row, sin_row, role, e);
+      };
+      // Pass 1: weight gradients and the projection term mean(gu * u).
+      float dot = 0.f;
+      for (int64_t e = lane; e < hd; e += kWarpSize) {
+        const float u = x_row[e] * inv_rms;
+        const float gn = grad_normed(e);
+        float gu = gn;
+        if (rotate) {
+          my_weight_grads[tensor * hd + e] += gn * u;
+          gu = gn * weights[tensor * hd + e];
+        }
+        dot += gu * u;
+      }
+      const float mean_dot = warp_sum(dot) / static_cast<float>(hd);
+      // Pass 2: dx = inv_rms * (gu - u * mean(gu * u)), written to [B, L, N, hd].
+      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
+      for (int64_t e = lane; e < hd; e += kWarpSize) {
+        const float u = x_row[e] * inv_rms;
+        const float gn = grad_normed(e);
+        const float gu = rotate ? gn * weights[tensor * hd + e] : gn;
+        dst[e] = static_cast<scalar_t>(inv_rms * (gu - u * mean_dot));
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  // Block partial of the weight gradients: warps summed in index order.
+  for (int64_t e = threadIdx.x; e < kNumWeights * hd; e += blockDim.x) {
+    float sum = 0.f;
+    for (int w = 0; w < kBackwardWarps; ++w) sum += weight_grads[w * kNumWeights * hd + e];
+    p.weight_partials[blockIdx.x * kNumWeights * hd + e] = sum;
+  }
+}
+
+// Sums partials[num_blocks, width] over blocks in a fixed order: thread (column c, group g) sums
+// blocks g, g + kGroups, ... in order; the kGroups results are then added in group order.
+constexpr int kReduceColumns = 32, kReduceGroups = 8;
+
+__global__ void reduce_weight_grads_kernel(const float* __restrict__ partials, int64_t num_blocks, int64_t hd,
+                                           void* grad_q_weight, ValueKind q_kind, void* grad_k_weight,
+                                           ValueKind k_kind) {
+  __shared__ float group_sums[kReduceGroups][kReduceColumns];
+  const int column = threadIdx.x % kReduceColumns, group = threadIdx.x / kReduceColumns;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceColumns + column;
+  const int64_t width = kNumWeights * hd;
+  float sum = 0.f;
+  if (c < width)
+    for (int64_t blk = group; blk < num_blocks; blk += kReduceGroups) sum += partials[blk * width + c];
+  group_sums[group][column] = sum;
+  __syncthreads();
+  if (group == 0 && c < width) {
+    float total = 0.f;
+    for (int g = 0; g < kReduceGroups; ++g) total += group_sums[g][column];
+    if (c < hd) {
+      rope_math::store_as<float>(grad_q_weight, q_kind, c, total);
+    } else {
+      rope_math::store_as<float>(grad_k_weight, k_kind, c - hd, total);
+    }
+  }
+}
+
+bool is_vectorizable(const void* ptr, const HeadStrides& s, int64_t hd, size_t elem) {
+  const int64_t vec_bytes = 16;
+  return reinterpret_cast<uintptr_t>(ptr) % vec_bytes == 0 && (hd * static_cast<int64_t>(elem)) % vec_bytes == 0 &&
+         (s.batch * static_cast<int64_t>(elem)) % vec_bytes == 0 && (s.seq * static_cast<int64_t>(elem)) % vec_bytes == 0 &&
+         (s.head * static_cast<int64_t>(elem)) % vec_bytes == 0;
+}
+
+Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], const Tensor& q_weight,
+                   const Tensor& k_weight, const Tensor& positions, double eps, double base) {
+  Params p{};
+  for (int t = 0; t < kNumHeadTensors; ++t) {
+    p.in[t] = inputs[t]->const_data_ptr();
+    p.in_strides[t] = head_strides(*inputs[t], /*seq_major=*/true);
+    p.in_vectorized[t] = is_vectorizable(p.in[t], p.in_strides[t], g.head_dim, inputs[t]->element_size());
+    p.heads[t] = g.heads[t];
+  }
+  p.weight[0] = q_weight.const_data_ptr();
+  p.weight[1] = k_weight.const_data_ptr();
+  for (int w = 0; w < kNumWeights; ++w) {
+    p.weight_kind[w] = g.weight_kind[w];
+    p.weight_stride[w] = g.weight_stride[w];
+  }
+  p.positions = positions.const_data_ptr();
+  p.position_kind = g.position_kind;
+  for (int i = 0; i < 3; ++i) p.position_strides[i] = g.position_strides[i];
+  p.batch = g.batch;
+  p.seq_len = g.seq_len;
+  p.head_dim = g.head_dim;
+  p.chunks = g.chunks;
+  p.eps = static_cast<float>(eps);
+  p.base = static_cast<float>(base);
+  return p;
+}
+
+void check_head_dim_fits(const char* op, int64_t hd) {
+  VITOPS_CHECK(hd <= kMaxHeadDim, "vitops.", op, ": the CUDA kernel supports head dims up to ", kMaxHeadDim,
+               ", got ", hd, " (the head dim of `q`)");
+}
+
+size_t forward_smem_bytes(int64_t hd) {
+  return sizeof(float) * (hd / 2 + kNumWeights * hd + 2 * kRowsPerTile * (hd / 2) + kForwardWarps * hd);
+}
+
+size_t backward_smem_bytes(int64_t hd) {
+  return sizeof(float) * (hd / 2 + kNumWeights * hd + 2 * kRowsPerTile * (hd / 2) + 2 * kBackwardWarps * hd +
+                          kBackwardWarps * kNumWeights * hd);
+}
+
+// Launch helpers (kept out of the dispatch macros: launch configurations contain commas).
+template <typename scalar_t>
+void launch_forward(const Params& p, unsigned blocks, cudaStream_t stream) {
+  forward_kernel<scalar_t><<<blocks, kForwardWarps * kWarpSize, forward_smem_bytes(p.head_dim), stream>>>(p);
+}
+
+template <typename scalar_t>
+void launch_backward(const Params& p, unsigned blocks, cudaStream_t stream) {
+  backward_kernel<scalar_t><<<blocks, kBackwardWarps * kWarpSize, backward_smem_bytes(p.head_dim), stream>>>(p);
+}
+
+std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                      const Tensor& q_weight, const Tensor& k_weight,
+                                                      const Tensor& positions, double eps, double base_frequency) {
+  const char* op = "qkv_norm_rope";
+  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, base_frequency, /*allow_double=*/false);
+  check_head_dim_fits(op, g.head_dim);
+  CudaDeviceGuard guard(q.get_device());
+  const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
+  Tensor outs[kNumHeadTensors];
+  for (int t = 0; t < kNumHeadTensors; ++t)
+    outs[t] = new_empty(q, {g.batch, g.heads[t], g.seq_len, g.head_dim}, q.scalar_type());
+  if (g.rows() == 0 || g.total_heads() == 0) return {outs[0], outs[1], outs[2]};
+  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency);
+  for (int t = 0; t < kNumHeadTensors; ++t) p.out[t] = outs[t].mutable_data_ptr();
+  const int64_t tiles = rope_math::div_round_up(g.rows(), kRowsPerTile);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, 0x7fffffffLL));
+  cudaStream_t stream = current_cuda_stream(q.get_device());
+  VITOPS_DISPATCH_CUDA_FLOATING(q.scalar_type(), "qkv_norm_rope_cuda", [&] {
+    launch_forward<scalar_t>(p, blocks, stream);
+  });
+  VITOPS_CUDA_CHECK_LAUNCH();
+  return {outs[0], outs[1], outs[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
+    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& q_weight, const Tensor& k_weight, const Tensor& positions, double eps,
+    double base_frequency) {
+  const char* op = "_qkv_norm_rope_backward";
+  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, base_frequency, /*allow_double=*/false);
+  check_head_dim_fits(op, g.head_dim);
+  const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
+  check_grads(op, g, raw_grads, q.scalar_type());
+  CudaDeviceGuard guard(q.get_device());
+  const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
+  Tensor grads[kNumHeadTensors], grad_in[kNumHeadTensors];
+  for (int t = 0; t < kNumHeadTensors; ++t) {
+    grads[t] = with_contiguous_head_dim(*raw_grads[t]);
+    grad_in[t] = new_empty(q, sizes_of(*inputs[t]), q.scalar_type());
+  }
+  Tensor grad_q_weight = new_empty(q, {g.head_dim}, q_weight.scalar_type());
+  Tensor grad_k_weight = new_empty(q, {g.head_dim}, k_weight.scalar_type());
+  const int64_t tiles = rope_math::div_round_up(g.rows(), kRowsPerTile);
+  const int64_t blocks = std::max<int64_t>(1, std::min(tiles, kMaxBackwardBlocks));
+  // [blocks, 2, hd] float32 partials; every block writes its row (zeros when it had no tiles).
+  Tensor partials = new_empty(q, {blocks, kNumWeights, g.head_dim}, ScalarType::Float);
+  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency);
+  for (int t = 0; t < kNumHeadTensors; ++t) {
+    p.grad[t] = grads[t].const_data_ptr();
+    p.grad_strides[t] = head_strides(grads[t], /*seq_major=*/false);
+    p.grad_vectorized[t] = is_vectorizable(p.grad[t], p.grad_strides[t], g.head_dim, grads[t].element_size());
+    p.out[t] = grad_in[t].mutable_data_ptr();
+  }
+  p.weight_partials = partials.mutable_data_ptr<float>();
+  cudaStream_t stream = current_cuda_stream(q.get_device());
+  VITOPS_DISPATCH_CUDA_FLOATING(q.scalar_type(), "qkv_norm_rope_backward_cuda", [&] {
+    launch_backward<scalar_t>(p, static_cast<unsigned>(blocks), stream);
+  });
+  VITOPS_CUDA_CHECK_LAUNCH();
+  const unsigned reduce_blocks = static_cast<unsigned>(rope_math::div_round_up(kNumWeights * g.head_dim, kReduceColumns));
+  reduce_weight_grads_kernel<<<reduce_blocks, kReduceColumns * kReduceGroups, 0, stream>>>(
+      partials.const_data_ptr<float>(), blocks, g.head_dim, grad_q_weight.mutable_data_ptr(), g.weight_kind[0],
+      grad_k_weight.mutable_data_ptr(), g.weight_kind[1]);
+  VITOPS_CUDA_CHECK_LAUNCH();
+  return {grad_in[0], grad_in[1], grad_in[2], grad_q_weight, grad_k_weight};
+}
+
+}  // namespace
+}  // namespace vitops::qkv_norm_rope
+
+STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+  m.impl("qkv_norm_rope", TORCH_BOX(&vitops::qkv_norm_rope::qkv_norm_rope_cuda));
+  m.impl("_qkv_norm_rope_backward", TORCH_BOX(&vitops::qkv_norm_rope::qkv_norm_rope_backward_cuda));
+}

@@ -1,0 +1,335 @@
+import pytest
+import torch
+
+from vitops import reference
+from vitops.ops import qkv_norm_rope
+
+from _utils import DEVICES, device_dtypes, randn, tol
+
+# (B, L, H, KV, hd): Gemma 4 head dims 72 and 64, GQA (H != KV), tiny head dims whose last RoPE
+# chunk is wider than the others (hd=6 -> chunks 2 + 4), empty sequence and empty batch.
+SHAPES = [
+    (2, 7, 4, 2, 72),
+    (1, 5, 3, 3, 64),
+    (2, 9, 2, 1, 8),
+    (2, 4, 2, 2, 6),
+    (2, 0, 2, 1, 8),
+    (0, 3, 2, 1, 8),
+]
+
+
+def fused_qkv(b, length, h, kv, hd, dtype=torch.float32, device="cpu", requires_grad=False):
+    """q, k, v as strided views of one fused projection output [B, L, (H + 2 KV) * hd]."""
+    buf = (3 * torch.randn(b, length, (h + 2 * kv) * hd, dtype=torch.float32, device=device)).to(dtype)
+    buf.requires_grad_(requires_grad)
+    q = buf[..., : h * hd].unflatten(-1, (h, hd))
+    k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+    v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+    return buf, q, k, v
+
+
+def random_positions(b, length, device="cpu", dtype=torch.int64, ndim=2):
+    pos = torch.randint(0, 40, (b, length, ndim), device=device)
+    if b and length > 2:
+        pos[-1, -2:] = -1  # padding rows
+    return pos.to(dtype)
+
+
+def random_weights(hd, device="cpu", dtype=torch.float32):
+    return (1 + 0.5 * torch.randn(hd, device=device)).to(dtype), (1 + 0.5 * torch.randn(hd, device=device)).to(dtype)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_reference(device, dtype, shape):
+    b, length, h, kv, hd = shape
+    _, q, k, v = fused_qkv(*shape, dtype=dtype, device=device)
+    assert not q.is_contiguous() or q.numel() == 0
+    qw, kw = random_weights(hd, device)
+    pos = random_positions(b, length, device)
+    out = qkv_norm_rope(q, k, v, qw, kw, pos)
+    ref = reference.qkv_norm_rope(q, k, v, qw, kw, pos)
+    for o, r, heads in zip(out, ref, (h, kv, kv)):
+        assert o.shape == (b, heads, length, hd) and o.is_contiguous() and o.dtype == dtype
+        torch.testing.assert_close(o, r, **tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64, torch.float32])
+def test_position_dtypes_and_weight_dtypes(device, pos_dtype):
+    _, q, k, v = fused_qkv(2, 6, 2, 2, 16, device=device)
+    pos = random_positions(2, 6, device, pos_dtype)
+    qw, kw = random_weights(16, device, torch.bfloat16)
+    out = qkv_norm_rope(q, k, v, qw, kw, pos, eps=1e-5, base_frequency=50.0)
+    ref = reference.qkv_norm_rope(q, k, v, qw, kw, pos, eps=1e-5, base_frequency=50.0)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contiguous_inputs_and_three_axes(device):
+    q, k, v = randn(2, 5, 3, 12, device=device), randn(2, 5, 1, 12, device=device), randn(2, 5, 1, 12, device=device)
+    qw, kw = random_weights(12, device)
+    pos = random_positions(2, 5, device, ndim=3)  # chunks 4 + 4 + 4
+    for o, r in zip(qkv_norm_rope(q, k, v, qw, kw, pos), reference.qkv_norm_rope(q, k, v, qw, kw, pos)):
+        torch.testing.assert_close(o, r, **tol(torch.float32))
+
+
+def _grads(fn, buf, qw, kw, outs_grad):
+    outs = fn()
+    torch.autograd.backward(outs, outs_grad)
+    return buf.grad, qw.grad, kw.grad
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("shape", [(2, 7, 4, 2, 72), (2, 5, 2, 1, 64), (1, 3, 2, 2, 6)])
+def test_backward_matches_reference_autograd(device, dtype, shape):
+    b, length, h, kv, hd = shape
+    buf, q, k, v = fused_qkv(*shape, dtype=dtype, device=device, requires_grad=True)
+    qw, kw = (w.requires_grad_() for w in random_weights(hd, device))
+    pos = random_positions(b, length, device)
+    outs = qkv_norm_rope(q, k, v, qw, kw, pos)
+    grads_out = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, grads_out)
+    # Reference autograd in float64: the kernel treats the roundings as identity and keeps its
+    # gradient math in float32, so it is compared with the exact gradients of the same function.
+    buf64 = buf.detach().double().requires_grad_()
+    qw64, kw64 = qw.detach().double().requires_grad_(), kw.detach().double().requires_grad_()
+    q64 = buf64[..., : h * hd].unflatten(-1, (h, hd))
+    k64 = buf64[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+    v64 = buf64[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+    ref = reference.qkv_norm_rope(q64, k64, v64, qw64, kw64, pos)
+    torch.autograd.backward(ref, [g.double() for g in grads_out])
+    for got, want in [(buf.grad, buf64.grad), (qw.grad, qw64.grad), (kw.grad, kw64.grad)]:
+        assert got.dtype == (dtype if got is buf.grad else torch.float32)
+        scale = want.abs().max().item() + 1e-6
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
+        else:  # bf16/fp16 inputs: cos/sin and the gradient outputs are rounded to the dtype
+            torch.testing.assert_close(got.double(), want, rtol=4e-2, atol=2e-2 * scale)
+
+
+def test_backward_same_dtype_reference_float32():
+    """Against the reference's own float32 autograd (same dtype flow)."""
+    buf, q, k, v = fused_qkv(2, 6, 4, 2, 72, requires_grad=True)
+    qw, kw = (w.requires_grad_() for w in random_weights(72))
+    pos = random_positions(2, 6)
+    outs = qkv_norm_rope(q, k, v, qw, kw, pos)
+    grads_out = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, (buf, qw, kw), grads_out)
+    want = torch.autograd.grad(reference.qkv_norm_rope(q, k, v, qw, kw, pos), (buf, qw, kw), grads_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_float64():
+    b, length, h, kv, hd = 2, 3, 2, 1, 8
+    buf = torch.randn(b, length, (h + 2 * kv) * hd, dtype=torch.float64, requires_grad=True)
+    qw = (1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_()
+    kw = (1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_()
+    pos = random_positions(b, length)
+
+    def f(buf, qw, kw):
+        q = buf[..., : h * hd].unflatten(-1, (h, hd))
+        k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+        v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+        return qkv_norm_rope(q, k, v, qw, kw, pos)
+
+    assert torch.autograd.gradcheck(f, (buf, qw, kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for requires_grad in (False, True):
+        _, q, k, v = fused_qkv(2, 5, 4, 2, 16, device=device)
+        q, k, v = (t.detach().requires_grad_(requires_grad) for t in (q, k, v))
+        qw, kw = (w.requires_grad_(requires_grad) for w in random_weights(16, device))
+        pos = random_positions(2, 5, device)
+        torch.library.opcheck(torch.ops.vitops.qkv_norm_rope.default, (q, k, v, qw, kw, pos, 1e-6, 100.0))
+    _, q, k, v = fused_qkv(2, 5, 4, 2, 16, device=device)
+    qw, kw = random_weights(16, device)
+    grads = (randn(2, 4, 5, 16, device=device), randn(2, 2, 5, 16, device=device), randn(2, 2, 5, 16, device=device))
+    torch.library.opcheck(
+        torch.ops.vitops._qkv_norm_rope_backward.default, (*grads, q, k, v, qw, kw, random_positions(2, 5, device), 1e-6, 100.0)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph(device, dynamic):
+    h, kv, hd = 4, 2, 16
+
+    def f(buf, qw, kw, pos):
+        q = buf[..., : h * hd].unflatten(-1, (h, hd))
+        k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+        v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+        qo, ko, vo = qkv_norm_rope(q, k, v, qw, kw, pos)
+        return torch.nn.functional.scaled_dot_product_attention(qo, ko, vo, enable_gqa=True, scale=1.0)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    qw, kw = random_weights(hd, device)
+    for b, length in [(2, 6), (3, 9)]:
+        buf = randn(b, length, (h + 2 * kv) * hd, device=device)
+        pos = random_positions(b, length, device)
+        args = [buf.clone().requires_grad_(), qw.clone().requires_grad_(), kw.clone().requires_grad_()]
+        ref_args = [t.detach().clone().requires_grad_() for t in args]
+        out = compiled(*args, pos)
+        ref = f(*ref_args, pos)
+        torch.testing.assert_close(out, ref)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        for a, r in zip(args, ref_args):
+            torch.testing.assert_close(a.grad, r.grad)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_deterministic(device, dtype):
+    buf, q, k, v = fused_qkv(3, 50, 4, 2, 72, dtype=dtype, device=device, requires_grad=True)
+    qw, kw = (w.requires_grad_() for w in random_weights(72, device))
+    pos = random_positions(3, 50, device)
+    grads_out = None
+    results = []
+    for _ in range(2):
+        outs = qkv_norm_rope(q, k, v, qw, kw, pos)
+        grads_out = grads_out or [torch.randn_like(o) for o in outs]
+        grads = torch.autograd.grad(outs, (buf, qw, kw), grads_out)
+        results.append([o.detach() for o in outs] + list(grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_weight_grads_do_not_depend_on_thread_count():
+    buf, q, k, v = fused_qkv(4, 70, 2, 2, 16, requires_grad=True)
+    qw, kw = (w.requires_grad_() for w in random_weights(16))
+    pos = random_positions(4, 70)
+    outs = qkv_norm_rope(q, k, v, qw, kw, pos)
+    grads_out = [torch.randn_like(o) for o in outs]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(torch.autograd.grad(outs, (qw, kw), grads_out, retain_graph=True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def _bad(**overrides):
+    _, q, k, v = fused_qkv(2, 3, 2, 1, 8)
+    qw, kw = random_weights(8)
+    args = dict(q=q, k=k, v=v, q_weight=qw, k_weight=kw, positions=random_positions(2, 3))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(q=torch.randn(2, 3, 16)), r"`q` must have shape \[B, L, H, hd\]"),
+        (dict(k=torch.randn(2, 3, 1, 4)), r"`k` shape .* does not match `q`"),
+        (dict(v=torch.randn(2, 3, 2, 8)), r"`v` shape .* must equal `k`"),
+        (dict(q=torch.randn(2, 3, 2, 16)[..., ::2]), r"`q` must have a contiguous head dim"),
+        (dict(q=torch.randn(2, 3, 2, 8, dtype=torch.float64)), r"`q`, `k` and `v` must have the same dtype"),
+        (dict(q=torch.ones(2, 3, 2, 8, dtype=torch.int64)), r"`q` must be float32"),
+        (dict(q_weight=torch.randn(7)), r"`q_weight` must have shape \[hd\]"),
+        (dict(k_weight=torch.ones(8, dtype=torch.int32)), r"`k_weight` must be a float32"),
+        (dict(positions=torch.zeros(2, 4, 2, dtype=torch.int64)), r"`positions` must have shape \[B, L, ndim\]"),
+        (dict(positions=torch.zeros(2, 3, 2, dtype=torch.bool)), r"`positions` must be an int32, int64"),
+        (dict(positions=torch.zeros(2, 3, 5, dtype=torch.int64)), r"leaves no channels to rotate"),
+    ],
+)
+def test_bad_input(overrides, match):
+    args = _bad(**overrides)
+    with pytest.raises(RuntimeError, match=match):
+        qkv_norm_rope(**args)
+
+
+def test_bad_base_frequency():
+    with pytest.raises(RuntimeError, match="`base_frequency` must be positive"):
+        qkv_norm_rope(**_bad(), base_frequency=0.0)
+
+
+def test_bad_backward_grad_shape():
+    _, q, k, v = fused_qkv(2, 3, 2, 1, 8)
+    qw, kw = random_weights(8)
+    g = randn(2, 2, 3, 8)
+    with pytest.raises(RuntimeError, match=r"`grad_k` must have shape"):
+        torch.ops.vitops._qkv_norm_rope_backward(g, g, g, q, k, v, qw, kw, random_positions(2, 3), 1e-6, 100.0)
+
+
+@pytest.mark.cuda
+def test_cuda_head_dim_limit_and_device_mismatch():
+    _, q, k, v = fused_qkv(1, 2, 1, 1, 8, device="cuda")
+    qw, kw = random_weights(8)
+    with pytest.raises(RuntimeError, match="`q` and `q_weight` must be on the same device"):
+        qkv_norm_rope(q, k, v, qw, kw, random_positions(1, 2, "cuda"))
+    _, q, k, v = fused_qkv(1, 2, 1, 1, 1024, device="cuda")
+    qw, kw = random_weights(1024, "cuda")
+    with pytest.raises(RuntimeError, match="head dims up to"):
+        qkv_norm_rope(q, k, v, qw, kw, random_positions(1, 2, "cuda"))
+
+
+# --------------------------------------------------------------------------------------------
+# parity with the installed transformers
+# --------------------------------------------------------------------------------------------
+def _hf_attention(dtype, device, heads=4, kv_heads=2, head_dim=24):
+    gemma4 = pytest.importorskip("transformers.models.gemma4.modeling_gemma4")
+    config_mod = pytest.importorskip("transformers.models.gemma4.configuration_gemma4")
+    config = config_mod.Gemma4VisionConfig(
+        hidden_size=96, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=64, num_hidden_layers=1,
+    )
+    attn = gemma4.Gemma4VisionAttention(config, layer_idx=0).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(1 + 0.5 * torch.randn(head_dim))
+        attn.k_norm.weight.copy_(1 + 0.5 * torch.randn(head_dim))
+    rotary = gemma4.Gemma4VisionRotaryEmbedding(config).to(device)
+    return gemma4, config, attn, rotary
+
+
+def _hf_qkv(gemma4, attn, rotary, hidden, pos):
+    """HF Gemma4VisionAttention.forward up to the attention call (q/k/v in [B, N, L, hd])."""
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    cos, sin = rotary(hidden, pos)
+    q = gemma4.apply_multidimensional_rope(attn.q_norm(attn.q_proj(hidden).view(shape)), cos, sin, pos)
+    k = gemma4.apply_multidimensional_rope(attn.k_norm(attn.k_proj(hidden).view(shape)), cos, sin, pos)
+    v = attn.v_norm(attn.v_proj(hidden).view(shape))
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_matches_hf_gemma4_vision_attention(device, dtype):
+    if dtype == torch.float64:
+        pytest.skip("HF computes its RoPE tables in float32; float64 parity is not defined")
+    gemma4, config, attn, rotary = _hf_attention(dtype, device)
+    b, length = 2, 12
+    hidden = torch.randn(b, length, config.hidden_size, device=device).to(dtype)
+    xs, ys = torch.meshgrid(torch.arange(4), torch.arange(3), indexing="xy")
+    pos = torch.stack([xs, ys], -1).reshape(1, length, 2).repeat(b, 1, 1).to(device)
+    pos[1, -3:] = -1  # padding
+    with torch.no_grad():
+        hf = _hf_qkv(gemma4, attn, rotary, hidden, pos)
+        # the same projection outputs, fed to the fused op as views of one buffer
+        proj = torch.cat([attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)], dim=-1)
+        hd, h, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+        q = proj[..., : h * hd].unflatten(-1, (h, hd))
+        k = proj[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+        v = proj[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+        ours = qkv_norm_rope(
+            q, k, v, attn.q_norm.weight, attn.k_norm.weight, pos,
+            eps=config.rms_norm_eps, base_frequency=config.rope_parameters["rope_theta"],
+        )
+        # float64 ground truth of the same computation
+        hf64 = _hf_qkv(gemma4, attn.double(), rotary, hidden.double(), pos)
+    for o, r, r64 in zip(ours, hf, hf64):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, r, rtol=0, atol=2e-6)
+        else:
+            # within the dtype's tolerance of HF, and no further from float64 than HF is
+            torch.testing.assert_close(o, r, **tol(dtype))
+            ours_err = (o.double() - r64).abs().max().item()
+            hf_err = (r.double() - r64).abs().max().item()
+            assert ours_err <= hf_err * 1.01 + 1e-12
