@@ -18,13 +18,22 @@ from . import preprocess  # noqa: E402  (Gemma 4 image preprocessing; PIL only n
 from .ops import (  # noqa: E402
     apply_multidimensional_rope,
     avg_pool_by_positions,
+    avg_pool_scale_standardize,
     factorized_posemb,
     patchify,
+    qkv_norm_rope,
 )
 
 __version__ = "0.1.0"
 
-OPS = ("patchify", "factorized_posemb", "apply_multidimensional_rope", "avg_pool_by_positions")
+OPS = (
+    "patchify",
+    "factorized_posemb",
+    "apply_multidimensional_rope",
+    "avg_pool_by_positions",
+    "qkv_norm_rope",
+    "avg_pool_scale_standardize",
+)
 
 
 def build_info() -> dict:
@@ -45,9 +54,11 @@ def build_info() -> dict:
 __all__ = [
     "apply_multidimensional_rope",
     "avg_pool_by_positions",
+    "avg_pool_scale_standardize",
     "build_info",
     "factorized_posemb",
     "ops",
     "patchify",
+    "qkv_norm_rope",
     "reference",
 ]

@@ -31,6 +31,9 @@ def _cases(device: str, dtype: torch.dtype):
     table = rnd(2, 64, 40)
     q = rnd(2, 81, 4, 72)
     x = rnd(2, 81, 40)
+    qkv = rnd(2, 81, 3, 4, 72)  # one fused projection; q/k/v are strided views of it
+    qw, kw = rnd(72), rnd(72)
+    std_bias, std_scale = rnd(40), rnd(40)
     yield "patchify", lambda: ops.patchify(images, 16), lambda: reference.patchify(images, 16)
     yield (
         "factorized_posemb",
@@ -46,6 +49,16 @@ def _cases(device: str, dtype: torch.dtype):
         "avg_pool_by_positions",
         lambda: ops.avg_pool_by_positions(x, positions_xy=pos, length=9),
         lambda: reference.avg_pool_by_positions(x, pos, 9),
+    )
+    yield (
+        "qkv_norm_rope",
+        lambda: ops.qkv_norm_rope(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], qw, kw, pos, eps=1e-6, base_frequency=100.0),
+        lambda: reference.qkv_norm_rope(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], qw, kw, pos, eps=1e-6, base_frequency=100.0),
+    )
+    yield (
+        "avg_pool_scale_standardize",
+        lambda: ops.avg_pool_scale_standardize(x, pos, 9, 40**0.5, std_bias, std_scale),
+        lambda: reference.avg_pool_scale_standardize(x, pos, 9, 40**0.5, std_bias, std_scale),
     )
 
 

@@ -18,6 +18,8 @@ __all__ = [
     "apply_multidimensional_rope",
     "avg_pool_by_positions",
     "rope_inv_freq",
+    "qkv_norm_rope",
+    "avg_pool_scale_standardize",
 ]
 
 
@@ -256,4 +258,3 @@ def avg_pool_scale_standardize(
         y = (y - std_bias.to(acc)) * std_scale.to(acc)
     return y.to(x.dtype), mask
 
-__all__ += ["qkv_norm_rope", "avg_pool_scale_standardize"]

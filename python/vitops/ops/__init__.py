@@ -6,11 +6,16 @@ autograd formula; the kernels themselves come from the compiled library.
 
 from .apply_multidimensional_rope import apply_multidimensional_rope
 from .avg_pool_by_positions import avg_pool_by_positions
+from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
 from .patchify import patchify
+from .qkv_norm_rope import qkv_norm_rope
 
-__all__ = ["apply_multidimensional_rope", "avg_pool_by_positions", "factorized_posemb", "patchify"]
-from .qkv_norm_rope import qkv_norm_rope  # noqa: E402
-from .avg_pool_scale_standardize import avg_pool_scale_standardize  # noqa: E402
-
-__all__ += ["qkv_norm_rope", "avg_pool_scale_standardize"]
+__all__ = [
+    "apply_multidimensional_rope",
+    "avg_pool_by_positions",
+    "avg_pool_scale_standardize",
+    "factorized_posemb",
+    "patchify",
+    "qkv_norm_rope",
+]
