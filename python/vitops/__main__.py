@@ -1,7 +1,12 @@
 """`python -m vitops`: the main job.
 
-  python -m vitops selfcheck   run every op on every built backend against its reference
-  python -m vitops info        print build information
+  python -m vitops [encode] [--image PATH] [--checkpoint PATH] [--preset e2b] ...
+        encode an image (the bundled demo picture by default) with a Gemma 4 vision tower and
+        print the soft-token tensor's shape, a checksum and the time taken
+  python -m vitops selfcheck
+        run every op on every built backend against its reference and print a table
+  python -m vitops info
+        print build information
 """
 
 from __future__ import annotations
@@ -12,23 +17,30 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("encode", "selfcheck", "info", "-h", "--help"):
+        argv.insert(0, "encode")
     parser = argparse.ArgumentParser(prog="python -m vitops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import _demo
+
+    _demo.add_arguments(sub.add_parser("encode", help="encode an image with a Gemma 4 vision tower"))
     sub.add_parser("selfcheck", help="run every op against its reference and print a table")
     sub.add_parser("info", help="print build information as JSON")
     args = parser.parse_args(argv)
 
     import vitops
 
-    command = args.command or "selfcheck"
-    if command == "info":
+    if args.command == "info":
         print(json.dumps(vitops.build_info(), indent=2))
         return 0
-    from vitops import _selfcheck
+    if args.command == "selfcheck":
+        from vitops import _selfcheck
 
-    print(json.dumps(vitops.build_info()))
-    return 0 if _selfcheck.run() else 1
+        print(json.dumps(vitops.build_info()))
+        return 0 if _selfcheck.run() else 1
+    return _demo.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""The main job: encode an image with a Gemma 4 vision tower and report the soft tokens.
+
+Random weights by default (seeded, so the checksum is reproducible on one machine), or an HF
+checkpoint: a directory with ``config.json`` and ``*.safetensors`` (a Gemma 4 model or its vision
+tower), or a single ``.safetensors`` file together with ``--preset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+
+import torch
+
+PRESETS = ("e2b", "e4b", "26b", "31b")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", help="image file (default: the bundled demo picture)")
+    parser.add_argument("--checkpoint", help="HF checkpoint directory (config.json + safetensors) or .safetensors file")
+    parser.add_argument("--preset", default="e2b", choices=PRESETS,
+                        help="released vision config to build when no config.json is given (default e2b)")
+    parser.add_argument("--max-soft-tokens", type=int, default=280, choices=(70, 140, 280, 560, 1120))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--no-projector", action="store_true", help="stop at the vision tower's output")
+
+
+def _hf_config(checkpoint: str | None):
+    if checkpoint and os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, "config.json")):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(checkpoint)
+    return None
+
+
+def build(args):
+    from .hf import load_hf_state_dict
+    from .models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+
+    dtype = getattr(torch, args.dtype)
+    hf_config = _hf_config(args.checkpoint)
+    if hf_config is not None:
+        config = Gemma4VisionConfig.from_hf(hf_config)
+    else:
+        config = Gemma4VisionConfig.preset(args.preset)
+    torch.manual_seed(args.seed)
+    tower = Gemma4VisionEncoderLayer(config, device=args.device, dtype=dtype).eval()
+    projector = None
+    if not args.no_projector and config.text_hidden_size is not None:
+        projector = Gemma4VisionProjector(config, device=args.device, dtype=dtype).eval()
+    if args.checkpoint:
+        load_hf_state_dict((tower, projector), args.checkpoint)
+    return config, tower, projector
+
+
+def run(args) -> int:
+    from .preprocess import Gemma4ImageProcessor, demo_image
+
+    config, tower, projector = build(args)
+    if args.image:
+        from PIL import Image
+
+        image, source = Image.open(args.image), args.image
+    else:
+        image, source = demo_image(), "bundled demo image"
+    processor = Gemma4ImageProcessor(patch_size=config.patch_size, pooling_kernel_size=config.pooling_kernel_size,
+                                     max_soft_tokens=args.max_soft_tokens)
+    t0 = time.perf_counter()
+    batch = processor(image).to(args.device)
+    t1 = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+    with torch.inference_mode():
+        pixels = batch.pixel_values.to(dtype)
+        tokens, mask = tower(pixels, image_position_ids=batch.pixel_position_ids,
+                             output_length=args.max_soft_tokens)
+        if projector is not None:
+            tokens = projector(tokens)
+        soft_tokens = tokens[mask]  # HF's flattened form: padding slots removed
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    t2 = time.perf_counter()
+
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (preset {args.preset}, seed {args.seed})"
+    digest = hashlib.sha256(soft_tokens.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    print(f"vitops Gemma 4 vision tower: {weights}, {args.dtype} on {args.device}")
+    print(f"image: {source} {image.size[0]}x{image.size[1]} -> resized {batch.resized_hw[0][1]}x{batch.resized_hw[0][0]}, "
+          f"patch grid {batch.patch_grid_hw[0][0]}x{batch.patch_grid_hw[0][1]}, "
+          f"{batch.num_soft_tokens_per_image[0]} soft tokens (budget {args.max_soft_tokens})")
+    what = "soft tokens (after the projector)" if projector is not None else "vision tower output"
+    print(f"{what}: shape {tuple(soft_tokens.shape)} dtype {soft_tokens.dtype}")
+    print(f"checksum: sum {soft_tokens.double().sum().item():.6f}  mean|x| {soft_tokens.double().abs().mean().item():.6f}"
+          f"  sha256[:16] {digest}")
+    print(f"time: preprocess {(t1 - t0) * 1e3:.1f} ms, encode {(t2 - t1) * 1e3:.1f} ms")
+    return 0
