@@ -50,3 +50,6 @@ __all__ = [
     "patchify",
     "reference",
 ]
+
+# Model modules (Gemma 4 vision tower, KerasHub-style encoder, HF interop).
+from . import models, hf, keras_hub  # noqa: E402,F401
