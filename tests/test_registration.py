@@ -1,0 +1,82 @@
+"""The library surface: schemas, kernels per backend, fake kernels, autograd, build info, loader errors."""
+
+import importlib
+
+import pytest
+import torch
+
+import vitops
+from vitops import _build_info, _loader
+
+GOLDEN_SCHEMAS = {
+    "patchify": "vitops::patchify(Tensor images, SymInt patch_size) -> (Tensor patches, Tensor positions_xy)",
+    "_patchify_backward": "vitops::_patchify_backward(Tensor grad_patches, SymInt height, SymInt width, SymInt patch_size) -> Tensor",
+    "factorized_posemb": "vitops::factorized_posemb(Tensor posemb, Tensor positions_xy, int table_dim) -> Tensor",
+    "_factorized_posemb_backward": "vitops::_factorized_posemb_backward(Tensor grad_output, Tensor positions_xy, SymInt num_positions, int table_dim) -> Tensor",
+    "apply_multidimensional_rope": "vitops::apply_multidimensional_rope(Tensor inputs, Tensor positions, float base_frequency, float? rotary_fraction=None, float scale_factor=1.) -> Tensor",
+    "_apply_multidimensional_rope_backward": "vitops::_apply_multidimensional_rope_backward(Tensor grad_output, Tensor positions, float base_frequency, float? rotary_fraction, float scale_factor) -> Tensor",
+    "avg_pool_by_positions": "vitops::avg_pool_by_positions(Tensor x, Tensor positions_xy, SymInt length) -> (Tensor output, Tensor mask)",
+    "_avg_pool_by_positions_backward": "vitops::_avg_pool_by_positions_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len) -> Tensor",
+}
+
+FORWARD_OPS = [name for name in GOLDEN_SCHEMAS if not name.startswith("_")]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SCHEMAS))
+def test_schema_is_golden(name):
+    assert str(getattr(torch.ops.vitops, name).default._schema) == GOLDEN_SCHEMAS[name]
+
+
+def test_no_unexpected_ops():
+    registered = {
+        s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("vitops::")
+    }
+    assert registered == set(GOLDEN_SCHEMAS)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SCHEMAS))
+def test_cpu_kernel_and_fake_kernel(name):
+    assert _loader.has_kernel(name, "CPU")
+    entry = torch._library.simple_registry.singleton.find(f"vitops::{name}")
+    assert entry.fake_impl.kernel is not None, f"{name} has no fake kernel"
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SCHEMAS))
+def test_cuda_kernel_registered_when_built(name):
+    if not (_build_info.with_cuda and _loader.HAS_CUDA_KERNELS):
+        pytest.skip("vitops was built without CUDA kernels, or torch is CPU-only")
+    assert _loader.has_kernel(name, "CUDA")
+
+
+@pytest.mark.parametrize("name", FORWARD_OPS)
+def test_autograd_registered(name):
+    assert _loader.has_kernel(name, "Autograd") or _loader.has_kernel(name, "AutogradCPU")
+
+
+def test_build_info():
+    info = vitops.build_info()
+    assert info["version"] == vitops.__version__
+    assert info["stable_abi_target"] == "2.10"
+    assert info["built_with_torch"] == _build_info.torch_version
+    assert info["torch_runtime"] == torch.__version__
+    for op in FORWARD_OPS:
+        assert "CPU" in info["backends"][op]
+        assert ("CUDA" in info["backends"][op]) == (_build_info.with_cuda and _loader.HAS_CUDA_KERNELS)
+
+
+def test_loader_names_the_torch_it_was_built_for(monkeypatch):
+    """A torch older than the stable-ABI target gets an error that says what to do."""
+    monkeypatch.setattr(_build_info, "torch_target_version", "99.0")
+    with pytest.raises(ImportError, match=r"built for torch .* needs torch >= 99\.0.*Rebuild vitops"):
+        _loader.load()
+    monkeypatch.undo()
+    _loader.load()  # loading again is harmless
+    assert _loader.HAS_C_OPS
+
+
+def test_main_job_selfcheck(capsys):
+    from vitops import _selfcheck
+
+    assert _selfcheck.run()
+    out = capsys.readouterr().out
+    assert "all ops match their references" in out

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up from scratch: a virtual environment with torch, the build tools and the test/demo
+# dependencies, then build and install vitops into it (no build isolation: vitops compiles
+# against the torch in this environment).
+#   VITOPS_TORCH=2.14.1 (default) | 2.13.0 ...   which torch to install
+#   VITOPS_VENV=.venv (default)                     where
+#   VITOPS_CUDA=AUTO|ON|OFF                          build the CUDA kernels (AUTO: when torch is a
+#                                                    CUDA build and nvcc is found)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION=${VITOPS_TORCH:-2.14.1}
+VENV=${VITOPS_VENV:-.venv}
+PY=${PYTHON:-python3}
+TRANSFORMERS_VERSION=${VITOPS_TRANSFORMERS:-5.18.0}
+
+# nvcc is often installed but not on PATH.
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+have_torch=$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
+if [ "$have_torch" != "${TORCH_VERSION%%+*}" ]; then
+  echo "== installing torch==$TORCH_VERSION"
+  "$VPY" -m pip install -q "torch==$TORCH_VERSION"
+fi
+echo "== installing build tools and test dependencies"
+"$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy pytest \
+  "transformers==$TRANSFORMERS_VERSION" safetensors pillow
+echo "== building vitops (VITOPS_CUDA=${VITOPS_CUDA:-AUTO})"
+start=$(date +%s)
+"$VPY" -m pip install -q --no-build-isolation --no-deps \
+  -Cbuild-dir="build/{wheel_tag}-torch$TORCH_VERSION" \
+  -Ccmake.define.VITOPS_CUDA="${VITOPS_CUDA:-AUTO}" .
+echo "== built and installed vitops in $(( $(date +%s) - start )) s"
+"$VPY" -c "import json, vitops; print(json.dumps(vitops.build_info()))"
