@@ -192,8 +192,9 @@ def read_checkpoint(checkpoint) -> Mapping[str, torch.Tensor]:
 def _detect_prefix(keys: list[str], anchor: str, what: str, prefer: str | None = None) -> str | None:
     found = sorted({k[: -len(anchor)] for k in keys if k.endswith(anchor)})
     if prefer is not None and len(found) > 1:
-        preferred = [p for p in found if prefer in p]
-        found = preferred or found
+        # A full checkpoint has one embedder per modality: prefer the vision one, never the audio one.
+        found = [p for p in found if "audio" not in p] or found
+        found = [p for p in found if prefer in p] or found
     if len(found) > 1:
         raise CheckpointMismatchError(f"several {what} prefixes in the checkpoint {found}; pass the prefix explicitly")
     return found[0] if found else None
