@@ -4,6 +4,7 @@
 # against the torch in this environment).
 #   VITOPS_TORCH=2.14.1 (default) | 2.13.0 ...   which torch to install
 #   VITOPS_VENV=.venv (default)                     where
+#   VITOPS_BENCH_DEPS=1                              also install matplotlib + tqdm (benchmarks)
 #   VITOPS_CUDA=AUTO|ON|OFF                          build the CUDA kernels (AUTO: when torch is a
 #                                                    CUDA build and nvcc is found)
 set -euo pipefail
@@ -31,6 +32,11 @@ fi
 echo "== installing build tools and test dependencies"
 "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy pytest \
   "transformers==$TRANSFORMERS_VERSION" safetensors pillow
+if [ "${VITOPS_BENCH_DEPS:-0}" = 1 ]; then
+  # optional extras of benchmarks/run.py: the PNG plot and the progress bar (it runs without them)
+  echo "== installing benchmark extras"
+  "$VPY" -m pip install -q matplotlib tqdm
+fi
 echo "== building vitops (VITOPS_CUDA=${VITOPS_CUDA:-AUTO})"
 start=$(date +%s)
 "$VPY" -m pip install -q --no-build-isolation --no-deps \

@@ -14,6 +14,7 @@ _loader.load()
 
 from . import reference  # noqa: E402
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
+from . import preprocess  # noqa: E402  (Gemma 4 image preprocessing; PIL only needed for PIL inputs)
 from .ops import (  # noqa: E402
     apply_multidimensional_rope,
     avg_pool_by_positions,

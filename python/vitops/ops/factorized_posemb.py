@@ -41,26 +41,40 @@ def factorized_posemb(
     Args:
       posemb: the table, HF layout [2, N_pos, D] or MaxText layout [N_pos, 2, D] (read in place,
         any strides). The layout is inferred from which dim has size 2, or given by ``layout``.
-      positions_xy: [..., 2] int64/int32 (x, y) patch coordinates; -1 marks padding and contributes
-        zero. Any other coordinate outside [0, N_pos) is an error.
-      precision: accepted for MaxText compatibility; accumulation is always float32.
+      positions_xy: [..., 2] int64/int32 (x, y) patch coordinates, any strides; -1 marks padding
+        and contributes zero (per coordinate). Any other coordinate outside [0, N_pos) is invalid:
+        on CPU it raises; on CUDA (where checking would need a device-to-host sync) the kernel never
+        reads out of bounds and instead fills that patch's output row with NaN, as MaxText's one-hot
+        formulation poisons out-of-range positions. The backward skips such coordinates on CUDA.
+      precision: accepted for MaxText compatibility; accumulation is always float32 (float64 for
+        float64 tables).
 
     Returns:
-      [..., D] in the table's dtype.
+      [..., D] contiguous, in the table's dtype; x row + y row summed once in float32 and rounded.
+      The gradient of the table is bitwise deterministic (no atomics).
     """
     return _op(posemb, positions_xy, _table_dim(posemb, layout))
 
 
 @torch.library.register_fake("vitops::factorized_posemb")
 def _fake(posemb, positions_xy, table_dim):
-    torch._check(posemb.dim() == 3 and posemb.shape[table_dim] == 2, lambda: "vitops.factorized_posemb: bad `posemb`")
+    torch._check(table_dim in (0, 1), lambda: f"vitops.factorized_posemb: `table_dim` must be 0 or 1, got {table_dim}")
+    torch._check(posemb.dim() == 3 and posemb.shape[table_dim] == 2,
+                 lambda: f"vitops.factorized_posemb: `posemb` must have size 2 on dim table_dim={table_dim}, "
+                 f"got shape {tuple(posemb.shape)}")
     torch._check(positions_xy.dim() >= 1 and positions_xy.shape[-1] == 2,
-                 lambda: "vitops.factorized_posemb: `positions_xy` must be [..., 2]")
+                 lambda: "vitops.factorized_posemb: `positions_xy` must have shape [..., 2]")
+    torch._check(posemb.device == positions_xy.device,
+                 lambda: "vitops.factorized_posemb: `posemb` and `positions_xy` must be on the same device")
     return posemb.new_empty((*positions_xy.shape[:-1], posemb.shape[2]))
 
 
 @torch.library.register_fake("vitops::_factorized_posemb_backward")
 def _backward_fake(grad_output, positions_xy, num_positions, table_dim):
+    torch._check(table_dim in (0, 1),
+                 lambda: f"vitops._factorized_posemb_backward: `table_dim` must be 0 or 1, got {table_dim}")
+    torch._check(grad_output.device == positions_xy.device,
+                 lambda: "vitops._factorized_posemb_backward: `grad_output` and `positions_xy` must be on the same device")
     d = grad_output.shape[-1]
     shape = (2, num_positions, d) if table_dim == 0 else (num_positions, 2, d)
     return grad_output.new_empty(shape)

@@ -1,0 +1,539 @@
+"""Registry of benchmark workloads (performance.md §8, W1-W8).
+
+A workload is one `Workload` entry: an id (W1..W8), an op name, the shapes it runs (full and
+smoke) and a `build(shape, device, dtype)` that returns a `Setup`: the input tensors, the HF
+callable (the eager contender; the runner derives the torch.compile contender from the same
+callable) and a factory for the vitops callable. A vitops factory raises NotImplementedCase
+when the op/module it needs is not there yet, so the case is listed as "not implemented" and the
+HF baselines are still measured. Adding an op or tower = one builder function + one entry in
+WORKLOADS.
+
+Every HF contender calls the installed transformers' own functions/modules (no re-implementation),
+so the baseline moves with transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from harness import NotImplementedCase
+
+try:  # the suite must still produce HF baselines when vitops is not built
+    import vitops
+    from vitops import _loader as _vitops_loader
+
+    _VITOPS_ERROR = None
+except Exception as e:  # noqa: BLE001
+    vitops = None
+    _vitops_loader = None
+    _VITOPS_ERROR = str(e)
+
+
+@dataclass
+class Setup:
+    args: tuple  # positional inputs handed to every contender
+    hf: Callable  # HF eager callable(*args)
+    vitops: Callable[[], Callable]  # factory -> vitops callable(*args); may raise NotImplementedCase
+    grad_leaves: list  # tensors that get gradients in fwd+bwd mode
+    bytes_fwd: int | None  # minimum bytes a forward must move (None: compute-bound, no % copy)
+    bytes_bwd: int | None  # minimum bytes of forward+backward
+
+
+@dataclass
+class Workload:
+    id: str
+    op: str
+    description: str
+    shapes: list  # list of dicts (labels + parameters)
+    smoke_shapes: list
+    build: Callable[[dict, str, torch.dtype], Setup]
+    backward: bool = True
+    tags: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def require_op(name: str, device: str) -> Callable:
+    """The vitops wrapper `name` if it exists and has a kernel for `device`."""
+    if vitops is None:
+        raise NotImplementedCase(f"vitops not importable ({_VITOPS_ERROR})")
+    fn = getattr(vitops.ops, name, None)
+    if fn is None:
+        raise NotImplementedCase(f"vitops.ops.{name} does not exist yet")
+    try:
+        has = _vitops_loader.has_kernel(name, "CUDA" if device == "cuda" else "CPU")
+    except Exception:  # no schema registered
+        has = False
+    if not has:
+        raise NotImplementedCase(f"vitops::{name} has no {device} kernel in this build")
+    return fn
+
+
+def require_module(path: str, attr: str) -> object:
+    if vitops is None:
+        raise NotImplementedCase(f"vitops not importable ({_VITOPS_ERROR})")
+    import importlib
+
+    try:
+        mod = importlib.import_module(path)
+    except ImportError:
+        raise NotImplementedCase(f"{path} does not exist yet") from None
+    if not hasattr(mod, attr):
+        raise NotImplementedCase(f"{path}.{attr} does not exist yet")
+    return getattr(mod, attr)
+
+
+def _isz(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# Released Gemma 4 vision towers (performance.md §5): E2B/E4B and 26B/31B.
+G4_MODELS = {
+    "g4-e4b": dict(D=768, H=12, hd=64, mlp=3072, layers=16),
+    "g4-31b": dict(D=1152, H=16, hd=72, mlp=4304, layers=27),
+}
+G4_SMOKE = dict(D=64, H=2, hd=32, mlp=128, layers=1)
+POOL_K = 3  # Gemma 4 pooling kernel: L = 9 * soft tokens
+
+
+def g4_config(m: dict, **kw):
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    return Gemma4VisionConfig(
+        hidden_size=m["D"], intermediate_size=m["mlp"], num_hidden_layers=m["layers"],
+        num_attention_heads=m["H"], num_key_value_heads=m["H"], head_dim=m["hd"],
+        attn_implementation="sdpa", **kw,
+    )
+
+
+# Aspect ratios (width / height) cycled through the images of a batch, so a batch mixes
+# resolutions: the first is an exact fill at the usual budgets (e.g. 14 x 20 pooled = 280),
+# the others leave padding patches (-1, -1) at the end as the HF processor does.
+_ASPECTS = (0.7, 1.0, 16 / 9, 9 / 16, 4 / 3)
+
+
+def g4_positions(batch: int, tokens: int, device: str, k: int = POOL_K) -> torch.Tensor:
+    """[B, k*k*tokens, 2] int64 (x, y) patch coordinates, row-major, padded with (-1, -1)."""
+    seq = k * k * tokens
+    out = torch.full((batch, seq, 2), -1, dtype=torch.int64)
+    for b in range(batch):
+        a = _ASPECTS[b % len(_ASPECTS)]
+        pw = max(1, min(tokens, int(math.sqrt(tokens * a))))
+        ph = max(1, tokens // pw)
+        ys, xs = torch.meshgrid(torch.arange(k * ph), torch.arange(k * pw), indexing="ij")
+        pos = torch.stack([xs, ys], -1).reshape(-1, 2)
+        out[b, : pos.shape[0]] = pos
+    return out.to(device)
+
+
+def _g4_shapes(batches=(1, 8, 32), tokens=(70, 280, 1120), video=False):
+    shapes = [dict(model=m, T=t, B=b) for m in G4_MODELS for t in tokens for b in batches]
+    if video:  # 32 video frames at 70 soft tokens each (vLLM gemma4_mm)
+        shapes += [dict(model=m, T=70, B=32, video=True) for m in G4_MODELS]
+    return shapes
+
+
+def _g4_dims(shape):
+    return G4_SMOKE if shape["model"] == "smoke" else G4_MODELS[shape["model"]]
+
+
+_G4_SMOKE_SHAPES = [dict(model="smoke", T=4, B=1), dict(model="smoke", T=4, B=2)]
+
+
+# ------------------------------------------------------------------------------------------------
+# W1: Gemma 4 factorized 2-D position embedding (+ patch embedding)
+# ------------------------------------------------------------------------------------------------
+def build_g4_posemb(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionPatchEmbedder
+
+    m = _g4_dims(shape)
+    emb = Gemma4VisionPatchEmbedder(g4_config(m)).to(device=device, dtype=dtype)
+    torch.nn.init.normal_(emb.position_embedding_table)
+    pos = g4_positions(shape["B"], shape["T"], device)
+    pad = (pos == -1).all(dim=-1)  # computed once per forward by Gemma4VisionModel, not per op
+    table = emb.position_embedding_table
+    bsz, seq, d, ds = pos.shape[0], pos.shape[1], m["D"], _isz(dtype)
+    distinct_rows = int(pos[..., 0].unique().numel() + pos[..., 1].unique().numel())
+    fwd = pos.numel() * 8 + bsz * seq * d * ds + distinct_rows * d * ds
+    bwd = fwd + bsz * seq * d * ds + table.numel() * ds  # + read grad_out, write the dense table grad
+
+    def hf(pos, pad):
+        return emb._position_embeddings(pos, pad)
+
+    def vit():
+        op = require_op("factorized_posemb", device)
+        return lambda pos, pad: op(table, pos)
+
+    return Setup((pos, pad), hf, vit, [table], fwd, bwd)
+
+
+def build_g4_patch_embed(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionPatchEmbedder
+
+    m = _g4_dims(shape)
+    emb = Gemma4VisionPatchEmbedder(g4_config(m)).to(device=device, dtype=dtype)
+    pos = g4_positions(shape["B"], shape["T"], device)
+    pad = (pos == -1).all(dim=-1)
+    patch_dim = 3 * emb.patch_size**2
+    # pixel values arrive in float32 from the image processor; HF casts them to the weight dtype
+    pixels = torch.rand(pos.shape[0], pos.shape[1], patch_dim, device=device)
+    bsz, seq, d, ds = pos.shape[0], pos.shape[1], m["D"], _isz(dtype)
+    fwd = pixels.numel() * 4 + emb.input_proj.weight.numel() * ds + bsz * seq * d * ds + pos.numel() * 8
+
+    def hf(pixels, pos, pad):
+        return emb(pixels, pos, pad)
+
+    def vit():
+        op = require_op("patch_embed", device)  # fused GEMM + posemb epilogue (planned)
+        return lambda pixels, pos, pad: op(pixels, emb.input_proj.weight, emb.position_embedding_table, pos)
+
+    return Setup((pixels, pos, pad), hf, vit, [emb.input_proj.weight, emb.position_embedding_table], fwd, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# W2: Gemma 4 Q/K(/V) norms + multidimensional RoPE; Q/K/V are strided views of a fused QKV
+# ------------------------------------------------------------------------------------------------
+def _g4_qkv(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionRotaryEmbedding
+
+    m = _g4_dims(shape)
+    cfg = g4_config(m)
+    pos = g4_positions(shape["B"], shape["T"], device)
+    bsz, seq, h, hd = pos.shape[0], pos.shape[1], m["H"], m["hd"]
+    qkv = torch.randn(bsz, seq, 3 * h * hd, device=device, dtype=dtype)
+    rotary = Gemma4VisionRotaryEmbedding(cfg).to(device)
+    # cos/sin are built once per tower forward and shared by all layers, so they are inputs here
+    # (not timed) rather than part of the per-layer op.
+    cos, sin = rotary(qkv, pos)
+
+    def views(qkv):
+        return [qkv[..., i * h * hd : (i + 1) * h * hd].view(bsz, seq, h, hd) for i in range(3)]
+
+    return cfg, m, pos, qkv, cos, sin, views, bsz * seq * h * hd * _isz(dtype)
+
+
+def build_g4_rope(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import apply_multidimensional_rope
+
+    cfg, m, pos, qkv, cos, sin, views, qbytes = _g4_qkv(shape, device, dtype)
+    theta = cfg.rope_parameters["rope_theta"]
+
+    def hf(qkv, cos, sin, pos):
+        q, k, _ = views(qkv)
+        return apply_multidimensional_rope(q, cos, sin, pos), apply_multidimensional_rope(k, cos, sin, pos)
+
+    def vit():
+        op = require_op("apply_multidimensional_rope", device)
+
+        def f(qkv, cos, sin, pos):
+            q, k, _ = views(qkv)
+            return op(q, pos, base_frequency=theta), op(k, pos, base_frequency=theta)
+
+        return f
+
+    fwd = 4 * qbytes + pos.numel() * 8  # read Q, K; write Q, K
+    return Setup((qkv, cos, sin, pos), hf, vit, [qkv], fwd, 2 * fwd)
+
+
+def build_g4_qkv_norm_rope(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionAttention, apply_multidimensional_rope
+
+    cfg, m, pos, qkv, cos, sin, views, qbytes = _g4_qkv(shape, device, dtype)
+    attn = Gemma4VisionAttention(cfg, layer_idx=0).to(device=device, dtype=dtype)
+
+    def hf(qkv, cos, sin, pos):
+        # exactly the non-GEMM part of Gemma4VisionAttention.forward, using its own norm modules
+        q, k, v = views(qkv)
+        q = apply_multidimensional_rope(attn.q_norm(q), cos, sin, pos).transpose(1, 2)
+        k = apply_multidimensional_rope(attn.k_norm(k), cos, sin, pos).transpose(1, 2)
+        v = attn.v_norm(v).transpose(1, 2)
+        return q, k, v
+
+    def vit():
+        op = require_op("qkv_norm_rope", device)  # fused Q/K/V norms + 2-D RoPE (planned)
+        return lambda qkv, cos, sin, pos: op(qkv, attn.q_norm.weight, attn.k_norm.weight, pos)
+
+    fwd = 6 * qbytes + pos.numel() * 8
+    return Setup((qkv, cos, sin, pos), hf, vit, [qkv, attn.q_norm.weight, attn.k_norm.weight], fwd, 2 * fwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# W3: Gemma 4 pooler (k = 3 pooling by positions + sqrt(D) scale)
+# ------------------------------------------------------------------------------------------------
+def build_g4_pool(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionPooler
+
+    m = _g4_dims(shape)
+    pooler = Gemma4VisionPooler(g4_config(m))
+    tokens = shape["T"]
+    pos = g4_positions(shape["B"], tokens, device)
+    pad = (pos == -1).all(dim=-1)
+    hidden = torch.randn(pos.shape[0], pos.shape[1], m["D"], device=device, dtype=dtype)
+    bsz, d, ds = pos.shape[0], m["D"], _isz(dtype)
+    valid = int((~pad).sum())
+    # read valid rows + positions, write fp32 pooled output (HF returns float32) + mask
+    fwd = valid * d * ds + pos.numel() * 8 + bsz * tokens * (d * 4 + 1)
+    bwd = fwd + bsz * tokens * d * 4 + hidden.numel() * ds
+
+    def hf(hidden, pos, pad):
+        return pooler(hidden, pos, pad, output_length=tokens)
+
+    def vit():
+        op = require_op("avg_pool_by_positions", device)
+        root = pooler.root_hidden_size
+
+        def f(hidden, pos, pad):
+            out, mask = op(hidden, positions_xy=pos, length=tokens)
+            return out.float() * root, mask
+
+        return f
+
+    return Setup((hidden, pos, pad), hf, vit, [hidden], fwd, bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# W4: Gemma 3 projector (4x4 AvgPool + Gemma RMSNorm + projection to the text width)
+# ------------------------------------------------------------------------------------------------
+def _g3_config(smoke: bool, text_width: int):
+    from transformers import Gemma3Config
+
+    if smoke:
+        vis = dict(hidden_size=32, image_size=56, patch_size=14, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2)
+        return Gemma3Config(vision_config=vis, text_config=dict(hidden_size=48), mm_tokens_per_image=4)
+    vis = dict(hidden_size=1152, image_size=896, patch_size=14, intermediate_size=4304, num_hidden_layers=27,
+               num_attention_heads=16)
+    return Gemma3Config(vision_config=vis, text_config=dict(hidden_size=text_width), mm_tokens_per_image=256)
+
+
+def build_g3_projector(shape, device, dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    cfg = _g3_config(shape.get("smoke", False), shape.get("text", 2560))
+    proj = Gemma3MultiModalProjector(cfg).to(device=device, dtype=dtype)
+    torch.nn.init.normal_(proj.mm_input_projection_weight, std=0.02)
+    n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    x = torch.randn(shape["B"], n, cfg.vision_config.hidden_size, device=device, dtype=dtype)
+    ds = _isz(dtype)
+    out_bytes = shape["B"] * cfg.mm_tokens_per_image * cfg.text_config.hidden_size * ds
+    fwd = x.numel() * ds + proj.mm_input_projection_weight.numel() * ds + out_bytes
+
+    def vit():
+        op = require_op("gemma3_pool_norm", device)  # fused pool + RMSNorm (planned)
+        return lambda x: op(x, proj.mm_soft_emb_norm.weight) @ proj.mm_input_projection_weight
+
+    return Setup((x,), proj, vit, [x], fwd, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# W5: Llama 4 pixel shuffle; W6: Llama 4 vision RoPE (complex multiply)
+# ------------------------------------------------------------------------------------------------
+def _l4_config(smoke: bool):
+    from transformers import Llama4VisionConfig
+
+    if smoke:
+        return Llama4VisionConfig(hidden_size=64, num_attention_heads=4, image_size=56, patch_size=14,
+                                  num_hidden_layers=1, intermediate_size=256, vision_output_dim=64,
+                                  projector_input_dim=64, projector_output_dim=64)
+    # Llama 4 Scout/Maverick vision tower (their released config; the class defaults differ)
+    return Llama4VisionConfig(hidden_size=1408, num_attention_heads=16, image_size=336, patch_size=14,
+                              num_hidden_layers=34, intermediate_size=5632, vision_output_dim=4096,
+                              projector_input_dim=4096, projector_output_dim=4096, pixel_shuffle_ratio=0.5)
+
+
+def build_l4_pixel_shuffle(shape, device, dtype):
+    from transformers.models.llama4.modeling_llama4 import pixel_shuffle
+
+    cfg = _l4_config(shape.get("smoke", False))
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    full = torch.randn(shape["tiles"], n + 1, cfg.hidden_size, device=device, dtype=dtype)
+    ratio = cfg.pixel_shuffle_ratio
+    fwd = 2 * shape["tiles"] * n * cfg.hidden_size * _isz(dtype)
+
+    def hf(full):
+        return pixel_shuffle(full[:, :-1], ratio)  # the CLS token is dropped first, as in HF
+
+    def vit():
+        op = require_op("pixel_shuffle", device)
+        return lambda full: op(full[:, :-1], ratio)
+
+    return Setup((full,), hf, vit, [full], fwd, 2 * fwd)
+
+
+def build_l4_rope(shape, device, dtype):
+    from transformers.models.llama4.modeling_llama4 import Llama4VisionRotaryEmbedding, vision_apply_rotary_emb
+
+    cfg = _l4_config(shape.get("smoke", False))
+    seq = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    h = cfg.num_attention_heads
+    hd = cfg.hidden_size // h
+    tiles = shape["tiles"]
+    qkv = torch.randn(tiles, seq, 3 * h * hd, device=device, dtype=dtype)
+    freqs = Llama4VisionRotaryEmbedding(cfg).freqs_ci.to(device)
+
+    def views(qkv):
+        return [qkv[..., i * h * hd : (i + 1) * h * hd].view(tiles, seq, h, hd) for i in range(2)]
+
+    def hf(qkv, freqs):
+        q, k = views(qkv)
+        return vision_apply_rotary_emb(q, k, freqs)
+
+    def vit():
+        op = require_op("llama4_vision_rope", device)
+        return lambda qkv, freqs: op(*views(qkv))
+
+    fwd = 4 * tiles * seq * h * hd * _isz(dtype)
+    return Setup((qkv, freqs), hf, vit, [qkv], fwd, 2 * fwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# W7: generic 1-D RoPE and RMSNorm sanity shapes (Liger's)
+# ------------------------------------------------------------------------------------------------
+def build_rope_1d(shape, device, dtype):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    hq, hk, hd, seq, bsz = shape["Hq"], shape["Hkv"], shape["hd"], shape["S"], shape.get("B", 1)
+    cfg = LlamaConfig(hidden_size=hq * hd, num_attention_heads=hq, num_key_value_heads=hk, head_dim=hd)
+    q = torch.randn(bsz, seq, hq, hd, device=device, dtype=dtype)
+    k = torch.randn(bsz, seq, hk, hd, device=device, dtype=dtype)
+    pos = torch.arange(seq, device=device).expand(bsz, seq)
+    cos, sin = LlamaRotaryEmbedding(cfg).to(device)(q, pos)
+    theta = cfg.rope_parameters["rope_theta"]
+
+    def hf(q, k, cos, sin, pos):
+        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # [B, S, H, hd] layout
+
+    def vit():
+        op = require_op("apply_multidimensional_rope", device)
+        return lambda q, k, cos, sin, pos: (op(q, pos, base_frequency=theta), op(k, pos, base_frequency=theta))
+
+    fwd = 2 * (q.numel() + k.numel()) * _isz(dtype)
+    return Setup((q, k, cos, sin, pos), hf, vit, [q, k], fwd, 2 * fwd)
+
+
+def build_rms_norm(shape, device, dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(shape["H"]).to(device=device, dtype=dtype)
+    x = torch.randn(shape["M"], shape["H"], device=device, dtype=dtype)
+
+    def vit():
+        op = require_op("rms_norm", device)
+        return lambda x: op(x, norm.weight, norm.variance_epsilon)
+
+    fwd = 2 * x.numel() * _isz(dtype)
+    return Setup((x,), norm, vit, [x, norm.weight], fwd, 2 * fwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# W8: whole vision towers (random weights at the released configs; GEMM/attention dominated, so
+# no bytes figure). vitops towers are looked up in vitops.models; until they exist the HF
+# eager/compile numbers are still recorded as the baseline.
+# ------------------------------------------------------------------------------------------------
+def build_g4_tower(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
+
+    m = _g4_dims(shape)
+    model = Gemma4VisionModel(g4_config(m)).to(device=device, dtype=dtype).eval()
+    pos = g4_positions(shape["B"], shape["T"], device)
+    pixels = torch.rand(pos.shape[0], pos.shape[1], 3 * 16 * 16, device=device)
+
+    def hf(pixels, pos):
+        return model(pixel_values=pixels, pixel_position_ids=pos).last_hidden_state
+
+    def vit():
+        from_hf = require_module("vitops.models.gemma4_vision", "from_hf")
+        vmodel = from_hf(model)
+        return lambda pixels, pos: vmodel(pixel_values=pixels, pixel_position_ids=pos).last_hidden_state
+
+    return Setup((pixels, pos), hf, vit, [], None, None)
+
+
+def build_g3_tower(shape, device, dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+    from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+
+    cfg = _g3_config(shape.get("smoke", False), 2560)
+    cfg.vision_config._attn_implementation = "sdpa"
+    vis = SiglipVisionModel(cfg.vision_config).to(device=device, dtype=dtype).eval()
+    proj = Gemma3MultiModalProjector(cfg).to(device=device, dtype=dtype)
+    size = cfg.vision_config.image_size
+    pixels = torch.rand(shape["B"], 3, size, size, device=device, dtype=dtype)
+
+    def hf(pixels):
+        return proj(vis(pixel_values=pixels).last_hidden_state)
+
+    def vit():
+        from_hf = require_module("vitops.models.gemma3_vision", "from_hf")
+        vmodel = from_hf(vis, proj)
+        return lambda pixels: vmodel(pixels)
+
+    return Setup((pixels,), hf, vit, [], None, None)
+
+
+def build_l4_tower(shape, device, dtype):
+    from transformers.models.llama4.modeling_llama4 import Llama4VisionModel
+
+    cfg = _l4_config(shape.get("smoke", False))
+    cfg._attn_implementation = "sdpa"
+    model = Llama4VisionModel(cfg).to(device=device, dtype=dtype).eval()
+    pixels = torch.rand(shape["tiles"], 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+
+    def hf(pixels):
+        return model(pixels).last_hidden_state
+
+    def vit():
+        from_hf = require_module("vitops.models.llama4_vision", "from_hf")
+        vmodel = from_hf(model)
+        return lambda pixels: vmodel(pixels)
+
+    return Setup((pixels,), hf, vit, [], None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry
+# ------------------------------------------------------------------------------------------------
+_L4_TILES = [dict(tiles=t) for t in (1, 5, 17, 136)]
+_L4_SMOKE = [dict(tiles=2, smoke=True)]
+
+WORKLOADS: list[Workload] = [
+    Workload("W1", "g4_posemb", "Gemma 4 factorized 2-D position embedding (HF _position_embeddings)",
+             _g4_shapes(), _G4_SMOKE_SHAPES, build_g4_posemb),
+    Workload("W1", "g4_patch_embed", "Gemma 4 patch embedder: input_proj GEMM + posemb (HF forward)",
+             _g4_shapes(), _G4_SMOKE_SHAPES[:1], build_g4_patch_embed, backward=False),
+    Workload("W2", "g4_rope", "Gemma 4 2-D RoPE on Q and K (strided views of fused QKV)",
+             _g4_shapes(video=True), _G4_SMOKE_SHAPES, build_g4_rope),
+    Workload("W2", "g4_qkv_norm_rope", "Gemma 4 q/k/v RMSNorms + 2-D RoPE + attention layout",
+             _g4_shapes(video=True), _G4_SMOKE_SHAPES, build_g4_qkv_norm_rope),
+    Workload("W3", "g4_pool", "Gemma 4 pooler: k=3 pooling by positions + sqrt(D) scale (HF forward)",
+             _g4_shapes(), _G4_SMOKE_SHAPES, build_g4_pool),
+    Workload("W4", "g3_projector", "Gemma 3 projector: AvgPool 4x4 + RMSNorm + projection",
+             [dict(B=b, text=2560) for b in (1, 5, 32)], [dict(B=2, smoke=True)], build_g3_projector,
+             backward=False),
+    Workload("W5", "l4_pixel_shuffle", "Llama 4 pixel shuffle 0.5 on a CLS-dropped view",
+             _L4_TILES, _L4_SMOKE, build_l4_pixel_shuffle),
+    Workload("W6", "l4_rope", "Llama 4 vision 2-D RoPE (complex) on Q and K",
+             [dict(tiles=t) for t in (1, 17, 136)], _L4_SMOKE, build_l4_rope),
+    Workload("W7", "rope_1d", "Generic 1-D RoPE (Llama apply_rotary_pos_emb), Liger shapes",
+             [dict(Hq=32, Hkv=8, hd=128, S=s) for s in (1024, 4096, 16384)],
+             [dict(Hq=2, Hkv=1, hd=16, S=8)], build_rope_1d),
+    Workload("W7", "rms_norm", "Generic RMSNorm (LlamaRMSNorm), M=2048",
+             [dict(M=2048, H=h) for h in (1152, 4096, 32768)], [dict(M=4, H=32)], build_rms_norm),
+    Workload("W8", "g4_tower", "Gemma 4 vision tower end to end (SDPA)",
+             [dict(model=m, T=280, B=b) for m in G4_MODELS for b in (1, 8)], [dict(model="smoke", T=4, B=1)],
+             build_g4_tower, backward=False),
+    Workload("W8", "g3_tower", "Gemma 3 SigLIP tower + projector end to end (SDPA)",
+             [dict(B=b) for b in (1, 8)], [dict(B=1, smoke=True)], build_g3_tower, backward=False),
+    Workload("W8", "l4_tower", "Llama 4 vision encoder + pixel-shuffle adapter end to end (SDPA)",
+             [dict(tiles=17)], [dict(tiles=1, smoke=True)], build_l4_tower, backward=False),
+]
+
+
+def shape_label(shape: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in shape.items() if v is not True) + (",video" if shape.get("video") else "")
