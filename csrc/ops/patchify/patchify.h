@@ -61,4 +61,23 @@ inline std::vector<int64_t> leading_sizes(const Tensor& t, int64_t trailing) {
   return s;
 }
 
+// Allocates patches[..., N, p*p*C] and positions_xy[..., N, 2] (int64) for images[..., H, W, C].
+inline std::tuple<Tensor, Tensor> allocate_forward(const Tensor& images, const Geometry& g) {
+  auto psizes = leading_sizes(images, 3), qsizes = leading_sizes(images, 3);
+  psizes.push_back(g.num_patches());
+  psizes.push_back(g.patch_dim());
+  qsizes.push_back(g.num_patches());
+  qsizes.push_back(2);
+  return {new_empty(images, psizes, images.scalar_type()), new_empty(images, qsizes, ScalarType::Long)};
+}
+
+// Allocates grad_images[..., H, W, C] for grad_patches[..., N, p*p*C].
+inline Tensor allocate_backward(const Tensor& grad, const Geometry& g) {
+  auto sizes = leading_sizes(grad, 2);
+  sizes.push_back(g.height);
+  sizes.push_back(g.width);
+  sizes.push_back(g.channels);
+  return new_empty(grad, sizes, grad.scalar_type());
+}
+
 }  // namespace vitops::patchify

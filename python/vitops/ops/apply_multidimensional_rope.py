@@ -33,7 +33,8 @@ def apply_multidimensional_rope(
       A contiguous tensor shaped like ``inputs`` with the rotation applied in float32 using cos/sin
       rounded to the input dtype (HF's dtype flow).
     """
-    return _op(inputs, positions, float(base_frequency), rotary_fraction, float(scale_factor))
+    fraction = None if rotary_fraction is None else float(rotary_fraction)
+    return _op(inputs, positions, float(base_frequency), fraction, float(scale_factor))
 
 
 @torch.library.register_fake("vitops::apply_multidimensional_rope")
@@ -62,3 +63,24 @@ def _backward(ctx, grad_output):
 
 
 torch.library.register_autograd("vitops::apply_multidimensional_rope", _backward, setup_context=_setup_context)
+
+
+# The backward is the transposed rotation, a linear map of grad_output whose own transpose is the
+# forward rotation: registering it makes double backward (gradgradcheck, Hessian-vector) work.
+def _backward_setup_context(ctx, inputs, output):
+    _, positions, base_frequency, rotary_fraction, scale_factor = inputs
+    ctx.save_for_backward(positions)
+    ctx.args = (base_frequency, rotary_fraction, scale_factor)
+
+
+def _backward_backward(ctx, grad_grad_input):
+    (positions,) = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _op(grad_grad_input, positions, *ctx.args)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(
+    "vitops::_apply_multidimensional_rope_backward", _backward_backward, setup_context=_backward_setup_context
+)

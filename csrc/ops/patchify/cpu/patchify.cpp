@@ -49,14 +49,8 @@ void fill_positions(int64_t* pos, const Geometry& g) {
 
 std::tuple<Tensor, Tensor> patchify_cpu(const Tensor& images, int64_t patch_size) {
   const Geometry g = check_forward(images, patch_size, /*allow_double=*/true);
-  auto lead = leading_sizes(images, 3);
-  auto psizes = lead, qsizes = lead;
-  psizes.push_back(g.num_patches());
-  psizes.push_back(g.patch_dim());
-  qsizes.push_back(g.num_patches());
-  qsizes.push_back(2);
-  Tensor patches = new_empty(images, psizes, images.scalar_type());
-  Tensor positions = new_empty(images, qsizes, ScalarType::Long);
+  const auto outputs = allocate_forward(images, g);
+  Tensor patches = std::get<0>(outputs), positions = std::get<1>(outputs);
   if (images.numel() > 0) {
     const Tensor src = as_contiguous(images);
     VITOPS_DISPATCH_FLOATING(images.scalar_type(), "patchify_cpu", [&] {
@@ -69,11 +63,7 @@ std::tuple<Tensor, Tensor> patchify_cpu(const Tensor& images, int64_t patch_size
 
 Tensor patchify_backward_cpu(const Tensor& grad, int64_t height, int64_t width, int64_t patch_size) {
   const Geometry g = check_backward(grad, height, width, patch_size, /*allow_double=*/true);
-  auto sizes = leading_sizes(grad, 2);
-  sizes.push_back(height);
-  sizes.push_back(width);
-  sizes.push_back(g.channels);
-  Tensor out = new_empty(grad, sizes, grad.scalar_type());
+  Tensor out = allocate_backward(grad, g);
   if (out.numel() > 0) {
     const Tensor src = as_contiguous(grad);
     VITOPS_DISPATCH_FLOATING(grad.scalar_type(), "patchify_backward_cpu", [&] {

@@ -75,14 +75,8 @@ void launch(const scalar_t* src, scalar_t* dst, int64_t* pos, const Geometry& g,
 std::tuple<Tensor, Tensor> patchify_cuda(const Tensor& images, int64_t patch_size) {
   const Geometry g = check_forward(images, patch_size, /*allow_double=*/false);
   CudaDeviceGuard guard(images.get_device());
-  auto lead = leading_sizes(images, 3);
-  auto psizes = lead, qsizes = lead;
-  psizes.push_back(g.num_patches());
-  psizes.push_back(g.patch_dim());
-  qsizes.push_back(g.num_patches());
-  qsizes.push_back(2);
-  Tensor patches = new_empty(images, psizes, images.scalar_type());
-  Tensor positions = new_empty(images, qsizes, ScalarType::Long);
+  const auto outputs = allocate_forward(images, g);
+  Tensor patches = std::get<0>(outputs), positions = std::get<1>(outputs);
   const Tensor src = as_contiguous(images);
   cudaStream_t stream = current_cuda_stream(images.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(images.scalar_type(), "patchify_cuda", [&] {
@@ -95,11 +89,7 @@ std::tuple<Tensor, Tensor> patchify_cuda(const Tensor& images, int64_t patch_siz
 Tensor patchify_backward_cuda(const Tensor& grad, int64_t height, int64_t width, int64_t patch_size) {
   const Geometry g = check_backward(grad, height, width, patch_size, /*allow_double=*/false);
   CudaDeviceGuard guard(grad.get_device());
-  auto sizes = leading_sizes(grad, 2);
-  sizes.push_back(height);
-  sizes.push_back(width);
-  sizes.push_back(g.channels);
-  Tensor out = new_empty(grad, sizes, grad.scalar_type());
+  Tensor out = allocate_backward(grad, g);
   const Tensor src = as_contiguous(grad);
   cudaStream_t stream = current_cuda_stream(grad.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(grad.scalar_type(), "patchify_backward_cuda", [&] {

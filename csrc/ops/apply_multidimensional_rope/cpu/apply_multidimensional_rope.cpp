@@ -1,0 +1,108 @@
+// apply_multidimensional_rope on the CPU. Rows (leading dims x L) are split across threads; a row's
+// cos/sin table (one entry per rotated pair) is computed once and reused for all H heads, and the
+// per-head loops run over contiguous channels so the bf16/fp16 <-> float conversions vectorize.
+// The backward is the transposed rotation, i.e. the same loop with sin negated (negation commutes
+// with rounding sin to the input dtype, so forward and backward use the same rounded values).
+#include <cstring>
+
+#include "../apply_multidimensional_rope.h"
+
+namespace vitops::rope {
+namespace {
+
+template <typename acc_t>
+acc_t load_position(const void* positions, ScalarType dtype, int64_t i) {
+  switch (dtype) {
+    case ScalarType::Int: return static_cast<acc_t>(static_cast<const int32_t*>(positions)[i]);
+    case ScalarType::Long: return static_cast<acc_t>(static_cast<const int64_t*>(positions)[i]);
+    case ScalarType::Float: return static_cast<acc_t>(static_cast<const float*>(positions)[i]);
+    default: return static_cast<acc_t>(static_cast<const double*>(positions)[i]);
+  }
+}
+
+template <typename scalar_t>
+void rotate_rows(const scalar_t* in, const RowAddressing& addressing, const Tensor& positions, scalar_t* out,
+                 const Geometry& g, double base_frequency, double scale_factor, bool transpose) {
+  using acc = acc_t<scalar_t>;
+  const std::vector<acc> inv_freq = inverse_frequencies<acc>(g, base_frequency);
+  const acc scale = static_cast<acc>(scale_factor);
+  const acc sin_sign = transpose ? acc(-1) : acc(1);
+  const void* pos = positions.const_data_ptr();
+  const ScalarType pos_dtype = positions.scalar_type();
+  const int64_t H = g.heads, hd = g.head_dim, F = g.num_freqs();
+  const int64_t chunk_half = g.chunk_width / 2;
+  const int64_t passthrough = hd - g.rotated;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * hd));
+
+  torch::stable::parallel_for(0, g.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc> cos_table(F), sin_table(F);
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t k = 0; k < F; ++k) {
+        int64_t chunk, i;
+        locate_freq(k, chunk_half, g.num_chunks, chunk, i);
+        const acc p = load_position<acc>(pos, pos_dtype, row * g.position_axes + chunk);
+        const acc angle = (p * inv_freq[k]) * scale;
+        // Rounded to the input dtype before use, as HF's cos.to(x.dtype) / sin.to(x.dtype).
+        cos_table[k] = static_cast<acc>(static_cast<scalar_t>(std::cos(angle)));
+        sin_table[k] = sin_sign * static_cast<acc>(static_cast<scalar_t>(std::sin(angle)));
+      }
+      const scalar_t* src_row = in + addressing.offset(row);
+      scalar_t* dst_row = out + row * H * hd;
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* src = src_row + h * addressing.head_stride;
+        scalar_t* dst = dst_row + h * hd;
+        for (int64_t c = 0; c < g.num_chunks; ++c) {
+          const int64_t start = c * g.chunk_width;
+          const int64_t half = (c == g.num_chunks - 1 ? g.last_width : g.chunk_width) / 2;
+          const scalar_t* a = src + start;
+          const scalar_t* b = a + half;
+          scalar_t* out_a = dst + start;
+          scalar_t* out_b = out_a + half;
+          const acc* cs = cos_table.data() + c * chunk_half;
+          const acc* sn = sin_table.data() + c * chunk_half;
+          for (int64_t i = 0; i < half; ++i) {
+            const acc av = static_cast<acc>(a[i]), bv = static_cast<acc>(b[i]);
+            out_a[i] = static_cast<scalar_t>(av * cs[i] - bv * sn[i]);
+            out_b[i] = static_cast<scalar_t>(bv * cs[i] + av * sn[i]);
+          }
+        }
+        if (passthrough > 0) std::memcpy(dst + g.rotated, src + g.rotated, passthrough * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+Tensor run(const char* op, const char* what, const Tensor& inputs, const Tensor& positions, double base_frequency,
+           std::optional<double> rotary_fraction, double scale_factor, bool transpose) {
+  const Geometry g = check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction, /*allow_double=*/true);
+  Tensor out = new_empty(inputs, sizes_of(inputs), inputs.scalar_type());
+  if (out.numel() == 0) return out;
+  RowAddressing addressing;
+  const Tensor src = readable_view(inputs, addressing);
+  const Tensor pos = as_contiguous(positions);
+  VITOPS_DISPATCH_FLOATING(inputs.scalar_type(), "apply_multidimensional_rope_cpu", [&] {
+    rotate_rows<scalar_t>(src.const_data_ptr<scalar_t>(), addressing, pos, out.mutable_data_ptr<scalar_t>(), g,
+                          base_frequency, scale_factor, transpose);
+  });
+  return out;
+}
+
+Tensor rope_cpu(const Tensor& inputs, const Tensor& positions, double base_frequency,
+                std::optional<double> rotary_fraction, double scale_factor) {
+  return run("apply_multidimensional_rope", "inputs", inputs, positions, base_frequency, rotary_fraction,
+             scale_factor, /*transpose=*/false);
+}
+
+Tensor rope_backward_cpu(const Tensor& grad_output, const Tensor& positions, double base_frequency,
+                         std::optional<double> rotary_fraction, double scale_factor) {
+  return run("_apply_multidimensional_rope_backward", "grad_output", grad_output, positions, base_frequency,
+             rotary_fraction, scale_factor, /*transpose=*/true);
+}
+
+}  // namespace
+}  // namespace vitops::rope
+
+STABLE_TORCH_LIBRARY_IMPL(vitops, CPU, m) {
+  m.impl("apply_multidimensional_rope", TORCH_BOX(&vitops::rope::rope_cpu));
+  m.impl("_apply_multidimensional_rope_backward", TORCH_BOX(&vitops::rope::rope_backward_cpu));
+}
