@@ -67,7 +67,12 @@ def randomize_hf(model: Gemma4VisionModel, embedder: Gemma4MultimodalEmbedder | 
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Attention logits use scale 1.0 on normalised q, k: unit norm weights give logits
+                # of size ~head_dim, a near-argmax softmax and a chaotic random network in which
+                # 1-ulp differences grow layer by layer. hd**-0.25 keeps the logits O(1).
+                p.copy_(rn(p.shape, 0.2, 1.0) * p.shape[0] ** -0.25)
+            elif name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(rn(p.shape, 0.2, 1.0))
             elif "position_embedding_table" in name:
                 p.copy_(rn(p.shape, 0.5))
