@@ -62,3 +62,6 @@ __all__ = [
     "qkv_norm_rope",
     "reference",
 ]
+
+# Model modules (Gemma 4 vision tower, KerasHub-style encoder, HF interop).
+from . import models, hf, keras_hub  # noqa: E402,F401

@@ -1,0 +1,120 @@
+"""KerasHub-style entry point: ``vitops.keras_hub.Gemma4VisionEncoder``.
+
+Same constructor arguments and call convention as ``keras_hub.models.Gemma4VisionEncoder``, as a
+thin ``nn.Module`` over the shared tower (:mod:`vitops.models.gemma4_vision`): it only checks the
+arguments, reshapes ``[B, I, N, ...]`` to ``[B*I, N, ...]`` and projects to ``output_dim``.
+
+Numerics follow HF, not KerasHub, where they differ: the pooled grid width is per image (KerasHub
+takes the maximum x over the whole batch), bounds of clipped linears start at +-inf (KerasHub:
++-65504) and the tower runs in the module dtype (KerasHub forces float32 inside the tower).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+
+__all__ = ["Gemma4VisionEncoder"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(
+        f"Gemma4VisionEncoder: dtype must be None, 'float32', 'bfloat16', 'float16' or the matching torch dtype, "
+        f"got {dtype!r} (Keras mixed-precision policies are not supported: cast the module instead)"
+    )
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"Gemma4VisionEncoder: `{name}` must be a positive int, got {value!r}")
+
+
+class Gemma4VisionEncoder(nn.Module):
+    """Gemma 4 vision encoder + projection into the text model (KerasHub API).
+
+    Called with ``{"pixel_values": [B, I, N, p*p*3], "pixel_position_ids": [B, I, N, 2]}`` (pixels
+    in [0, 1]; padding patches at position (-1, -1)); returns ``[B, I, N // pool_size**2,
+    output_dim]``. Slots that received no patch (padding) hold values computed from zeros; pass
+    ``return_mask=True`` to also get the ``[B, I, pooled]`` validity mask.
+    """
+
+    def __init__(self, image_size, patch_size, num_heads, hidden_dim, num_layers, intermediate_dim, head_dim,
+                 output_dim, num_key_value_heads=None, pool_size=3, position_embedding_size=1024,
+                 rope_max_wavelength=100.0, layer_norm_epsilon=1e-6, dropout=0, use_clipped_linears=True,
+                 standardize=False, dtype=None, **kwargs):
+        super().__init__()
+        kwargs.pop("name", None)  # Keras layer kwargs that have no meaning here
+        kwargs.pop("trainable", None)
+        if kwargs:
+            raise TypeError(f"Gemma4VisionEncoder: unexpected arguments {sorted(kwargs)}")
+        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("num_heads", num_heads),
+                            ("hidden_dim", hidden_dim), ("num_layers", num_layers),
+                            ("intermediate_dim", intermediate_dim), ("head_dim", head_dim),
+                            ("output_dim", output_dim), ("pool_size", pool_size),
+                            ("position_embedding_size", position_embedding_size)):
+            _positive_int(name, value)
+        if num_key_value_heads is None:
+            num_key_value_heads = num_heads
+        _positive_int("num_key_value_heads", num_key_value_heads)
+        if num_heads % num_key_value_heads:
+            raise ValueError(f"Gemma4VisionEncoder: num_heads ({num_heads}) must be divisible by "
+                             f"num_key_value_heads ({num_key_value_heads})")
+        if head_dim % 4:
+            # Gemma 4 does not need hidden_dim == num_heads * head_dim, but its 2-D RoPE rotates
+            # head_dim/2 channels per axis with a half split.
+            raise ValueError(f"Gemma4VisionEncoder: head_dim must be divisible by 4 (2-D RoPE), got {head_dim}")
+        if image_size % (patch_size * pool_size):
+            raise ValueError(f"Gemma4VisionEncoder: image_size ({image_size}) must be divisible by "
+                             f"patch_size * pool_size ({patch_size} * {pool_size} = {patch_size * pool_size})")
+        if position_embedding_size < image_size // patch_size:
+            raise ValueError(f"Gemma4VisionEncoder: position_embedding_size ({position_embedding_size}) must be at "
+                             f"least image_size // patch_size ({image_size // patch_size})")
+        if not isinstance(rope_max_wavelength, (int, float)) or rope_max_wavelength <= 0:
+            raise ValueError(f"Gemma4VisionEncoder: rope_max_wavelength must be positive, got {rope_max_wavelength!r}")
+        if not isinstance(layer_norm_epsilon, (int, float)) or layer_norm_epsilon <= 0:
+            raise ValueError(f"Gemma4VisionEncoder: layer_norm_epsilon must be positive, got {layer_norm_epsilon!r}")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"Gemma4VisionEncoder: dropout must be in [0, 1), got {dropout!r}")
+        torch_dtype = _resolve_dtype(dtype)
+
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.pool_size = pool_size
+        self.output_dim = output_dim
+        self.num_vision_tokens_per_image = (image_size // patch_size // pool_size) ** 2
+        self.config = Gemma4VisionConfig(
+            hidden_size=hidden_dim, intermediate_size=intermediate_dim, num_layers=num_layers, num_heads=num_heads,
+            num_kv_heads=num_key_value_heads, head_dim=head_dim, patch_size=patch_size, pooling_kernel_size=pool_size,
+            position_embedding_size=position_embedding_size, rope_theta=float(rope_max_wavelength),
+            rms_norm_eps=float(layer_norm_epsilon), use_clipped_linears=bool(use_clipped_linears),
+            standardize=bool(standardize), text_hidden_size=output_dim, attention_dropout=float(dropout),
+        )
+        self.encoder = Gemma4VisionEncoderLayer(self.config, dtype=torch_dtype)
+        self.projector = Gemma4VisionProjector(self.config, dtype=torch_dtype)
+
+    def forward(self, inputs: dict, return_mask: bool = False):
+        try:
+            pixel_values, positions = inputs["pixel_values"], inputs["pixel_position_ids"]
+        except (TypeError, KeyError) as e:
+            raise ValueError("Gemma4VisionEncoder expects a dict with 'pixel_values' and 'pixel_position_ids'") from e
+        if pixel_values.dim() != 4 or positions.dim() != 4 or positions.shape[-1] != 2:
+            raise ValueError(
+                "Gemma4VisionEncoder: pixel_values must be [batch, images, patches, patch_dim] and pixel_position_ids "
+                f"[batch, images, patches, 2], got {tuple(pixel_values.shape)} and {tuple(positions.shape)}"
+            )
+        if pixel_values.shape[-1] != self.config.patch_dim:
+            raise ValueError(f"Gemma4VisionEncoder: patch_dim must be 3 * patch_size**2 = {self.config.patch_dim}, "
+                             f"got {pixel_values.shape[-1]}")
+        embeddings, mask = self.encoder(pixel_values, image_position_ids=positions)
+        out = self.projector(embeddings)
+        return (out, mask) if return_mask else out

@@ -1,0 +1,579 @@
+"""Gemma 4 vision tower as PyTorch modules, mirroring ``maxtext.models.gemma4_vision``.
+
+Class names and call arguments follow MaxText; numerics follow HF ``transformers``
+(``models/gemma4/modeling_gemma4.py``, the reference where the two differ). Differences from
+MaxText, all deliberate:
+
+* A :class:`Gemma4VisionConfig` dataclass replaces MaxText's config + mesh.
+* Weights use PyTorch layouts (``nn.Linear`` weights are ``[out, in]``); the position table keeps
+  MaxText's ``[N_pos, 2, D]`` layout (HF stores the transpose; :mod:`vitops.hf` converts).
+* Clipped linears, q/k/v norms, key-padding masks and HF's float32 exit are implemented
+  (MaxText HEAD lacks clipping and padding).
+* ``std_bias`` / ``std_scale`` live in :class:`VisionExit` (buffers, only when ``standardize``)
+  so that pooling, scaling and standardization are one method a fused kernel can replace.
+* Masks are ``bool`` with the batch shape of the embeddings (MaxText returns int32 ``[B*N, K]``).
+
+Spec: ``shared/specs/gemma4_vision.md`` §2-§8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import apply_multidimensional_rope, avg_pool_by_positions, factorized_posemb, patchify
+
+__all__ = [
+    "Gemma4VisionConfig",
+    "PRESETS",
+    "RMSNorm",
+    "ClippedLinear",
+    "MlpBlock",
+    "VisionEntry",
+    "VisionExit",
+    "Gemma4VisionRotaryEmbedding",
+    "Gemma4Attention",
+    "Gemma4EncoderBlock",
+    "Gemma4VisionEncoderLayer",
+    "Gemma4VisionProjector",
+    "rms_norm",
+    "strip_padding",
+    # functional ops, re-exported like MaxText's module does
+    "patchify",
+    "factorized_posemb",
+    "apply_multidimensional_rope",
+    "avg_pool_by_positions",
+]
+
+# HF's config name for the only activation the released models use (tanh-approximated GELU).
+_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Gemma4VisionConfig:
+    """Hyper-parameters of the Gemma 4 vision tower (+ projector into the text model).
+
+    ``output_length=None`` derives the pooled length from the (padded) patch count as HF does
+    (``L // pooling_kernel_size**2``); an int fixes it as MaxText's ``vision_output_length`` does
+    (then ``L`` must equal ``k*k*output_length``). ``text_hidden_size`` is only needed by
+    :class:`Gemma4VisionProjector`.
+    """
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 16
+    num_heads: int = 12
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10240
+    rope_theta: float = 100.0
+    rms_norm_eps: float = 1e-6
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    output_length: int | None = None
+    text_hidden_size: int | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "patch_size", "pooling_kernel_size", "position_embedding_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"Gemma4VisionConfig.{name} must be a positive int, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"Gemma4VisionConfig: num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 4:
+            # 2-D RoPE rotates hd/2 channels per axis with a half split: hd must be a multiple of 4.
+            raise ValueError(f"Gemma4VisionConfig: head_dim must be divisible by 4 (2-D RoPE), got {self.head_dim}")
+        if self.hidden_activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"Gemma4VisionConfig: hidden_activation must be a tanh-approximated GELU {_ACTIVATIONS}, "
+                f"got {self.hidden_activation!r}"
+            )
+        if self.output_length is not None and (not isinstance(self.output_length, int) or self.output_length <= 0):
+            raise ValueError(f"Gemma4VisionConfig.output_length must be None or a positive int, got {self.output_length!r}")
+        if self.text_hidden_size is not None and self.text_hidden_size <= 0:
+            raise ValueError(f"Gemma4VisionConfig.text_hidden_size must be positive, got {self.text_hidden_size!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"Gemma4VisionConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size * self.patch_size
+
+    def replace(self, **changes) -> "Gemma4VisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Gemma4VisionConfig":
+        """A released configuration: one of ``PRESETS`` ("gemma4-e2b", "gemma4-e4b", "gemma4-26b-a4b", "gemma4-31b")."""
+        key = name.lower().replace("_", "-")
+        if not key.startswith("gemma4-"):
+            key = "gemma4-" + key
+        if key not in PRESETS:
+            raise ValueError(f"unknown Gemma 4 vision preset {name!r}; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[key], **overrides)
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides) -> "Gemma4VisionConfig":
+        """From an HF ``Gemma4Config`` (uses its ``vision_config`` and ``text_config.hidden_size``),
+        a ``Gemma4VisionConfig``, or the ``to_dict()`` of either."""
+        get = _getter(hf_config)
+        vision, text = hf_config, None
+        if get("vision_config") is not None:
+            vision = get("vision_config")
+            text = get("text_config")
+        elif get("model_type") == "gemma4":
+            raise ValueError("HF Gemma4Config has no vision_config (text/audio-only model)")
+        v = _getter(vision)
+        if v("model_type") not in (None, "gemma4_vision"):
+            raise ValueError(f"expected an HF gemma4 / gemma4_vision config, got model_type={v('model_type')!r}")
+        rope = v("rope_parameters") or {}
+        rope_type = rope.get("rope_type", "axial")
+        if rope_type not in ("axial", "default"):
+            raise ValueError(f"Gemma 4 vision supports only axial (2-D) RoPE, got rope_type={rope_type!r}")
+        kwargs = dict(
+            hidden_size=v("hidden_size"),
+            intermediate_size=v("intermediate_size"),
+            num_layers=v("num_hidden_layers"),
+            num_heads=v("num_attention_heads"),
+            num_kv_heads=v("num_key_value_heads"),
+            head_dim=v("head_dim"),
+            patch_size=v("patch_size"),
+            pooling_kernel_size=v("pooling_kernel_size"),
+            position_embedding_size=v("position_embedding_size"),
+            rope_theta=float(rope.get("rope_theta", 100.0)),
+            rms_norm_eps=v("rms_norm_eps"),
+            use_clipped_linears=bool(v("use_clipped_linears")),
+            standardize=bool(v("standardize")),
+            hidden_activation=v("hidden_activation"),
+            attention_dropout=v("attention_dropout"),
+        )
+        if text is not None:
+            kwargs["text_hidden_size"] = _getter(text)("hidden_size")
+        kwargs = {k: val for k, val in kwargs.items() if val is not None}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _getter(obj):
+    if isinstance(obj, dict):
+        return obj.get
+    return lambda name: getattr(obj, name, None)
+
+
+_SMALL = dict(hidden_size=768, intermediate_size=3072, num_layers=16, num_heads=12, head_dim=64,
+              use_clipped_linears=True, standardize=False)
+_LARGE = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, head_dim=72,
+              use_clipped_linears=False, standardize=True)
+PRESETS: dict[str, Gemma4VisionConfig] = {
+    "gemma4-e2b": Gemma4VisionConfig(**_SMALL, text_hidden_size=1536),
+    "gemma4-e4b": Gemma4VisionConfig(**_SMALL, text_hidden_size=2560),
+    "gemma4-26b-a4b": Gemma4VisionConfig(**_LARGE, text_hidden_size=2816),
+    "gemma4-31b": Gemma4VisionConfig(**_LARGE, text_hidden_size=5376),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 math for every low-precision dtype (as HF); float64 stays float64 for reference runs.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma 4 RMSNorm: ``x * (mean(x^2) + eps)^-0.5 * scale`` in float32, cast back.
+
+    ``pow(., -0.5)`` rather than ``rsqrt`` and a float32 scale multiply reproduce HF bit for bit;
+    the weight multiplies directly (Gemma 4 folded Gemma 3's ``1 + w`` into the checkpoints).
+    """
+    acc = _acc_dtype(x.dtype)
+    xf = x.to(acc)
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if scale is not None:
+        y = y * scale.to(acc)
+    return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; ``with_scale=False`` has no parameter (v-norm, projector norm)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-6, with_scale: bool = True, *, device=None, dtype=None):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.scale, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, with_scale={self.scale is not None}"
+
+
+class ClippedLinear(nn.Linear):
+    """Bias-free linear; with ``use_clipped_linears`` its input and output are clamped to four
+    checkpoint scalars (E2B/E4B). They clip activations, not weights. Bounds are buffers (not
+    trained, follow ``.to(dtype)`` like HF's) initialised to +-inf, i.e. a no-op until loaded."""
+
+    def __init__(self, in_features: int, out_features: int, use_clipped_linears: bool = False, *, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.use_clipped_linears = use_clipped_linears
+        if use_clipped_linears:
+            for name, value in (("input_min", -math.inf), ("input_max", math.inf),
+                                ("output_min", -math.inf), ("output_max", math.inf)):
+                self.register_buffer(name, torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_clipped_linears:
+            return F.linear(x, self.weight)
+        x = torch.clamp(x, self.input_min, self.input_max)
+        return torch.clamp(F.linear(x, self.weight), self.output_min, self.output_max)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", clipped" if self.use_clipped_linears else "")
+
+
+class MlpBlock(nn.Module):
+    """Gated tanh-GELU MLP ``wo(gelu_tanh(wi_0(x)) * wi_1(x))`` (MaxText names: wi_0 = gate, wi_1 = up)."""
+
+    def __init__(self, config: Gemma4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        d, i, clip = config.hidden_size, config.intermediate_size, config.use_clipped_linears
+        self.wi_0 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
+        self.wi_1 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
+        self.wo = ClippedLinear(i, d, clip, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+def _default_positions(batch: int, seq_len: int, device) -> torch.Tensor:
+    """(x, y) of a square, row-major patch grid (MaxText's no-positions pooling branch)."""
+    width = math.isqrt(seq_len)
+    if width * width != seq_len:
+        raise ValueError(f"VisionExit: without positions_xy the sequence length ({seq_len}) must be a perfect square")
+    idx = torch.arange(seq_len, device=device)
+    return torch.stack([idx % width, idx // width], dim=-1).expand(batch, seq_len, 2)
+
+
+def _padding(positions_xy: torch.Tensor) -> torch.Tensor:
+    """True for padding patches: both coordinates are -1 (HF / processor convention)."""
+    return (positions_xy == -1).all(dim=-1)
+
+
+def strip_padding(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """HF's flattened output ``[sum_i n_i, D]`` from padded ``[..., length, D]`` + mask.
+    The size depends on the mask values, so this synchronises with the host (unlike the padded form)."""
+    return embeddings[mask]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry / exit / RoPE
+# ---------------------------------------------------------------------------------------------
+class VisionEntry(nn.Module):
+    """Patch embedding: ``input_projection(2 * (patches - 0.5)) + factorized_posemb(positions)``.
+
+    ``pos_emb_param`` is ``[N_pos, 2, D]`` (MaxText layout, ``pos_emb_shape_yx = (N_pos, 2)``).
+    """
+
+    def __init__(self, d_model: int, patch_size: int, pos_emb_shape_yx: tuple[int, int],
+                 normalize_input_range: bool = False, *, device=None, dtype=None, matmul_precision=None):
+        super().__init__()
+        if len(pos_emb_shape_yx) != 2 or pos_emb_shape_yx[-1] != 2:
+            raise ValueError(f"VisionEntry: pos_emb_shape_yx must be (N_pos, 2), got {pos_emb_shape_yx}")
+        self.d_model = d_model
+        self.patch_size = patch_size
+        self.pos_emb_shape_yx = tuple(pos_emb_shape_yx)
+        self.normalize_input_range = normalize_input_range
+        self.input_projection = nn.Linear(3 * patch_size * patch_size, d_model, bias=False, device=device, dtype=dtype)
+        self.pos_emb_param = nn.Parameter(torch.empty(*pos_emb_shape_yx, d_model, device=device, dtype=dtype))
+        nn.init.normal_(self.pos_emb_param, std=0.02)
+
+    def forward(self, images_or_patches: torch.Tensor, positions_xy: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``[..., H, W, 3]`` (patchified here) or patches ``[B, L, 3p^2]`` + ``positions_xy``
+        (``[B, L, 2]`` or ``[L, 2]``). Returns ``(embeddings [B, L, D], positions_xy [B, L, 2])``."""
+        if positions_xy is None:
+            patches, positions_xy = patchify(images_or_patches, self.patch_size)
+        else:
+            patches = images_or_patches
+            if patches.dim() != 3:
+                raise ValueError(f"VisionEntry: patches must be [B, L, 3p^2], got shape {tuple(patches.shape)}")
+            if positions_xy.dim() == 2:
+                positions_xy = positions_xy.expand(patches.shape[0], *positions_xy.shape)
+        if self.normalize_input_range:
+            # Gemma 4 has no processor normalisation: [0, 1] pixels map to [-1, 1] here, in the input
+            # dtype (float32 from the processor), before the cast to the weight dtype (HF's order).
+            patches = 2 * (patches - 0.5)
+        x = self.input_projection(patches.to(self.input_projection.weight.dtype))
+        pos_embed = factorized_posemb(self.pos_emb_param, positions_xy, layout="maxtext")
+        return x + pos_embed.to(x.dtype), positions_xy
+
+
+class VisionExit(nn.Module):
+    """Per-image k x k average pooling by position, ``x sqrt(d_model)`` and optional standardize.
+
+    Scaling and standardization run in float32 (newest HF: the scaled activations overflow
+    float16 and ``std_bias`` cancels large values); the result is cast to the input dtype.
+    ``output_length=None`` pools to ``L // pooling_kernel_size**2`` slots (HF).
+    """
+
+    def __init__(self, d_model: int, output_length: int | tuple[int, ...] | None = None, *,
+                 pooling_kernel_size: int = 3, standardize: bool = False, precision=None, device=None, dtype=None):
+        super().__init__()
+        self.d_model = d_model
+        self.output_length = output_length
+        self.pooling_kernel_size = pooling_kernel_size
+        self.standardize = standardize
+        self.precision = precision
+        self.root_d_model = d_model**0.5  # a Python float, multiplied like HF's root_hidden_size
+        if standardize:
+            # Persistent buffers as in HF (loaded from the checkpoint, never trained).
+            self.register_buffer("std_bias", torch.zeros(d_model, device=device, dtype=dtype))
+            self.register_buffer("std_scale", torch.ones(d_model, device=device, dtype=dtype))
+
+    def pool_scale_standardize(self, x: torch.Tensor, positions_xy: torch.Tensor, length: int | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole exit in one place (a fused kernel will replace it).
+
+        Returns ``(embeddings [B, length, D] in x.dtype, mask [B, length] bool)``; mask is True
+        for slots that received at least one patch.
+        """
+        padding = _padding(positions_xy)
+        # Zero padded rows first (HF): their attention outputs are garbage, possibly non-finite,
+        # and must not leak into the float32 pooling sums.
+        x = x.masked_fill(padding.unsqueeze(-1), 0.0)
+        k = self.pooling_kernel_size
+        if length is None:
+            length = x.shape[1] // (k * k)
+            pool = k != 1
+        else:
+            pool = length != x.shape[1]
+        if pool:
+            pooled, mask = avg_pool_by_positions(x, positions_xy=positions_xy, length=length)
+        else:
+            pooled, mask = x, ~padding  # MaxText's (correct) mask; HF's k == 1 branch inverts it
+        acc = _acc_dtype(x.dtype)
+        h = pooled.to(acc) * self.root_d_model
+        if self.standardize:
+            h = (h - self.std_bias.to(acc)) * self.std_scale.to(acc)
+        return h.to(x.dtype), mask
+
+    def _single_call(self, x, *, positions_xy=None, length=None):
+        if positions_xy is None:
+            positions_xy = _default_positions(x.shape[0], x.shape[1], x.device)
+        return self.pool_scale_standardize(x, positions_xy, length)
+
+    def forward(self, x: torch.Tensor, *, positions_xy: torch.Tensor | None = None,
+                output_length_overrides: tuple[int, ...] | None = None
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """One ``(embeddings, mask)`` pair per requested output length (MaxText's contract)."""
+        lens = output_length_overrides if output_length_overrides is not None else self.output_length
+        if lens is None or isinstance(lens, int):
+            lens = (lens,)
+        return tuple(self._single_call(x, positions_xy=positions_xy, length=n) for n in lens)
+
+
+class Gemma4VisionRotaryEmbedding(nn.Module):
+    """2-D axial RoPE: channels [0, hd/2) rotated by x, [hd/2, hd) by y, half-split in each."""
+
+    def __init__(self, base_frequency: float, rotary_fraction: float | None = None, scale_factor: float = 1.0):
+        super().__init__()
+        self.base_frequency = base_frequency
+        self.rotary_fraction = rotary_fraction
+        self.scale_factor = scale_factor
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return apply_multidimensional_rope(inputs, positions, base_frequency=self.base_frequency,
+                                           rotary_fraction=self.rotary_fraction, scale_factor=self.scale_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention / block
+# ---------------------------------------------------------------------------------------------
+class Gemma4Attention(nn.Module):
+    """Bidirectional self-attention with q/k RMSNorm (scaled), v RMSNorm (unscaled), 2-D RoPE,
+    logit scale 1.0 (q and k are normalised), GQA, key-padding mask."""
+
+    def __init__(self, config: Gemma4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.num_query_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.dropout_rate = c.attention_dropout
+        kw = dict(device=device, dtype=dtype)
+        self.query = ClippedLinear(c.hidden_size, c.num_heads * c.head_dim, c.use_clipped_linears, **kw)
+        self.key = ClippedLinear(c.hidden_size, c.num_kv_heads * c.head_dim, c.use_clipped_linears, **kw)
+        self.value = ClippedLinear(c.hidden_size, c.num_kv_heads * c.head_dim, c.use_clipped_linears, **kw)
+        self.out = ClippedLinear(c.num_heads * c.head_dim, c.hidden_size, c.use_clipped_linears, **kw)
+        self.query_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
+        self.key_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
+        self.value_norm = RMSNorm(c.head_dim, c.rms_norm_eps, with_scale=False, **kw)
+        self.rotary_embedding = Gemma4VisionRotaryEmbedding(base_frequency=c.rope_theta)
+
+    def norm_and_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q/k RMSNorm + RoPE and v RMSNorm on ``[B, L, heads, hd]`` (one method so that a fused
+        kernel can replace it). RoPE comes after the norms, as in HF."""
+        query = self.rotary_embedding(self.query_norm(query), positions)
+        key = self.rotary_embedding(self.key_norm(key), positions)
+        return query, key, self.value_norm(value)
+
+    def forward(self, inputs_q: torch.Tensor, inputs_kv: torch.Tensor | None = None,
+                inputs_positions: torch.Tensor | None = None, *, decoder_segment_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, deterministic: bool = True
+                ) -> tuple[torch.Tensor, None]:
+        """``inputs_q [B, L, D]``, ``inputs_positions [B, L, 2]`` (x, y). Either ``attention_mask``
+        ``[B, L]`` (True = valid key; padded queries still attend, their outputs are discarded
+        later) or MaxText's ``decoder_segment_ids`` ``[B, L]`` (attend within a segment); neither
+        means full attention. Returns ``(output [B, L, D], None)`` like MaxText."""
+        if inputs_kv is not None and inputs_kv is not inputs_q:
+            raise ValueError("Gemma4Attention is self-attention: inputs_kv must be None or inputs_q")
+        if inputs_positions is None:
+            raise ValueError("Gemma4Attention needs inputs_positions ([B, L, 2] patch coordinates) for its 2-D RoPE")
+        b, length, _ = inputs_q.shape
+        q = self.query(inputs_q).view(b, length, self.num_query_heads, self.head_dim)
+        k = self.key(inputs_q).view(b, length, self.num_kv_heads, self.head_dim)
+        v = self.value(inputs_q).view(b, length, self.num_kv_heads, self.head_dim)
+        q, k, v = self.norm_and_rope(q, k, v, inputs_positions)
+
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.view(b, 1, 1, length)  # keys only
+        if decoder_segment_ids is not None:
+            seg = decoder_segment_ids.unsqueeze(-1) == decoder_segment_ids.unsqueeze(-2)
+            seg = seg.unsqueeze(1)
+            mask = seg if mask is None else mask & seg
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            dropout_p=self.dropout_rate if (self.training and not deterministic) else 0.0,
+            scale=1.0, enable_gqa=self.num_query_heads != self.num_kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(b, length, self.num_query_heads * self.head_dim)
+        return self.out(out), None
+
+
+class Gemma4EncoderBlock(nn.Module):
+    """Pre-norm transformer block with "sandwich" norms (4 RMSNorms with scale)."""
+
+    def __init__(self, config: Gemma4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_attention_norm = RMSNorm(d, eps, **kw)
+        self.attention = Gemma4Attention(config, **kw)
+        self.post_attention_norm = RMSNorm(d, eps, **kw)
+        self.pre_ffw_norm = RMSNorm(d, eps, **kw)
+        self.mlp = MlpBlock(config, **kw)
+        self.post_ffw_norm = RMSNorm(d, eps, **kw)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, deterministic: bool = True,
+                decoder_segment_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        h, _ = self.attention(self.pre_attention_norm(x), inputs_positions=positions, attention_mask=attention_mask,
+                              decoder_segment_ids=decoder_segment_ids, deterministic=deterministic)
+        x = x + self.post_attention_norm(h)
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), deterministic=deterministic))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole tower + projector
+# ---------------------------------------------------------------------------------------------
+class Gemma4VisionEncoderLayer(nn.Module):
+    """The Gemma 4 vision tower: entry -> blocks -> exit (pool, x sqrt(D), standardize).
+
+    Called like MaxText's: ``(images)`` -> ``[B, N, K, D]`` for images ``[B, (N,) H, W, 3]``
+    (patchified inside, full grid, no padding); ``(patches, image_position_ids=positions)`` ->
+    ``(embeddings [B, (N,) K, D], mask [B, (N,) K] bool)`` for HF-style padded patches. The
+    padded form never synchronises with the host; :meth:`forward_flat` gives HF's ``[sum n_i, D]``.
+    """
+
+    def __init__(self, config: Gemma4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        self.vision_entry = VisionEntry(config.hidden_size, config.patch_size, (config.position_embedding_size, 2),
+                                        normalize_input_range=True, **kw)
+        for i in range(config.num_layers):
+            self.add_module(f"layer_{i}", Gemma4EncoderBlock(config, **kw))
+        self.vision_exit = VisionExit(config.hidden_size, config.output_length,
+                                      pooling_kernel_size=config.pooling_kernel_size,
+                                      standardize=config.standardize, **kw)
+
+    @property
+    def layers(self) -> list[Gemma4EncoderBlock]:
+        return [getattr(self, f"layer_{i}") for i in range(self.config.num_layers)]
+
+    @property
+    def std_bias(self) -> torch.Tensor | None:
+        return getattr(self.vision_exit, "std_bias", None)
+
+    @property
+    def std_scale(self) -> torch.Tensor | None:
+        return getattr(self.vision_exit, "std_scale", None)
+
+    def encode(self, patches: torch.Tensor, positions_xy: torch.Tensor | None = None, *, masked: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entry + blocks: ``(hidden [B, L, D], positions_xy)``. ``masked=False`` drops the
+        key-padding mask (valid only when nothing is padded; saves the masked attention path)."""
+        x, positions_xy = self.vision_entry(patches, positions_xy)
+        attention_mask = ~_padding(positions_xy) if masked else None
+        for layer in self.layers:
+            x = layer(x, positions_xy, attention_mask=attention_mask)
+        return x, positions_xy
+
+    def forward(self, inputs: torch.Tensor, deterministic: bool = True, image_position_ids: torch.Tensor | None = None,
+                *, output_length: int | None = None):
+        length = output_length if output_length is not None else self.config.output_length
+        if image_position_ids is None:
+            # MaxText contract (A): raw images, full grids, no padding -> no attention mask.
+            images = inputs if inputs.dim() == 5 else inputs.unsqueeze(1)
+            b, n = images.shape[:2]
+            x, pos = self.encode(images.flatten(0, 1), None, masked=False)
+            out, _ = self.vision_exit.pool_scale_standardize(x, pos, length)
+            return out.unflatten(0, (b, n))
+        # Contract (B): pre-patchified, padded patches [B, (N,) L, 3p^2] + positions [B, (N,) L, 2].
+        lead = inputs.shape[:-2]
+        patches = inputs.reshape(-1, *inputs.shape[-2:])
+        pos = image_position_ids.reshape(-1, *image_position_ids.shape[-2:])
+        x, pos = self.encode(patches, pos)
+        out, mask = self.vision_exit.pool_scale_standardize(x, pos, length)
+        return out.reshape(*lead, *out.shape[1:]), mask.reshape(*lead, mask.shape[-1])
+
+    def forward_flat(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor) -> torch.Tensor:
+        """HF ``Gemma4VisionModel`` output: ``[sum_i n_i, D]`` with padding slots removed (syncs)."""
+        out, mask = self(pixel_values, image_position_ids=pixel_position_ids)
+        return strip_padding(out, mask)
+
+
+class Gemma4VisionProjector(nn.Module):
+    """Into the text model: RMSNorm without scale, then a bias-free linear ``D -> text_hidden_size``."""
+
+    def __init__(self, config: Gemma4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        if config.text_hidden_size is None:
+            raise ValueError("Gemma4VisionProjector needs config.text_hidden_size (the text model's hidden size)")
+        self.config = config
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False, device=device, dtype=dtype)
+        self.projection = nn.Linear(config.hidden_size, config.text_hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.norm(x))

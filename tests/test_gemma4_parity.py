@@ -1,0 +1,291 @@
+"""Parity of vitops.models.gemma4_vision with HF transformers' Gemma 4 vision tower.
+
+HF models are built from ``Gemma4VisionConfig`` with random weights (no downloads) and run with
+``config._attn_implementation = "sdpa"`` (the same torch kernel as ours; "eager" is checked once
+too). Our modules get HF's weights through ``vitops.hf.load_hf_state_dict``.
+
+Errors are relative Frobenius norms ``||ours - ref|| / ||ref||``; every measured value is printed
+(``pytest -s``) with the prefix ``PARITY``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vitops
+from vitops import _loader
+from vitops import hf as vhf
+from vitops.models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+
+transformers = pytest.importorskip("transformers")
+from transformers import Gemma4TextConfig  # noqa: E402
+from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
+from transformers.models.gemma4.modeling_gemma4 import Gemma4MultimodalEmbedder, Gemma4VisionModel  # noqa: E402
+
+_OPS = ("factorized_posemb", "apply_multidimensional_rope", "avg_pool_by_positions")
+requires_ops = pytest.mark.skipif(
+    not all(_loader.has_kernel(op, "CPU") for op in _OPS),
+    reason="CPU kernels of factorized_posemb / apply_multidimensional_rope / avg_pool_by_positions not built yet",
+)
+pytestmark = requires_ops
+
+# Small configs covering both released families (and GQA, a head dim that is not a power of 2).
+SMALL = {
+    "e2b-like": Gemma4VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, head_dim=16,
+                                   patch_size=4, position_embedding_size=40, use_clipped_linears=True,
+                                   standardize=False, text_hidden_size=48),
+    "26b-like-gqa": Gemma4VisionConfig(hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
+                                       num_kv_heads=2, head_dim=12, patch_size=4, position_embedding_size=40,
+                                       use_clipped_linears=False, standardize=True, text_hidden_size=40),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def report(name: str, value: float) -> None:
+    print(f"PARITY {name}: {value:.3e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders shared with test_gemma4_modules.py / test_checkpoints.py
+# ---------------------------------------------------------------------------------------------
+def randomize_hf(model: Gemma4VisionModel, embedder: Gemma4MultimodalEmbedder | None = None, seed: int = 0,
+                 round_to: torch.dtype | None = None) -> None:
+    """Non-trivial random weights: norms around 1, clip bounds that actually clip, random
+    standardization (HF leaves std buffers as torch.empty). ``round_to`` makes every value exactly
+    representable in that dtype (so float64 / bfloat16 copies hold the same weights)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(shape, std=1.0, mean=0.0):
+        return torch.randn(shape, generator=g) * std + mean
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Attention logits use scale 1.0 on normalised q, k: unit norm weights give logits
+                # of size ~head_dim, a near-argmax softmax and a chaotic random network in which
+                # 1-ulp differences grow layer by layer. hd**-0.25 keeps the logits O(1).
+                p.copy_(rn(p.shape, 0.2, 1.0) * p.shape[0] ** -0.25)
+            elif name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(rn(p.shape, 0.2, 1.0))
+            elif "position_embedding_table" in name:
+                p.copy_(rn(p.shape, 0.5))
+            else:  # linear weights [out, in]
+                p.copy_(rn(p.shape, 1.0 / math.sqrt(p.shape[1])))
+        for name, b in model.named_buffers():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("input_min", "output_min"):
+                b.fill_(-float(torch.empty(()).uniform_(0.8, 2.0, generator=g)))
+            elif leaf in ("input_max", "output_max"):
+                b.fill_(float(torch.empty(()).uniform_(0.8, 2.0, generator=g)))
+            elif leaf == "std_bias":
+                b.copy_(rn(b.shape, 2.0))
+            elif leaf == "std_scale":
+                b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=g))
+        if embedder is not None:
+            w = embedder.embedding_projection.weight
+            w.copy_(rn(w.shape, 1.0 / math.sqrt(w.shape[1])))
+        if round_to is not None:
+            for t in [*model.parameters(), *model.buffers()] + ([] if embedder is None else list(embedder.parameters())):
+                if t.is_floating_point():
+                    t.copy_(t.to(round_to).to(t.dtype))
+
+
+def make_hf(cfg: Gemma4VisionConfig, attn: str = "sdpa", seed: int = 0, round_to=None):
+    hc = vhf.to_hf_vision_config(cfg, attn_implementation=attn)
+    model = Gemma4VisionModel(hc).eval()
+    embedder = Gemma4MultimodalEmbedder(hc, Gemma4TextConfig(hidden_size=cfg.text_hidden_size)).eval()
+    randomize_hf(model, embedder, seed, round_to)
+    return model, embedder
+
+
+def hf_checkpoint(model, embedder, tower_prefix="model.vision_tower.", embed_prefix="model.embed_vision."):
+    sd = {tower_prefix + k: v for k, v in model.state_dict().items()}
+    if embedder is not None:
+        sd.update({embed_prefix + k: v for k, v in embedder.state_dict().items()})
+    return sd
+
+
+def make_ours(cfg, model, embedder, dtype=None):
+    tower = Gemma4VisionEncoderLayer(cfg, dtype=dtype).eval()
+    proj = Gemma4VisionProjector(cfg, dtype=dtype).eval()
+    vhf.load_hf_state_dict((tower, proj), hf_checkpoint(model, embedder))
+    return tower, proj
+
+
+def image_batch(cfg: Gemma4VisionConfig, grids, length=None, seed=0):
+    """Padded HF-style batch: one image per (rows, cols) patch grid (multiples of k), padded with
+    zero pixels at position (-1, -1) to ``length`` patches (default: the largest grid)."""
+    g = torch.Generator().manual_seed(seed)
+    p = cfg.patch_size
+    length = length or max(r * c for r, c in grids)
+    values, positions = [], []
+    for rows, cols in grids:
+        img = torch.rand(rows * p, cols * p, 3, generator=g)
+        patches, pos = vitops.reference.patchify(img, p)
+        pad = length - rows * cols
+        values.append(torch.cat([patches, torch.zeros(pad, patches.shape[1])]))
+        positions.append(torch.cat([pos, torch.full((pad, 2), -1, dtype=torch.long)]))
+    return torch.stack(values), torch.stack(positions)
+
+
+# Mixed resolutions (k = 3): 3x6, 6x6 and 6x3 patch grids, padded to 36 patches -> 4 slots each.
+GRIDS = [(3, 6), (6, 6), (6, 3)]
+
+
+def hf_encoder_inputs(model, pv, pp):
+    padding = (pp == -1).all(-1)
+    h = model.patch_embedder(pv, pp, padding)
+    mask = create_bidirectional_mask(config=model.config, inputs_embeds=h, attention_mask=~padding)
+    pe = model.encoder.rotary_emb(h, pp)
+    return h, padding, mask, pe
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-module parity, float32
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SMALL))
+def test_modules_float32(name):
+    cfg = SMALL[name]
+    model, embedder = make_hf(cfg)
+    tower, proj = make_ours(cfg, model, embedder)
+    pv, pp = image_batch(cfg, GRIDS)
+    padding = (pp == -1).all(-1)
+    with torch.no_grad():
+        # patch embedder
+        h_ref, _, mask4, pe = hf_encoder_inputs(model, pv, pp)
+        h, _ = tower.vision_entry(pv, pp)
+        err = rel(h, h_ref)
+        report(f"{name} float32 patch_embedder", err)
+        assert err <= 1e-5
+        # attention (all rows: padded queries are computed identically, only keys are masked)
+        x = torch.randn_like(h_ref)
+        a_ref, _ = model.encoder.layers[0].self_attn(x, position_embeddings=pe, attention_mask=mask4, position_ids=pp)
+        a, _ = tower.layer_0.attention(x, inputs_positions=pp, attention_mask=~padding)
+        err = rel(a, a_ref)
+        report(f"{name} float32 attention", err)
+        assert err <= 1e-5
+        # encoder block
+        b_ref = model.encoder.layers[0](x, position_embeddings=pe, attention_mask=mask4, position_ids=pp)
+        b = tower.layer_0(x, pp, attention_mask=~padding)
+        err = rel(b, b_ref)
+        report(f"{name} float32 encoder_layer", err)
+        assert err <= 1e-5
+        # exit: pooler + HF's standardize (in Gemma4VisionModel.forward)
+        n_out = pv.shape[1] // cfg.pooling_kernel_size**2
+        p_ref, m_ref = model.pooler(x, pp, padding, n_out)
+        if cfg.standardize:
+            p_ref = (p_ref - model.std_bias.float()) * model.std_scale.float()
+        ((p, m),) = tower.vision_exit(x, positions_xy=pp)
+        assert torch.equal(m, m_ref)
+        err = rel(p[m], p_ref[m_ref].to(x.dtype))
+        report(f"{name} float32 exit", err)
+        assert err <= 1e-5
+        # projector
+        y = torch.randn(5, cfg.hidden_size) * 30
+        err = rel(proj(y), embedder(y))
+        report(f"{name} float32 projector", err)
+        assert err <= 1e-5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_tower_float32(name, attn):
+    cfg = SMALL[name]
+    model, embedder = make_hf(cfg, attn=attn)
+    tower, proj = make_ours(cfg, model, embedder)
+    pv, pp = image_batch(cfg, GRIDS)
+    with torch.no_grad():
+        ref = model(pv, pp).last_hidden_state
+        out = tower.forward_flat(pv, pp)
+        assert out.shape == ref.shape == (sum(r * c for r, c in GRIDS) // 9, cfg.hidden_size)
+        err = rel(out, ref)
+        report(f"{name} float32 tower (HF {attn})", err)
+        assert err <= 1e-4
+        err = rel(proj(out), embedder(ref))
+        report(f"{name} float32 tower+projector (HF {attn})", err)
+        assert err <= 1e-4
+        # the padded form agrees with the flat one
+        padded, mask = tower(pv, image_position_ids=pp)
+        assert torch.equal(padded[mask], out)
+        assert mask.sum(-1).tolist() == [r * c // 9 for r, c in GRIDS]
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_gradients_float32(name):
+    cfg = SMALL[name]
+    model, embedder = make_hf(cfg)
+    tower, proj = make_ours(cfg, model, embedder)
+    pv, pp = image_batch(cfg, GRIDS)
+    pv_ref = pv.clone().requires_grad_(True)
+    pv_ours = pv.clone().requires_grad_(True)
+    ref = embedder(model(pv_ref, pp).last_hidden_state)
+    out = proj(tower.forward_flat(pv_ours, pp))
+    w = torch.randn_like(ref)
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
+    errs = {"pixel_values": rel(pv_ours.grad, pv_ref.grad)}
+    ours_grads = {k: v.grad for k, v in [*tower.named_parameters(prefix="t"), *proj.named_parameters(prefix="p")]}
+    to_hf = vhf.to_hf_state_dict((tower, proj), vision_prefix="t.", embedder_prefix="p.")
+    hf_params = {**{"t." + k: v for k, v in model.named_parameters()},
+                 **{"p." + k: v for k, v in embedder.named_parameters()}}
+    # map our parameter names to HF names through the exporter's key order
+    ours_names = [*("t." + k for k in tower.state_dict()), *("p." + k for k in proj.state_dict())]
+    for ours_name, hf_name in zip(ours_names, to_hf):
+        if ours_name not in ours_grads:
+            continue  # buffers
+        g = ours_grads[ours_name]
+        if ours_name.endswith("pos_emb_param"):
+            g = g.transpose(0, 1)
+        errs[hf_name] = rel(g, hf_params[hf_name].grad)
+    worst = max(errs, key=errs.get)
+    report(f"{name} float32 gradients (worst: {worst})", errs[worst])
+    assert len(errs) == 1 + len(ours_grads)
+    assert errs[worst] <= 1e-4, errs
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16: no worse than HF's own bfloat16 error against a float64 HF run
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SMALL))
+def test_tower_bfloat16(name):
+    cfg = SMALL[name]
+    model, embedder = make_hf(cfg, round_to=torch.bfloat16)
+    pv, pp = image_batch(cfg, GRIDS)
+    with torch.no_grad():
+        ref = embedder.double()(model.double()(pv.double(), pp).last_hidden_state)
+        model.to(torch.bfloat16), embedder.to(torch.bfloat16)
+        hf_bf16 = embedder(model(pv, pp).last_hidden_state)
+        tower, proj = make_ours(cfg, model, embedder, dtype=torch.bfloat16)
+        out = proj(tower.forward_flat(pv, pp))
+    assert out.dtype == torch.bfloat16
+    err_hf, err_ours = rel(hf_bf16, ref), rel(out, ref)
+    report(f"{name} bfloat16 tower+projector vs HF float64 (HF bf16: {err_hf:.3e})", err_ours)
+    assert err_ours <= 1.25 * err_hf + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Released sizes with random weights (slow): one image of 280 soft tokens (42 x 60 patches)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["gemma4-e2b", "gemma4-26b-a4b"])
+def test_released_config_float32(preset):
+    cfg = Gemma4VisionConfig.preset(preset)
+    torch.manual_seed(0)
+    model, embedder = make_hf(cfg)
+    tower, proj = make_ours(cfg, model, embedder)
+    pv, pp = image_batch(cfg, [(42, 60)])
+    with torch.no_grad():
+        ref = embedder(model(pv, pp).last_hidden_state)
+        del model
+        out = proj(tower.forward_flat(pv, pp))
+    assert out.shape == (280, cfg.text_hidden_size)
+    err = rel(out, ref)
+    report(f"{preset} float32 tower+projector, 280 tokens", err)
+    assert err <= 1e-4
