@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import apply_multidimensional_rope, avg_pool_by_positions, factorized_posemb, patchify
+from ..ops import (
+    apply_multidimensional_rope,
+    avg_pool_by_positions,
+    avg_pool_scale_standardize,
+    factorized_posemb,
+    patchify,
+    qkv_norm_rope,
+)
 
 __all__ = [
     "Gemma4VisionConfig",
@@ -353,29 +360,29 @@ class VisionExit(nn.Module):
 
     def pool_scale_standardize(self, x: torch.Tensor, positions_xy: torch.Tensor, length: int | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole exit in one place (a fused kernel will replace it).
+        """The whole exit: pooling by positions, x sqrt(D), standardize (one fused op).
 
         Returns ``(embeddings [B, length, D] in x.dtype, mask [B, length] bool)``; mask is True
         for slots that received at least one patch.
         """
-        padding = _padding(positions_xy)
-        # Zero padded rows first (HF): their attention outputs are garbage, possibly non-finite,
-        # and must not leak into the float32 pooling sums.
-        x = x.masked_fill(padding.unsqueeze(-1), 0.0)
         k = self.pooling_kernel_size
         if length is None:
             length = x.shape[1] // (k * k)
-            pool = k != 1
-        else:
-            pool = length != x.shape[1]
-        if pool:
-            pooled, mask = avg_pool_by_positions(x, positions_xy=positions_xy, length=length)
-        else:
-            pooled, mask = x, ~padding  # MaxText's (correct) mask; HF's k == 1 branch inverts it
+        std_bias = self.std_bias if self.standardize else None
+        std_scale = self.std_scale if self.standardize else None
+        if length != x.shape[1] or k != 1:
+            # One fused op: pooling (padding never read), rounding to x's dtype, x sqrt(D) and
+            # standardize in float32, as newest HF.
+            return avg_pool_scale_standardize(x, positions_xy, length, self.root_d_model, std_bias, std_scale)
+        # k == 1: nothing to pool (HF and MaxText skip the pooling and keep the patch order).
+        padding = _padding(positions_xy)
+        # Zero padded rows (HF): their attention outputs are garbage, possibly non-finite.
+        x = x.masked_fill(padding.unsqueeze(-1), 0.0)
+        mask = ~padding  # MaxText's (correct) mask; HF's k == 1 branch inverts it
         acc = _acc_dtype(x.dtype)
-        h = pooled.to(acc) * self.root_d_model
+        h = x.to(acc) * self.root_d_model
         if self.standardize:
-            h = (h - self.std_bias.to(acc)) * self.std_scale.to(acc)
+            h = (h - std_bias.to(acc)) * std_scale.to(acc)
         return h.to(x.dtype), mask
 
     def _single_call(self, x, *, positions_xy=None, length=None):
@@ -431,11 +438,10 @@ class Gemma4Attention(nn.Module):
 
     def norm_and_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q/k RMSNorm + RoPE and v RMSNorm on ``[B, L, heads, hd]`` (one method so that a fused
-        kernel can replace it). RoPE comes after the norms, as in HF."""
-        query = self.rotary_embedding(self.query_norm(query), positions)
-        key = self.rotary_embedding(self.key_norm(key), positions)
-        return query, key, self.value_norm(value)
+        """q/k RMSNorm + 2-D RoPE and v RMSNorm in one fused op. Takes ``[B, L, heads, hd]`` views
+        of the projections (no copies) and returns the attention layout ``[B, heads, L, hd]``."""
+        return qkv_norm_rope(query, key, value, self.query_norm.scale, self.key_norm.scale, positions,
+                             eps=self.query_norm.eps, base_frequency=self.rotary_embedding.base_frequency)
 
     def forward(self, inputs_q: torch.Tensor, inputs_kv: torch.Tensor | None = None,
                 inputs_positions: torch.Tensor | None = None, *, decoder_segment_ids: torch.Tensor | None = None,
@@ -463,7 +469,7 @@ class Gemma4Attention(nn.Module):
             seg = seg.unsqueeze(1)
             mask = seg if mask is None else mask & seg
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            q, k, v, attn_mask=mask,
             dropout_p=self.dropout_rate if (self.training and not deterministic) else 0.0,
             scale=1.0, enable_gqa=self.num_query_heads != self.num_kv_heads,
         )
