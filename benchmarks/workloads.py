@@ -255,8 +255,10 @@ def build_g4_qkv_norm_rope(shape, device, dtype):
         return q, k, v
 
     def vit():
-        op = require_op("qkv_norm_rope", device)  # fused Q/K/V norms + 2-D RoPE (planned)
-        return lambda qkv, cos, sin, pos: op(qkv, attn.q_norm.weight, attn.k_norm.weight, pos)
+        op = require_op("qkv_norm_rope", device)
+        eps, theta = cfg.rms_norm_eps, cfg.rope_parameters["rope_theta"]
+        return lambda qkv, cos, sin, pos: op(*views(qkv), attn.q_norm.weight, attn.k_norm.weight, pos,
+                                             eps=eps, base_frequency=theta)
 
     fwd = 6 * qbytes + pos.numel() * 8
     return Setup((qkv, cos, sin, pos), hf, vit, [qkv, attn.q_norm.weight, attn.k_norm.weight], fwd, 2 * fwd)
@@ -284,14 +286,10 @@ def build_g4_pool(shape, device, dtype):
         return pooler(hidden, pos, pad, output_length=tokens)
 
     def vit():
-        op = require_op("avg_pool_by_positions", device)
+        # The fused exit (pooling + sqrt(D) scale; no standardize, like the HF pooler alone).
+        op = require_op("avg_pool_scale_standardize", device)
         root = pooler.root_hidden_size
-
-        def f(hidden, pos, pad):
-            out, mask = op(hidden, positions_xy=pos, length=tokens)
-            return out.float() * root, mask
-
-        return f
+        return lambda hidden, pos, pad: op(hidden, pos, tokens, root)
 
     return Setup((hidden, pos, pad), hf, vit, [hidden], fwd, bwd)
 
@@ -448,9 +446,10 @@ def build_g4_tower(shape, device, dtype):
         return model(pixel_values=pixels, pixel_position_ids=pos).last_hidden_state
 
     def vit():
-        from_hf = require_module("vitops.models.gemma4_vision", "from_hf")
-        vmodel = from_hf(model)
-        return lambda pixels, pos: vmodel(pixel_values=pixels, pixel_position_ids=pos).last_hidden_state
+        from_hf = require_module("vitops.hf", "from_hf")
+        tower, _ = from_hf(model.config, model.state_dict(), projector=False, dtype=dtype, device=device)
+        # HF's flattened output (padding slots stripped), like Gemma4VisionModel.
+        return lambda pixels, pos: tower.forward_flat(pixels.to(dtype), pos)
 
     return Setup((pixels, pos), hf, vit, [], None, None)
 

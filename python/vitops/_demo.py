@@ -87,8 +87,9 @@ def run(args) -> int:
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (preset {args.preset}, seed {args.seed})"
     digest = hashlib.sha256(soft_tokens.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     print(f"vitops Gemma 4 vision tower: {weights}, {args.dtype} on {args.device}")
-    print(f"image: {source} {image.size[0]}x{image.size[1]} -> resized {batch.resized_hw[0][1]}x{batch.resized_hw[0][0]}, "
-          f"patch grid {batch.patch_grid_hw[0][0]}x{batch.patch_grid_hw[0][1]}, "
+    (rh, rw), (gh, gw) = batch.resized_hw[0], batch.patch_grid_hw[0]
+    print(f"image: {source}, H x W {image.size[1]} x {image.size[0]} -> resized {rh} x {rw}, "
+          f"patch grid {gh} x {gw}, "
           f"{batch.num_soft_tokens_per_image[0]} soft tokens (budget {args.max_soft_tokens})")
     what = "soft tokens (after the projector)" if projector is not None else "vision tower output"
     print(f"{what}: shape {tuple(soft_tokens.shape)} dtype {soft_tokens.dtype}")
