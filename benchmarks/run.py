@@ -254,6 +254,9 @@ def parse_args(argv=None):
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="subset of eager,compile,vitops")
     p.add_argument("--max-batch", type=int, default=None, help="skip shapes with a larger batch/tile count")
     p.add_argument("--max-tokens", type=int, default=None, help="skip Gemma 4 shapes with more soft tokens")
+    p.add_argument("--merge", action="store_true",
+                   help="merge into an existing JSON of the same device and day instead of replacing it")
+    p.add_argument("--where", default="", help="keep shapes whose fields equal these, e.g. model=g4-e4b,T=280")
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (median taken); default 15")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per contender (default 3)")
     p.add_argument("--target-ms", type=float, default=None, help="CPU: length of one timed sample (default 50)")
@@ -301,6 +304,7 @@ def main(argv=None) -> dict:
             continue
         dtypes = _csv(opts.dtypes) or (["bf16", "fp32"] if device == "cuda" else ["fp32", "bf16"])
         opts.flush = harness.L2Flusher(device)
+        wheres = [tuple(kv.split("=", 1)) for kv in _csv(opts.where)]
         jobs = []
         for thr in threads if device == "cpu" else [None]:
             for wl in selected:
@@ -309,6 +313,8 @@ def main(argv=None) -> dict:
                     if opts.max_batch and b > opts.max_batch:
                         continue
                     if opts.max_tokens and shape.get("T", 0) > opts.max_tokens:
+                        continue
+                    if any(str(shape.get(k)) != v for k, v in wheres):
                         continue
                     for dt in dtypes:
                         for mode in modes:
@@ -341,6 +347,18 @@ def main(argv=None) -> dict:
                    cases=cases)
         stem = f"{device}_{_dt.date.today().isoformat()}" + ("_smoke" if smoke else "")
         json_path = os.path.join(opts.out, stem + ".json")
+        if opts.merge and os.path.exists(json_path):
+            # Keep earlier cases of the same day that this run did not re-measure.
+            with open(json_path) as f:
+                old = json.load(f)
+
+            def key(c):
+                return (c["workload"], c["op"], c["shape_label"], c["dtype"], c["threads"], c["mode"])
+
+            fresh = {key(c) for c in cases}
+            cases = [c for c in old["cases"] if key(c) not in fresh] + cases
+            doc["cases"] = cases
+            doc["runs"] = old.get("runs", [old["settings"]]) + [doc["settings"]]
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=1, default=str)
         png = write_plot(cases, os.path.join(opts.out, stem + ".png"))
