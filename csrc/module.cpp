@@ -16,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
         d["stable_abi_target"] = VITOPS_TORCH_TARGET_VERSION_STR;
         d["cuda_compiler"] = VITOPS_BUILT_CUDA_VERSION;
         d["cuda_archs"] = VITOPS_CUDA_ARCHS;
+        d["cpu_arch"] = VITOPS_CPU_ARCH_STR;
 #if defined(__clang__)
         d["cxx_compiler"] = "clang " __clang_version__;
 #elif defined(__GNUC__)

@@ -50,7 +50,8 @@ def test_forward_matches_reference(device, dtype, shape):
     out = qkv_norm_rope(q, k, v, qw, kw, pos)
     ref = reference.qkv_norm_rope(q, k, v, qw, kw, pos)
     for o, r, heads in zip(out, ref, (h, kv, kv)):
-        assert o.shape == (b, heads, length, hd) and o.is_contiguous() and o.dtype == dtype
+        # attention layout: [B, N, L, hd] over [B, L, N, hd] memory (flash/SDPA's native layout)
+        assert o.shape == (b, heads, length, hd) and o.transpose(1, 2).is_contiguous() and o.dtype == dtype
         torch.testing.assert_close(o, r, **tol(dtype))
 
 

@@ -133,4 +133,12 @@ inline Tensor with_contiguous_head_dim(const Tensor& t) {
   return (t.size(3) <= 1 || t.stride(3) == 1) ? t : torch::stable::contiguous(t);
 }
 
+// The op's outputs are contiguous [B, L, heads, hd]: each (b, l) row is written in one place, and
+// it is the memory layout flash/SDPA kernels read natively. The Python wrapper presents them as
+// [B, heads, L, hd] through transpose views (as HF's q.transpose(1, 2)), outside the op, so that
+// torch.compile sees a contiguous custom-op output.
+inline Tensor allocate_attention_output(const Tensor& like, const Geometry& g, int tensor) {
+  return new_empty(like, {g.batch, g.seq_len, g.heads[tensor], g.head_dim}, like.scalar_type());
+}
+
 }  // namespace vitops::qkv_norm_rope

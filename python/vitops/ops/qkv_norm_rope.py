@@ -30,18 +30,20 @@ def qkv_norm_rope(
       base_frequency: RoPE base (theta).
 
     Returns:
-      (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd]), contiguous, dtype of q:
-      the layout ``scaled_dot_product_attention`` takes. Per head row the RMSNorm runs in float32 and
+      (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd]) in q's dtype: the shapes
+      ``scaled_dot_product_attention`` takes, over [B, L, heads, hd] memory (the op writes each
+      (b, l) row contiguously; flash/SDPA kernels read that layout natively, and it equals HF's
+      ``q.transpose(1, 2)`` views). Per head row the RMSNorm runs in float32 and
       is rounded to the input dtype (as HF), then q and k are rotated with cos/sin rounded to the
       input dtype, in float32, rounded once. v is only normalised (no weight).
     """
-    return _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency))
+    rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency))
+    return tuple(t.transpose(1, 2) for t in rows)
 
 
 def _attention_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Fresh contiguous [B, N, L, hd] for an input view [B, L, N, hd]."""
-    b, length, heads, hd = t.shape
-    return t.new_empty((b, heads, length, hd), dtype=dtype)
+    """The op's contiguous [B, L, N, hd] output for an input [B, L, N, hd]."""
+    return t.new_empty(t.shape, dtype=dtype)
 
 
 @torch.library.register_fake("vitops::qkv_norm_rope")
@@ -72,7 +74,9 @@ def _backward(ctx, grad_q, grad_k, grad_v):
     q, k, v, q_weight, k_weight, positions = ctx.saved_tensors
     if not any(ctx.needs_input_grad[:5]):
         return None, None, None, None, None, None, None, None
-    grads = [grad_q, grad_k, grad_v]
+    # The backward kernels take the gradients as [B, N, L, hd] (any strides): transpose views of the
+    # gradients of the op's [B, L, N, hd] outputs.
+    grads = [None if g is None else g.transpose(1, 2) for g in (grad_q, grad_k, grad_v)]
     for i, (g, t) in enumerate(zip(grads, (q, k, v))):
         if g is None:  # an output that did not reach the loss
             grads[i] = t.new_zeros((t.shape[0], t.shape[2], t.shape[1], t.shape[3]))

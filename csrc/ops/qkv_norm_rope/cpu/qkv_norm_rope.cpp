@@ -62,11 +62,45 @@ void fill_row_tables(const Geometry& g, const void* positions, int64_t b, int64_
   }
 }
 
+// Sums of x*y over a head row in kLanes independent partial sums, combined in a fixed tree: the
+// compiler turns the lanes into SIMD registers (a single running sum is a serial dependency chain
+// the compiler may not reorder), and the order is the same on every run and thread count.
+constexpr int64_t kLanes = 16;
+
+template <typename acc>
+acc dot_product(const acc* x, const acc* y, int64_t n) {
+  acc lanes[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[e + j] * y[e + j];
+  for (int64_t j = 0; e < n; ++e, ++j) lanes[j] += x[e] * y[e];
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
 template <typename acc>
 acc sum_of_squares(const acc* x, int64_t n) {
-  acc s = 0;
-  for (int64_t e = 0; e < n; ++e) s += x[e] * x[e];
-  return s;
+  return dot_product(x, x, n);
+}
+
+// Half-split rotation of a normalised head row, one chunk (position axis) at a time, so the inner
+// loops are contiguous and vectorize: a' = a*cos - b*sin, b' = b*cos + a*sin.
+template <typename scalar_t, typename acc>
+void rotate_row(const rope_math::ChunkLayout& layout, const acc* n, const acc* cos, const acc* sin, scalar_t* out) {
+  for (int64_t axis = 0, start = 0; axis < layout.ndim; start += layout.width(axis), ++axis) {
+    const int64_t half = layout.width(axis) / 2;
+    const acc* a = n + start;
+    const acc* b = a + half;
+    const acc* c = cos + start / 2;
+    const acc* sn = sin + start / 2;
+    scalar_t* out_a = out + start;
+    scalar_t* out_b = out_a + half;
+    for (int64_t i = 0; i < half; ++i) {
+      out_a[i] = static_cast<scalar_t>(a[i] * c[i] - b[i] * sn[i]);
+      out_b[i] = static_cast<scalar_t>(b[i] * c[i] + a[i] * sn[i]);
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -86,7 +120,7 @@ void forward_impl(const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const
         const int64_t heads = g.heads[tensor];
         for (int64_t h = 0; h < heads; ++h) {
           const scalar_t* src = in.data[tensor] + b * s.batch + l * s.seq + h * s.head;
-          scalar_t* dst = out[tensor] + ((b * heads + h) * L + l) * hd;
+          scalar_t* dst = out[tensor] + ((b * L + l) * heads + h) * hd;
           for (int64_t e = 0; e < hd; ++e) x[e] = static_cast<acc>(src[e]);
           const acc r = rope_math::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
           if (tensor == 2) {  // v: normalised only, no weight, no rotation
@@ -95,8 +129,7 @@ void forward_impl(const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const
           }
           const acc* w = t.weights[tensor].data();
           for (int64_t e = 0; e < hd; ++e) n[e] = round_to<scalar_t>((x[e] * r) * w[e]);
-          for (int64_t e = 0; e < hd; ++e)
-            dst[e] = static_cast<scalar_t>(rope_math::rotate_channel(n.data(), cos.data(), sin.data(), t.roles[e], e));
+          rotate_row<scalar_t>(g.chunks, n.data(), cos.data(), sin.data(), dst);
         }
       }
     }
@@ -135,7 +168,6 @@ void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<s
               gy[e] = static_cast<acc>(gsrc[e]);
             }
             const acc r = rope_math::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
-            acc dot = 0;  // sum(gu * u): the normalisation's projection term
             for (int64_t e = 0; e < hd; ++e) {
               u[e] = x[e] * r;
               if (tensor == 2) {
@@ -145,9 +177,9 @@ void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<s
                 chunk_partial[tensor * hd + e] += gn * u[e];
                 gu[e] = gn * t.weights[tensor][e];
               }
-              dot += gu[e] * u[e];
             }
-            const acc mean_dot = dot / static_cast<acc>(hd);
+            // sum(gu * u): the normalisation's projection term
+            const acc mean_dot = dot_product(gu.data(), u.data(), hd) / static_cast<acc>(hd);
             for (int64_t e = 0; e < hd; ++e) dst[e] = static_cast<scalar_t>(r * (gu[e] - u[e] * mean_dot));
           }
         }
@@ -171,8 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
   Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, base_frequency, /*allow_double=*/true);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor outs[kNumHeadTensors];
-  for (int t = 0; t < kNumHeadTensors; ++t)
-    outs[t] = new_empty(q, {g.batch, g.heads[t], g.seq_len, g.head_dim}, q.scalar_type());
+  for (int t = 0; t < kNumHeadTensors; ++t) outs[t] = allocate_attention_output(q, g, t);
   if (g.rows() > 0 && g.head_dim > 0) {
     VITOPS_DISPATCH_FLOATING(q.scalar_type(), "qkv_norm_rope_cpu", [&] {
       HeadIO<scalar_t> io;

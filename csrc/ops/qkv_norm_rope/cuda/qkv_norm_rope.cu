@@ -176,7 +176,7 @@ __global__ void forward_kernel(const Params p) {
         for (int64_t e = lane; e < hd; e += kWarpSize) normalise(e);
       }
       __syncwarp();
-      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.heads[tensor] + head) * p.seq_len + l) * hd;
+      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
       const float* cos_row = cos_tab + r * half;
       const float* sin_row = sin_tab + r * half;
       auto output = [&](int64_t e) -> scalar_t {
@@ -379,8 +379,9 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor outs[kNumHeadTensors];
   for (int t = 0; t < kNumHeadTensors; ++t)
-    outs[t] = new_empty(q, {g.batch, g.heads[t], g.seq_len, g.head_dim}, q.scalar_type());
-  if (g.rows() == 0 || g.total_heads() == 0) return {outs[0], outs[1], outs[2]};
+    outs[t] = allocate_attention_output(q, g, t);
+  if (g.rows() == 0 || g.total_heads() == 0)
+    return {outs[0], outs[1], outs[2]};
   Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency);
   for (int t = 0; t < kNumHeadTensors; ++t) p.out[t] = outs[t].mutable_data_ptr();
   const int64_t tiles = rope_math::div_round_up(g.rows(), kRowsPerTile);
