@@ -208,7 +208,8 @@ def markdown_table(cases) -> str:
 
 
 def write_plot(cases, path) -> str | None:
-    """Bar chart of vitops speedups (vs eager, vs compile) per op and shape; None without matplotlib."""
+    """Speedups of vitops (vs HF eager, vs torch.compile of HF): one panel per (op, mode), one bar
+    pair per shape/dtype/threads. None without matplotlib."""
     try:
         import matplotlib
 
@@ -217,25 +218,32 @@ def write_plot(cases, path) -> str | None:
     except ImportError:
         return None
     rows = [r for r in cases if r.get("speedup")]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 5))
-    if rows:
-        xs = range(len(rows))
+    panels = sorted({(r["op"], r["mode"]) for r in rows})
+    if not panels:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.text(0.5, 0.5, "no case with a vitops implementation", ha="center", va="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+    per_panel = [[r for r in rows if (r["op"], r["mode"]) == key] for key in panels]
+    width = max(6, 0.32 * max(len(p) for p in per_panel) + 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.2 * len(panels)), squeeze=False)
+    for ax, (op, mode), sel in zip(axes[:, 0], panels, per_panel):
+        xs = range(len(sel))
         for i, (other, color) in enumerate((("eager", "tab:blue"), ("compile", "tab:orange"))):
-            ax.bar([x + 0.4 * i for x in xs], [r["speedup"].get(other, float("nan")) for r in rows], 0.4,
-                   label=f"vitops vs HF {other}", color=color)
-        labels = [f"{r['op']} {r['shape_label']} {r['dtype']} {r['mode']}"
-                  + (f" {r['threads']}t" if r["device"] == "cpu" else "") for r in rows]
+            ax.bar([x + 0.4 * i for x in xs], [r["speedup"].get(other, float("nan")) for r in sel], 0.4,
+                   label=f"vs HF {other}", color=color)
+        labels = [r["shape_label"].replace("model=", "") + f" {r['dtype']}"
+                  + (f" {r['threads']}t" if r["device"] == "cpu" else "") for r in sel]
         ax.set_xticks([x + 0.2 for x in xs])
-        ax.set_xticklabels(labels, rotation=75, ha="right", fontsize=7)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no case with a vitops implementation", ha="center", va="center")
-    ax.set_ylabel("speedup (x, log)")
-    ax.set_title(f"vitops speedups ({cases[0]['device'] if cases else ''})")
+        ax.set_ylabel("speedup (x)")
+        ax.set_title(f"{op} ({mode}, {sel[0]['device']})", fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
