@@ -294,6 +294,54 @@ def build_g4_pool(shape, device, dtype):
     return Setup((hidden, pos, pad), hf, vit, [hidden], fwd, bwd)
 
 
+def build_g4_pool_by_positions(shape, device, dtype):
+    """The pooling alone: HF's Gemma4VisionPooler._avg_pool_by_positions vs vitops.avg_pool_by_positions."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionPooler
+
+    m = _g4_dims(shape)
+    pooler = Gemma4VisionPooler(g4_config(m))
+    tokens = shape["T"]
+    pos = g4_positions(shape["B"], tokens, device)
+    pad = (pos == -1).all(dim=-1)
+    # HF zeroes padded rows before this function; give both contenders the same zeroed input.
+    hidden = torch.randn(pos.shape[0], pos.shape[1], m["D"], device=device, dtype=dtype).masked_fill(pad[..., None], 0)
+    bsz, d, ds = pos.shape[0], m["D"], _isz(dtype)
+    valid = int((~pad).sum())
+    fwd = valid * d * ds + pos.numel() * 8 + bsz * tokens * (d * ds + 1)
+    bwd = fwd + bsz * tokens * d * ds + hidden.numel() * ds
+
+    def hf(hidden, pos):
+        return pooler._avg_pool_by_positions(hidden, pos, tokens)
+
+    def vit():
+        op = require_op("avg_pool_by_positions", device)
+        return lambda hidden, pos: op(hidden, positions_xy=pos, length=tokens)
+
+    return Setup((hidden, pos), hf, vit, [hidden], fwd, bwd)
+
+
+def build_g4_patchify(shape, device, dtype):
+    """Images -> patches + positions: HF's PIL-backend processor step (numpy, one image at a time, as
+    the processor calls it) vs vitops.patchify on the NHWC batch."""
+    import numpy as np
+    from transformers.models.gemma4.image_processing_pil_gemma4 import convert_image_to_patches
+
+    p, k = 16, POOL_K
+    side = int(math.sqrt(shape["T"])) * k * p  # a square image that fills the token budget
+    images = torch.rand(shape["B"], side, side, 3, device=device, dtype=dtype)
+    chw = [np.ascontiguousarray(img.permute(2, 0, 1).float().cpu().numpy()) for img in images]
+    fwd = 2 * images.numel() * _isz(dtype)
+
+    def hf(images):
+        return [convert_image_to_patches(img, p) for img in chw]
+
+    def vit():
+        op = require_op("patchify", device)
+        return lambda images: op(images, p)
+
+    return Setup((images,), hf, vit, [], fwd, None)
+
+
 # ------------------------------------------------------------------------------------------------
 # W4: Gemma 3 projector (4x4 AvgPool + Gemma RMSNorm + projection to the text width)
 # ------------------------------------------------------------------------------------------------
@@ -512,6 +560,11 @@ WORKLOADS: list[Workload] = [
              _g4_shapes(video=True), _G4_SMOKE_SHAPES, build_g4_qkv_norm_rope),
     Workload("W3", "g4_pool", "Gemma 4 pooler: k=3 pooling by positions + sqrt(D) scale (HF forward)",
              _g4_shapes(), _G4_SMOKE_SHAPES, build_g4_pool),
+    Workload("W3", "g4_pool_by_positions", "Gemma 4 pooling by positions alone (HF _avg_pool_by_positions)",
+             _g4_shapes(), _G4_SMOKE_SHAPES, build_g4_pool_by_positions),
+    Workload("W1", "g4_patchify", "Gemma 4 patchify of square images filling the budget (HF processor step)",
+             [dict(T=t, B=b) for t in (70, 280, 1120) for b in (1, 8)], [dict(T=4, B=1)], build_g4_patchify,
+             backward=False),
     Workload("W4", "g3_projector", "Gemma 3 projector: AvgPool 4x4 + RMSNorm + projection",
              [dict(B=b, text=2560) for b in (1, 5, 32)], [dict(B=2, smoke=True)], build_g3_projector,
              backward=False),
