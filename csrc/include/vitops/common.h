@@ -12,6 +12,7 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -114,3 +115,35 @@ template <typename scalar_t> using acc_t = typename acc_type<scalar_t>::type;
       return __VA_ARGS__();                                                                           \
     }                                                                                                 \
   }()
+
+namespace vitops {
+
+// Element conversions for CPU inner loops. For bfloat16 they are written as plain integer ops
+// (a shift to widen; round-to-nearest-even with NaN kept quiet to narrow) so GCC vectorizes them;
+// the results equal c10::BFloat16's conversions bit for bit.
+template <typename scalar_t>
+inline acc_t<scalar_t> widen(scalar_t v) {
+  return static_cast<acc_t<scalar_t>>(v);
+}
+template <>
+inline float widen<torch::headeronly::BFloat16>(torch::headeronly::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename scalar_t>
+inline scalar_t narrow(acc_t<scalar_t> v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline torch::headeronly::BFloat16 narrow<torch::headeronly::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  rounded = (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN -> canonical quiet NaN
+  return torch::headeronly::BFloat16(static_cast<uint16_t>(rounded), torch::headeronly::BFloat16::from_bits());
+}
+
+}  // namespace vitops

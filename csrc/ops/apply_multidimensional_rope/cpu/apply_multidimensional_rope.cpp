@@ -3,9 +3,12 @@
 // per-head loops run over contiguous channels so the bf16/fp16 <-> float conversions vectorize.
 // The backward is the transposed rotation, i.e. the same loop with sin negated (negation commutes
 // with rounding sin to the input dtype, so forward and backward use the same rounded values).
+#include <algorithm>
+#include <climits>
 #include <cstring>
 
 #include "../apply_multidimensional_rope.h"
+#include "vitops/cpu_angle_table.h"
 
 namespace vitops::rope {
 namespace {
@@ -34,13 +37,38 @@ void rotate_rows(const scalar_t* in, const RowAddressing& addressing, const Tens
   const int64_t passthrough = hd - g.rotated;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * hd));
 
+  // Integer positions: cos/sin once per distinct value (bit-identical to the per-row evaluation).
+  cpu::AngleTable<acc> table;
+  bool tabulated = false;
+  const int64_t num_positions = g.rows * g.position_axes;
+  if ((pos_dtype == ScalarType::Int || pos_dtype == ScalarType::Long) && num_positions > 0) {
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    for (int64_t i = 0; i < num_positions; ++i) {
+      const int64_t v = pos_dtype == ScalarType::Int ? static_cast<const int32_t*>(pos)[i]
+                                                     : static_cast<const int64_t*>(pos)[i];
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    tabulated = table.build(lo, hi, inv_freq, scale,
+                            [](acc v) { return static_cast<acc>(static_cast<scalar_t>(v)); });
+  }
+
+  std::vector<int64_t> chunk_of_freq(F);  // position axis of every frequency, hoisted out of the rows
+  for (int64_t k = 0, i = 0; k < F; ++k) locate_freq(k, chunk_half, g.num_chunks, chunk_of_freq[k], i);
+
   torch::stable::parallel_for(0, g.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc> cos_table(F), sin_table(F);
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t k = 0; k < F; ++k) {
-        int64_t chunk, i;
-        locate_freq(k, chunk_half, g.num_chunks, chunk, i);
-        const acc p = load_position<acc>(pos, pos_dtype, row * g.position_axes + chunk);
+        const int64_t at = row * g.position_axes + chunk_of_freq[k];
+        if (tabulated) {
+          const int64_t v = pos_dtype == ScalarType::Int ? static_cast<const int32_t*>(pos)[at]
+                                                         : static_cast<const int64_t*>(pos)[at];
+          cos_table[k] = table.cos(v, k);
+          sin_table[k] = sin_sign * table.sin(v, k);
+          continue;
+        }
+        const acc p = load_position<acc>(pos, pos_dtype, at);
         const acc angle = (p * inv_freq[k]) * scale;
         // Rounded to the input dtype before use, as HF's cos.to(x.dtype) / sin.to(x.dtype).
         cos_table[k] = static_cast<acc>(static_cast<scalar_t>(std::cos(angle)));
@@ -54,16 +82,18 @@ void rotate_rows(const scalar_t* in, const RowAddressing& addressing, const Tens
         for (int64_t c = 0; c < g.num_chunks; ++c) {
           const int64_t start = c * g.chunk_width;
           const int64_t half = (c == g.num_chunks - 1 ? g.last_width : g.chunk_width) / 2;
-          const scalar_t* a = src + start;
-          const scalar_t* b = a + half;
-          scalar_t* out_a = dst + start;
-          scalar_t* out_b = out_a + half;
-          const acc* cs = cos_table.data() + c * chunk_half;
-          const acc* sn = sin_table.data() + c * chunk_half;
+          // restrict: input, output and tables never overlap; without it every (head, chunk) loop
+          // of a few dozen elements pays a runtime alias check before its vector body.
+          const scalar_t* __restrict__ a = src + start;
+          const scalar_t* __restrict__ b = a + half;
+          scalar_t* __restrict__ out_a = dst + start;
+          scalar_t* __restrict__ out_b = out_a + half;
+          const acc* __restrict__ cs = cos_table.data() + c * chunk_half;
+          const acc* __restrict__ sn = sin_table.data() + c * chunk_half;
           for (int64_t i = 0; i < half; ++i) {
-            const acc av = static_cast<acc>(a[i]), bv = static_cast<acc>(b[i]);
-            out_a[i] = static_cast<scalar_t>(av * cs[i] - bv * sn[i]);
-            out_b[i] = static_cast<scalar_t>(bv * cs[i] + av * sn[i]);
+            const acc av = widen(a[i]), bv = widen(b[i]);
+            out_a[i] = narrow<scalar_t>(av * cs[i] - bv * sn[i]);
+            out_b[i] = narrow<scalar_t>(bv * cs[i] + av * sn[i]);
           }
         }
         if (passthrough > 0) std::memcpy(dst + g.rotated, src + g.rotated, passthrough * sizeof(scalar_t));

@@ -5,7 +5,11 @@
 // are added in chunk order, so results do not depend on the thread count.
 #include <vector>
 
+#include <algorithm>
+#include <climits>
+
 #include "../qkv_norm_rope.h"
+#include "vitops/cpu_angle_table.h"
 
 namespace vitops::qkv_norm_rope {
 namespace {
@@ -28,6 +32,9 @@ template <typename acc>
 struct RowTables {
   std::vector<acc> inverse_frequency, cos, sin, weights[kNumWeights];
   std::vector<ChannelRole> roles;
+  std::vector<int64_t> axis_of_freq;
+  cpu::AngleTable<acc> angles;  // per distinct integer position value (see cpu_angle_table.h)
+  bool tabulated = false;
 };
 
 template <typename acc>
@@ -45,7 +52,27 @@ RowTables<acc> make_tables(const Geometry& g, const Tensor& q_weight, const Tens
   }
   t.roles.resize(hd);
   for (int64_t e = 0; e < hd; ++e) t.roles[e] = rope_math::channel_role(g.chunks, e);
+  t.axis_of_freq.resize(hd / 2);
+  for (int64_t k = 0; k < hd / 2; ++k) t.axis_of_freq[k] = g.chunks.axis_of_table_entry(k);
   return t;
+}
+
+// Integer positions: tabulate cos/sin (rounded to scalar_t) once per distinct value.
+template <typename scalar_t, typename acc>
+void tabulate_angles(const Geometry& g, const void* positions, RowTables<acc>& t) {
+  if (g.position_kind != rope_math::ValueKind::Int32 && g.position_kind != rope_math::ValueKind::Int64) return;
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int64_t b = 0; b < g.batch; ++b)
+    for (int64_t l = 0; l < g.seq_len; ++l)
+      for (int64_t a = 0; a < g.chunks.ndim; ++a) {
+        const int64_t at = b * g.position_strides[0] + l * g.position_strides[1] + a * g.position_strides[2];
+        const int64_t v = g.position_kind == rope_math::ValueKind::Int32 ? static_cast<const int32_t*>(positions)[at]
+                                                                         : static_cast<const int64_t*>(positions)[at];
+        lo = std::min(lo, v);
+        hi = std::max(hi, v);
+      }
+  if (lo > hi) return;
+  t.tabulated = t.angles.build(lo, hi, t.inverse_frequency, acc(1), [](acc v) { return round_to<scalar_t>(v); });
 }
 
 // cos/sin (rounded to scalar_t) of row (b, l) into cos/sin[hd/2].
@@ -53,8 +80,18 @@ template <typename scalar_t, typename acc>
 void fill_row_tables(const Geometry& g, const void* positions, int64_t b, int64_t l, const RowTables<acc>& t,
                      acc* cos, acc* sin) {
   const int64_t row_offset = b * g.position_strides[0] + l * g.position_strides[1];
+  if (t.tabulated) {
+    for (int64_t k = 0; k < g.head_dim / 2; ++k) {
+      const int64_t at = row_offset + t.axis_of_freq[k] * g.position_strides[2];
+      const int64_t v = g.position_kind == rope_math::ValueKind::Int32 ? static_cast<const int32_t*>(positions)[at]
+                                                                       : static_cast<const int64_t*>(positions)[at];
+      cos[k] = t.angles.cos(v, k);
+      sin[k] = t.angles.sin(v, k);
+    }
+    return;
+  }
   for (int64_t k = 0; k < g.head_dim / 2; ++k) {
-    const int64_t axis = g.chunks.axis_of_table_entry(k);
+    const int64_t axis = t.axis_of_freq[k];
     const acc pos = load_as<acc>(positions, g.position_kind, row_offset + axis * g.position_strides[2]);
     const acc angle = pos * t.inverse_frequency[k];
     cos[k] = round_to<scalar_t>(rope_math::math_cos(angle));
@@ -107,7 +144,8 @@ template <typename scalar_t>
 void forward_impl(const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const out[kNumHeadTensors],
                   const Tensor& q_weight, const Tensor& k_weight, const void* positions, double eps, double base) {
   using acc = acc_t<scalar_t>;
-  const RowTables<acc> t = make_tables<acc>(g, q_weight, k_weight, base);
+  RowTables<acc> t = make_tables<acc>(g, q_weight, k_weight, base);
+  tabulate_angles<scalar_t>(g, positions, t);
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   torch::stable::parallel_for(0, g.rows(), /*grain_size=*/4, [&](int64_t begin, int64_t end) {
@@ -141,7 +179,8 @@ void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<s
                    scalar_t* const grad_in[kNumHeadTensors], const Tensor& q_weight, const Tensor& k_weight,
                    const void* positions, double eps, double base, Tensor grad_weight[kNumWeights]) {
   using acc = acc_t<scalar_t>;
-  const RowTables<acc> t = make_tables<acc>(g, q_weight, k_weight, base);
+  RowTables<acc> t = make_tables<acc>(g, q_weight, k_weight, base);
+  tabulate_angles<scalar_t>(g, positions, t);
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   const int64_t num_chunks = (g.rows() + kRowsPerChunk - 1) / kRowsPerChunk;
