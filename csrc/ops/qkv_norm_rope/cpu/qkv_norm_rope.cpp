@@ -3,10 +3,10 @@
 // (HF casts the RMSNorm output) and rotated (q, k) straight into the [B, N, L, hd] output.
 // Weight gradients are reduced deterministically: fixed-size row chunks write partial sums, which
 // are added in chunk order, so results do not depend on the thread count.
-#include <vector>
-
 #include <algorithm>
 #include <climits>
+#include <type_traits>
+#include <vector>
 
 #include "../qkv_norm_rope.h"
 #include "vitops/cpu_angle_table.h"
@@ -134,8 +134,8 @@ void rotate_row(const rope_math::ChunkLayout& layout, const acc* n, const acc* c
     scalar_t* out_a = out + start;
     scalar_t* out_b = out_a + half;
     for (int64_t i = 0; i < half; ++i) {
-      out_a[i] = static_cast<scalar_t>(a[i] * c[i] - b[i] * sn[i]);
-      out_b[i] = static_cast<scalar_t>(b[i] * c[i] + a[i] * sn[i]);
+      out_a[i] = narrow<scalar_t>(a[i] * c[i] - b[i] * sn[i]);
+      out_b[i] = narrow<scalar_t>(b[i] * c[i] + a[i] * sn[i]);
     }
   }
 }
@@ -149,7 +149,7 @@ void forward_impl(const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   torch::stable::parallel_for(0, g.rows(), /*grain_size=*/4, [&](int64_t begin, int64_t end) {
-    std::vector<acc> cos(hd / 2), sin(hd / 2), x(hd), n(hd);
+    std::vector<acc> cos(hd / 2), sin(hd / 2), x(hd), n(hd), rotated(hd);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / L, l = row % L;
       fill_row_tables<scalar_t>(g, positions, b, l, t, cos.data(), sin.data());
@@ -159,15 +159,23 @@ void forward_impl(const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const
         for (int64_t h = 0; h < heads; ++h) {
           const scalar_t* src = in.data[tensor] + b * s.batch + l * s.seq + h * s.head;
           scalar_t* dst = out[tensor] + ((b * L + l) * heads + h) * hd;
-          for (int64_t e = 0; e < hd; ++e) x[e] = static_cast<acc>(src[e]);
+          // widen/narrow (common.h) rather than c10's conversions: branch-free, so these loops vectorize.
+          for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
           const acc r = rope_math::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
           if (tensor == 2) {  // v: normalised only, no weight, no rotation
-            for (int64_t e = 0; e < hd; ++e) dst[e] = static_cast<scalar_t>(x[e] * r);
+            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(x[e] * r);
             continue;
           }
           const acc* w = t.weights[tensor].data();
-          for (int64_t e = 0; e < hd; ++e) n[e] = round_to<scalar_t>((x[e] * r) * w[e]);
-          rotate_row<scalar_t>(g.chunks, n.data(), cos.data(), sin.data(), dst);
+          for (int64_t e = 0; e < hd; ++e) n[e] = widen(narrow<scalar_t>((x[e] * r) * w[e]));
+          if constexpr (std::is_same_v<scalar_t, acc>) {
+            rotate_row<scalar_t>(g.chunks, n.data(), cos.data(), sin.data(), dst);
+          } else {
+            // bf16/fp16: rotate in float, then narrow the whole head row. Narrowing inside the
+            // rotation's chunk-half loops (a few dozen elements) kept them from vectorizing.
+            rotate_row<acc>(g.chunks, n.data(), cos.data(), sin.data(), rotated.data());
+            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(rotated[e]);
+          }
         }
       }
     }
@@ -203,8 +211,8 @@ void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<s
             const scalar_t* gsrc = grad.data[tensor] + b * gs.batch + l * gs.seq + h * gs.head;
             scalar_t* dst = grad_in[tensor] + ((b * L + l) * heads + h) * hd;
             for (int64_t e = 0; e < hd; ++e) {
-              x[e] = static_cast<acc>(src[e]);
-              gy[e] = static_cast<acc>(gsrc[e]);
+              x[e] = widen(src[e]);
+              gy[e] = widen(gsrc[e]);
             }
             const acc r = rope_math::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
             for (int64_t e = 0; e < hd; ++e) {
@@ -219,7 +227,7 @@ void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<s
             }
             // sum(gu * u): the normalisation's projection term
             const acc mean_dot = dot_product(gu.data(), u.data(), hd) / static_cast<acc>(hd);
-            for (int64_t e = 0; e < hd; ++e) dst[e] = static_cast<scalar_t>(r * (gu[e] - u[e] * mean_dot));
+            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(r * (gu[e] - u[e] * mean_dot));
           }
         }
       }
