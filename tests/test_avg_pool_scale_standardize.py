@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import vitops
 from vitops import reference
 from vitops.ops import avg_pool_scale_standardize
 
@@ -178,6 +179,43 @@ def test_bad_positions_name_positions_xy():
     bad[0, 3] = torch.tensor([2, 9])
     with pytest.raises(RuntimeError, match=r"`positions_xy` maps patch \[0, 3\].*past length=4"):
         avg_pool_scale_standardize(x, bad, 4, 1.0)
+
+
+# Coordinates so large that the slot x/k + (W/k) * (y/k) overflows int64 and could wrap into
+# [0, length): each must be reported as past `length` (CPU), never pooled into a wrong slot.
+HUGE_POSITIONS = {  # (positions, length, indices of the patches no slot can hold)
+    "y": ([(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 2**62)], 8, [7]),
+    "wide_image": ([(2**33 - 1, 0), (0, 2**31), (0, 0), (1, 0)], 4, [0, 1]),
+    "int64_max_x": ([(2**63 - 1, 0), (0, 0), (1, 0), (2, 0)], 4, [0]),
+}
+
+
+@pytest.mark.parametrize("op", ["avg_pool_scale_standardize", "avg_pool_by_positions"])
+@pytest.mark.parametrize("case", list(HUGE_POSITIONS))
+def test_huge_coordinates_are_past_length(op, case):
+    coords, length, _ = HUGE_POSITIONS[case]
+    pos = torch.tensor([coords], dtype=torch.int64)
+    x = randn(1, len(coords), 2)
+    with pytest.raises(RuntimeError, match=r"past length|slot >= length"):
+        if op == "avg_pool_by_positions":
+            vitops.avg_pool_by_positions(x, positions_xy=pos, length=length)
+        else:
+            avg_pool_scale_standardize(x, pos, length, 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(HUGE_POSITIONS))
+def test_cuda_skips_huge_coordinates(case):
+    """CUDA skips the patches no slot can hold (as padding), the rest pool as without them."""
+    coords, length, bad = HUGE_POSITIONS[case]
+    pos = torch.tensor([coords], dtype=torch.int64, device="cuda")
+    x = randn(1, len(coords), 2, device="cuda")
+    out, mask = avg_pool_scale_standardize(x, pos, length, 1.0)
+    good = pos.clone()
+    good[0, bad] = -1
+    ref, ref_mask = reference.avg_pool_scale_standardize(x, good, length, 1.0)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(mask, ref_mask)
 
 
 def test_bad_std_buffers():

@@ -2,7 +2,7 @@
 //
 // Slot rule (reference.avg_pool_by_positions / HF Gemma4VisionPooler): k = isqrt(L / length);
 // image b's grid width W_b = max x over its non-padding patches + 1; patch (x, y) lands in slot
-// x/k + (W_b/k) * (y/k); padding patches have both coordinates -1.
+// x/k + (W_b/k) * (y/k); padding patches have both coordinates -1. pool_slot() takes max x, not W_b.
 #pragma once
 
 #include "vitops/common.h"
@@ -32,11 +32,17 @@ VITOPS_HOST_DEVICE int64_t width_contribution(int64_t px, int64_t py) {
   return is_padding(px, py) ? 0 : (px > 0 ? px : 0);
 }
 
-VITOPS_HOST_DEVICE int64_t pool_slot(int64_t px, int64_t py, int64_t kernel, int64_t image_width, int64_t length) {
+// Slot of patch (px, py) in an image whose largest x is `max_x`. Written so that no coordinate,
+// however large, can overflow: the pooled width (max_x + 1) / k is taken without forming max_x + 1,
+// and the range test is in division form, so a huge y cannot wrap into a valid-looking slot.
+VITOPS_HOST_DEVICE int64_t pool_slot(int64_t px, int64_t py, int64_t kernel, int64_t max_x, int64_t length) {
   if (is_padding(px, py)) return kPaddingSlot;
   if (px < 0 || py < 0) return kInvalidSlot;
-  const int64_t slot = px / kernel + (image_width / kernel) * (py / kernel);
-  return slot < length ? slot : kInvalidSlot;
+  const int64_t pooled_width = max_x / kernel + (max_x % kernel == kernel - 1 ? 1 : 0);
+  const int64_t col = px / kernel, row = py / kernel;
+  if (col >= length) return kInvalidSlot;
+  if (row > 0 && pooled_width > (length - 1 - col) / row) return kInvalidSlot;
+  return col + pooled_width * row;
 }
 
 inline int64_t check_kernel_size(const char* op, int64_t seq_len, int64_t length) {

@@ -30,7 +30,7 @@ std::vector<int64_t> compute_slots(const char* op, const Geometry& g, const inde
     }
     for (int64_t l = 0; l < g.seq_len; ++l) {
       const int64_t px = load_index(pos, b * ps[0] + l * ps[1]), py = load_index(pos, b * ps[0] + l * ps[1] + ps[2]);
-      const int64_t slot = pool_slot(px, py, g.kernel, max_x + 1, g.length);
+      const int64_t slot = pool_slot(px, py, g.kernel, max_x, g.length);
       VITOPS_CHECK(slot != kInvalidSlot, "vitops.", op, ": `positions_xy` maps patch [", b, ", ", l, "] at (", px,
                    ", ", py, ") to a slot past length=", g.length);
       slots[b * g.seq_len + l] = slot;

@@ -48,9 +48,10 @@ __device__ __forceinline__ void load_xy(const Params& p, int64_t b, int64_t l, i
   *py = static_cast<int64_t>(pos[off + p.position_strides[2]]);
 }
 
-// Grid width (max x + 1) of image b, reduced by the whole block; `scratch` holds one value per warp.
+// Largest x of image b's non-padding patches (grid width - 1), reduced by the whole block;
+// `scratch` holds one value per warp.
 template <typename index_t>
-__device__ int64_t image_width(const Params& p, int64_t b, int64_t* scratch) {
+__device__ int64_t image_max_x(const Params& p, int64_t b, int64_t* scratch) {
   int64_t max_x = 0;
   for (int64_t l = threadIdx.x; l < p.seq_len; l += blockDim.x) {
     int64_t px, py;
@@ -67,7 +68,7 @@ __device__ int64_t image_width(const Params& p, int64_t b, int64_t* scratch) {
   __syncthreads();
   int64_t result = 0;
   for (int w = 0; w < static_cast<int>(blockDim.x / kWarpSize); ++w) result = scratch[w] > result ? scratch[w] : result;
-  return result + 1;
+  return result;  // not + 1: pool_slot takes max x, so INT64_MAX cannot overflow
 }
 
 template <typename scalar_t, typename index_t>
@@ -88,7 +89,7 @@ __global__ void forward_kernel(const Params p) {
 
   for (int s = 0; s < kSlotsPerBlock; ++s) sums[s][threadIdx.x] = 0.f;  // own column only
   if (threadIdx.x < kSlotsPerBlock) slot_hit[threadIdx.x] = 0;
-  const int64_t width = image_width<index_t>(p, b, width_scratch);  // ends with __syncthreads
+  const int64_t max_x = image_max_x<index_t>(p, b, width_scratch);  // ends with __syncthreads
   const float inv_k2 = 1.f / static_cast<float>(p.kernel * p.kernel);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + b * p.x_strides[0] + d * p.x_strides[2];
 
@@ -97,7 +98,7 @@ __global__ void forward_kernel(const Params p) {
     if (p0 + lane < p.seq_len) {
       int64_t px, py;
       load_xy<index_t>(p, b, p0 + lane, &px, &py);
-      slot = pool_slot(px, py, p.kernel, width, p.length);
+      slot = pool_slot(px, py, p.kernel, max_x, p.length);
     }
     const bool mine = slot >= s0 && slot < s0 + kSlotsPerBlock;
     unsigned pending = __ballot_sync(0xffffffffu, mine);
@@ -136,13 +137,13 @@ __global__ void backward_kernel(const Params p) {
   const int64_t tiles = rope_math::div_round_up(p.seq_len, kPatchesPerBackwardBlock);
   const int64_t b = blockIdx.x / tiles;
   const int64_t l0 = (blockIdx.x % tiles) * kPatchesPerBackwardBlock;
-  const int64_t width = image_width<index_t>(p, b, width_scratch);
+  const int64_t max_x = image_max_x<index_t>(p, b, width_scratch);
   if (threadIdx.x < kPatchesPerBackwardBlock) {
     int64_t slot = kPaddingSlot;
     if (l0 + threadIdx.x < p.seq_len) {
       int64_t px, py;
       load_xy<index_t>(p, b, l0 + threadIdx.x, &px, &py);
-      slot = pool_slot(px, py, p.kernel, width, p.length);
+      slot = pool_slot(px, py, p.kernel, max_x, p.length);
     }
     slots[threadIdx.x] = slot;
   }
