@@ -180,7 +180,7 @@ VITOPS_HOST_DEVICE acc rotate_channel_backward(const acc* g, const acc* cos_tabl
                                                const ChannelRole& role, int64_t e) {
   const acc c = cos_table[role.table_index], s = sin_table[role.table_index];
   const acc self = g[e], partner = g[role.partner];
-  return role.first_half ? self * c + partner * s : self * c - partner * s;
+  return role.first_half ? mul_rounded(self, c) + mul_rounded(partner, s) : mul_rounded(self, c) - mul_rounded(partner, s);
 }
 
 }  // namespace vitops::rope_math

@@ -10,6 +10,7 @@
 
 #include "../apply_multidimensional_rope.h"
 #include "vitops/cuda_utils.cuh"
+#include "vitops/rope_math.h"
 
 namespace vitops::rope {
 namespace {
@@ -142,8 +143,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float av = static_cast<float>(a.v[j]), bv = static_cast<float>(b.v[j]);
-          out_a.v[j] = static_cast<scalar_t>(av * cs[j] - bv * sn[j]);
-          out_b.v[j] = static_cast<scalar_t>(bv * cs[j] + av * sn[j]);
+          // Each product rounded on its own (no FMA contraction), as the CPU kernel and the
+          // reference compute them.
+          out_a.v[j] = static_cast<scalar_t>(rope_math::mul_rounded(av, cs[j]) - rope_math::mul_rounded(bv, sn[j]));
+          out_b.v[j] = static_cast<scalar_t>(rope_math::mul_rounded(bv, cs[j]) + rope_math::mul_rounded(av, sn[j]));
         }
         *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + start) = out_a;
         *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + start + half) = out_b;

@@ -1,6 +1,6 @@
 // qkv_norm_rope on the CPU: parallel over (b, l) rows. A row's cos/sin table is computed once and
 // shared by all of its q and k heads; every head row is normalised, rounded to the input dtype
-// (HF casts the RMSNorm output) and rotated (q, k) straight into the [B, N, L, hd] output.
+// (HF casts the RMSNorm output) and rotated (q, k) straight into the contiguous [B, L, N, hd] output.
 // Weight gradients are reduced deterministically: fixed-size row chunks write partial sums, which
 // are added in chunk order, so results do not depend on the thread count.
 #include <algorithm>

@@ -4,7 +4,8 @@
 // tile's cos/sin tables (rounded to the dtype) in shared memory, then each warp takes head rows
 // (row, q/k/v head) in turn: it loads the row (16-byte vectors when the view allows), reduces the
 // sum of squares with warp shuffles, writes the normalised row (rounded to the dtype) to its
-// shared-memory scratch row, and writes the rotated row contiguously into [B, N, L, hd].
+// shared-memory scratch row, and writes the rotated row into contiguous [B, L, N, hd] memory (the
+// Python wrapper returns [B, N, L, hd] transpose views of it).
 //
 // Backward: the same tiling for dq/dk/dv; weight gradients are accumulated per warp in shared
 // memory (each lane owns fixed channels, so no atomics), summed over warps in fixed order into a
@@ -41,7 +42,7 @@ struct Params {
   const void* grad[kNumHeadTensors];  // backward only: [B, N, L, hd] views
   HeadStrides grad_strides[kNumHeadTensors];
   bool grad_vectorized[kNumHeadTensors];
-  void* out[kNumHeadTensors];  // forward: [B, N, L, hd]; backward: [B, L, N, hd] (contiguous)
+  void* out[kNumHeadTensors];  // forward and backward: contiguous [B, L, N, hd]
   const void* weight[kNumWeights];
   ValueKind weight_kind[kNumWeights];
   int64_t weight_stride[kNumWeights];
@@ -51,7 +52,10 @@ struct Params {
   int64_t batch, seq_len, head_dim;
   int64_t heads[kNumHeadTensors];
   ChunkLayout chunks;
-  float eps, base;
+  float eps;
+  // Computed on the host with the CPU kernel's function (HF builds inv_freq on the CPU too):
+  // device powf may differ from it in the last bits. 1 KiB of the kernel parameter space.
+  float inverse_frequency[kMaxHeadDim / 2];
   float* weight_partials;  // backward: [gridDim.x, 2, hd]
 };
 
@@ -108,7 +112,7 @@ __device__ void fill_tile_tables(const Params& p, int64_t row0, const float* inv
 __device__ void fill_block_constants(const Params& p, float* inverse_frequency, float* weights) {
   const int64_t hd = p.head_dim;
   for (int64_t k = threadIdx.x; k < hd / 2; k += blockDim.x)
-    inverse_frequency[k] = rope_math::inverse_frequency<float>(p.chunks, k, p.base);
+    inverse_frequency[k] = p.inverse_frequency[k];
   for (int64_t e = threadIdx.x; e < kNumWeights * hd; e += blockDim.x) {
     const int w = static_cast<int>(e / hd);
     weights[e] = load_as<float>(p.weight[w], p.weight_kind[w], (e - w * hd) * p.weight_stride[w]);
@@ -269,7 +273,7 @@ __global__ void backward_kernel(const Params p) {
         const float u = x_row[e] * inv_rms;
         const float gn = grad_normed(e);
         const float gu = rotate ? gn * weights[tensor * hd + e] : gn;
-        dst[e] = static_cast<scalar_t>(inv_rms * (gu - u * mean_dot));
+        dst[e] = static_cast<scalar_t>(inv_rms * (gu - rope_math::mul_rounded(u, mean_dot)));
       }
       __syncwarp();
     }
@@ -340,7 +344,8 @@ Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], con
   p.head_dim = g.head_dim;
   p.chunks = g.chunks;
   p.eps = static_cast<float>(eps);
-  p.base = static_cast<float>(base);
+  for (int64_t k = 0; k < g.head_dim / 2; ++k)
+    p.inverse_frequency[k] = rope_math::inverse_frequency<float>(g.chunks, k, static_cast<float>(base));
   return p;
 }
 
