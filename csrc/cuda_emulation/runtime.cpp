@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -22,6 +23,13 @@
 #define VITOPS_EMU_ASAN 1
 #endif
 
+// Bounds of the section holding every `__shared__` variable of this library (set by the linker;
+// weak so that a library without any still links).
+extern "C" {
+extern unsigned char __start_vitops_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern unsigned char __stop_vitops_emu_shared[] __attribute__((weak, visibility("hidden")));
+}
+
 namespace vitops::emu {
 
 thread_local ThreadState* current = nullptr;
@@ -29,6 +37,8 @@ thread_local ThreadState* current = nullptr;
 namespace {
 
 std::atomic<int> g_schedule{0};
+// Static shared memory is process-wide, so emulated launches from different OS threads take turns.
+std::mutex g_launch_mutex;
 thread_local cudaError_t t_last_error = cudaSuccess;
 
 constexpr size_t kStackBytes = 128 * 1024;
@@ -355,7 +365,11 @@ void run_kernel(dim3 grid, dim3 block, size_t shared_bytes, const char* name, vo
     t_last_error = cudaErrorInvalidValue;
     return;
   }
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
   const int sched = g_schedule.load();
+  unsigned char* static_shared = __start_vitops_emu_shared;
+  const size_t static_shared_bytes =
+      static_shared ? static_cast<size_t>(__stop_vitops_emu_shared - __start_vitops_emu_shared) : 0;
 
   Block b;
   b.kernel = name;
@@ -384,7 +398,9 @@ void run_kernel(dim3 grid, dim3 block, size_t shared_bytes, const char* name, vo
     const uint64_t linear = sched == 0 ? k : blocks - 1 - k;
     b.index = uint3{unsigned(linear % grid.x), unsigned(linear / grid.x % grid.y),
                     unsigned(linear / (uint64_t(grid.x) * grid.y))};
-    std::memset(b.shared, sched == 0 ? 0xFF : 0x7F, shared_alloc);
+    const int garbage = sched == 0 ? 0xFF : 0x7F;  // float: NaN / 3.4e38; integers: -1 / large
+    std::memset(b.shared, garbage, shared_alloc);
+    if (static_shared_bytes) std::memset(static_shared, garbage, static_shared_bytes);
     for (Warp& w : b.warps) w = Warp{};
     for (size_t i = 0; i < threads; ++i) {
       Fiber& f = b.fibers[i];

@@ -33,9 +33,13 @@
 #define __noinline__
 #define __grid_constant__
 #define __launch_bounds__(...)
-// Blocks never overlap and a block's threads share one OS thread, so per-kernel statics are
-// exactly "one copy per block". (Unlike hardware, values survive from the previous block.)
-#define __shared__ static
+// Blocks never overlap (launches are serialised) and a block's threads share one OS thread, so
+// per-kernel statics are exactly "one copy per block". They are collected in one section so the
+// runtime can fill them with garbage before every block: on hardware, shared memory starts
+// undefined, and a kernel that reads it before writing must not see the previous block's values.
+// Limitation: GCC (12) drops section attributes on statics of template instantiations, so the
+// statics of template kernels are not refilled and keep the previous block's values.
+#define __shared__ static __attribute__((section("vitops_emu_shared")))
 #define __constant__ static
 
 // ---------------------------------------------------------------------------------------------
