@@ -103,7 +103,6 @@ def test_import_vitops_does_not_load_the_emulator():
     import subprocess
     import sys
 
-    code = "import vitops, torch; print(hasattr(torch.ops, 'vitops_emu') and 'vitops_emu' in torch.ops._dir)"
     code = (
         "import vitops, torch\n"
         "try:\n    torch.ops.vitops_emu.patchify\n    print('loaded')\n"
@@ -233,9 +232,8 @@ def test_apply_multidimensional_rope(dtype, case):
     shape, axes, fraction, pos_dtype = case
     x = randn(*shape, dtype=dtype)
     pos = _rope_positions(shape[:-3], shape[-3], axes, pos_dtype)
-    tolerance = tol(dtype) if shape[-1] <= 512 else dict(rtol=1e-5, atol=2e-5)
-    if dtype != torch.float32:
-        tolerance = tol(dtype)
+    # frequencies computed on the device (powf there): the tolerance of the CUDA test of that path
+    tolerance = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 and shape[-1] > 512 else tol(dtype)
     ref = reference.apply_multidimensional_rope(x, pos, base_frequency=BASE, rotary_fraction=fraction)
     # strided view: heads of a fused buffer (row and head strides that are not the packed ones)
     fused = randn(*shape[:-2], 2 * shape[-2], shape[-1], dtype=dtype)[..., : shape[-2], :]
