@@ -6,7 +6,15 @@
 // torch.compile(dynamic=True) are SymInt; backward ops are named _<op>_backward.
 #include "vitops/common.h"
 
-STABLE_TORCH_LIBRARY(vitops, m) {
+// The CUDA emulator library (test tool) compiles this file again with
+// -DVITOPS_OPS_NAMESPACE=vitops_emu, so its namespace gets exactly these schemas.
+#ifndef VITOPS_OPS_NAMESPACE
+#define VITOPS_OPS_NAMESPACE vitops
+#endif
+// One more expansion step, so STABLE_TORCH_LIBRARY pastes the namespace's value, not its macro name.
+#define VITOPS_STABLE_TORCH_LIBRARY(ns, m) STABLE_TORCH_LIBRARY(ns, m)
+
+VITOPS_STABLE_TORCH_LIBRARY(VITOPS_OPS_NAMESPACE, m) {
   // images[..., H, W, C] -> patches[..., N, p*p*C] in (row, col, channel) order and
   // positions_xy[..., N, 2] int64 (x = column, y = row, patch units, row-major patch order).
   m.def("patchify(Tensor images, SymInt patch_size) -> (Tensor patches, Tensor positions_xy)");

@@ -7,6 +7,8 @@
 #   VITOPS_BENCH_DEPS=1                              also install matplotlib + tqdm (benchmarks)
 #   VITOPS_CUDA=AUTO|ON|OFF                          build the CUDA kernels (AUTO: when torch is a
 #                                                    CUDA build and nvcc is found)
+#   VITOPS_CUDA_EMULATION=ON (default) | OFF         also build _vitops_cuda_emu.so: the CUDA kernels
+#                                                    for the CPU emulator (tests/test_cuda_emulated.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${VITOPS_TORCH:-2.14.1}
@@ -37,10 +39,11 @@ if [ "${VITOPS_BENCH_DEPS:-0}" = 1 ]; then
   echo "== installing benchmark extras"
   "$VPY" -m pip install -q matplotlib tqdm
 fi
-echo "== building vitops (VITOPS_CUDA=${VITOPS_CUDA:-AUTO})"
+echo "== building vitops (VITOPS_CUDA=${VITOPS_CUDA:-AUTO}, VITOPS_CUDA_EMULATION=${VITOPS_CUDA_EMULATION:-ON})"
 start=$(date +%s)
 "$VPY" -m pip install -q --no-build-isolation --no-deps \
   -Cbuild-dir="build/{wheel_tag}-torch$TORCH_VERSION" \
-  -Ccmake.define.VITOPS_CUDA="${VITOPS_CUDA:-AUTO}" .
+  -Ccmake.define.VITOPS_CUDA="${VITOPS_CUDA:-AUTO}" \
+  -Ccmake.define.VITOPS_CUDA_EMULATION="${VITOPS_CUDA_EMULATION:-ON}" .
 echo "== built and installed vitops in $(( $(date +%s) - start )) s"
 "$VPY" -c "import json, vitops; print(json.dumps(vitops.build_info()))"

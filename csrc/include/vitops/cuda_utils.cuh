@@ -1,14 +1,42 @@
-// CUDA-side helpers: current stream from torch, device guard, launch checks.
+// CUDA-side helpers: current stream from torch, device guard, launch checks, and the macros that
+// let the same kernel sources also build for the CPU emulator (-DVITOPS_CUDA_EMULATION, see
+// vitops/cuda_emulation.h): kernel launches, dynamic shared memory and kernel registration.
 #pragma once
 
+#if defined(VITOPS_CUDA_EMULATION)
+#include "vitops/cuda_emulation.h"
+#else
 #include <cuda_runtime.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
+#endif
 
 #include "vitops/common.h"
 
+#if defined(VITOPS_CUDA_EMULATION)
+// kernel<<<grid, block, smem, stream>>>(args): the kernel goes last so template commas need no parentheses.
+#define VITOPS_LAUNCH(grid, block, smem, stream, ...) VITOPS_EMU_LAUNCH(grid, block, smem, stream, __VA_ARGS__)
+// extern __shared__ type name[];
+#define VITOPS_DYNAMIC_SHARED(type, name) VITOPS_EMU_DYNAMIC_SHARED(type, name)
+// The emulated kernels take CPU tensors and must not replace the real CUDA kernels, so they are the
+// CPU implementations of a second namespace with the same schemas (registration.cpp built again).
+#define VITOPS_CUDA_KERNELS(m) STABLE_TORCH_LIBRARY_IMPL(vitops_emu, CPU, m)
+#else
+#define VITOPS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define VITOPS_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define VITOPS_CUDA_KERNELS(m) STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m)
+#endif
+
 namespace vitops {
 
+#if defined(VITOPS_CUDA_EMULATION)
+inline cudaStream_t current_cuda_stream(int32_t) { return nullptr; }
+
+// Emulated kernels run on CPU tensors (device index -1): nothing to switch.
+struct CudaDeviceGuard {
+  explicit CudaDeviceGuard(int32_t) {}
+};
+#else
 // The stream torch is currently using on `device_index` (never the legacy default stream).
 inline cudaStream_t current_cuda_stream(int32_t device_index) {
   void* stream = nullptr;
@@ -18,6 +46,7 @@ inline cudaStream_t current_cuda_stream(int32_t device_index) {
 }
 
 using CudaDeviceGuard = torch::stable::accelerator::DeviceGuard;
+#endif
 
 #define VITOPS_CUDA_CHECK_LAUNCH()                                                              \
   do {                                                                                          \

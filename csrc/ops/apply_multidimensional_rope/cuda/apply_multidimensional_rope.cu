@@ -80,7 +80,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     rope_kernel(const scalar_t* __restrict__ in, const void* __restrict__ positions, scalar_t* __restrict__ out,
                 const __grid_constant__ KernelArgs args) {
-  extern __shared__ int64_t shared[];
+  VITOPS_DYNAMIC_SHARED(int64_t, shared);
   const int tile_rows = args.tile_rows;
   int64_t* row_offsets = shared;                                      // [tile_rows]
   const int F = args.rotated / 2;                                     // frequencies per row
@@ -230,13 +230,13 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
   const void* pos = positions.const_data_ptr();
   switch (vec) {
     case kVec16:
-      rope_kernel<scalar_t, kVec16><<<blocks, kThreads, smem, stream>>>(in, pos, out, args);
+      VITOPS_LAUNCH(blocks, kThreads, smem, stream, rope_kernel<scalar_t, kVec16>)(in, pos, out, args);
       break;
     case 2:
-      rope_kernel<scalar_t, 2><<<blocks, kThreads, smem, stream>>>(in, pos, out, args);
+      VITOPS_LAUNCH(blocks, kThreads, smem, stream, rope_kernel<scalar_t, 2>)(in, pos, out, args);
       break;
     default:
-      rope_kernel<scalar_t, 1><<<blocks, kThreads, smem, stream>>>(in, pos, out, args);
+      VITOPS_LAUNCH(blocks, kThreads, smem, stream, rope_kernel<scalar_t, 1>)(in, pos, out, args);
   }
   VITOPS_CUDA_CHECK_LAUNCH();
 }
@@ -273,7 +273,7 @@ Tensor rope_backward_cuda(const Tensor& grad_output, const Tensor& positions, do
 }  // namespace
 }  // namespace vitops::rope
 
-STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+VITOPS_CUDA_KERNELS(m) {
   m.impl("apply_multidimensional_rope", TORCH_BOX(&vitops::rope::rope_cuda));
   m.impl("_apply_multidimensional_rope_backward", TORCH_BOX(&vitops::rope::rope_backward_cuda));
 }

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                         Positions<index_t> pos, scalar_t* __restrict__ out, bool* __restrict__ mask, int64_t L,
                         int64_t D, int64_t length, int64_t k, float weight, int64_t slot_tiles, int64_t d_chunks,
                         int slots_per_tile) {
-  extern __shared__ float accumulators[];  // [slots_per_tile][VEC][blockDim.x]
+  VITOPS_DYNAMIC_SHARED(float, accumulators);  // [slots_per_tile][VEC][blockDim.x]
   __shared__ int64_t matched_patch[kMaxThreads];
   __shared__ int matched_slot[kMaxThreads];
   __shared__ int warp_matches[kMaxThreads / kWarp];
@@ -208,7 +208,7 @@ void launch_forward(const Tensor& x, const Tensor& positions, const Geometry& g,
                " blocks)");
   const size_t smem = (size_t)slots_per_tile * cols * sizeof(float);
   const float weight = 1.f / (float)(g.kernel * g.kernel);
-  pool_forward_kernel<scalar_t, index_t, VEC><<<(unsigned)blocks, threads, smem, stream>>>(
+  VITOPS_LAUNCH((unsigned)blocks, threads, smem, stream, pool_forward_kernel<scalar_t, index_t, VEC>)(
       x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), positions_view<index_t>(positions),
       out.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<bool>(), g.seq_len, g.dim, g.length, g.kernel, weight,
       slot_tiles, d_chunks, slots_per_tile);
@@ -224,7 +224,7 @@ void launch_backward(const Tensor& grad, const Tensor& positions, const Geometry
   VITOPS_CHECK(blocks <= 0x7fffffffLL, "vitops._avg_pool_by_positions_backward: problem too large for one launch (",
                blocks, " blocks)");
   const float weight = 1.f / (float)(g.kernel * g.kernel);
-  pool_backward_kernel<scalar_t, index_t, VEC><<<(unsigned)blocks, threads, 0, stream>>>(
+  VITOPS_LAUNCH((unsigned)blocks, threads, 0, stream, pool_backward_kernel<scalar_t, index_t, VEC>)(
       grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
       positions_view<index_t>(positions), grad_x.mutable_data_ptr<scalar_t>(), g.seq_len, g.dim, g.length, g.kernel,
       weight, row_tiles);
@@ -288,7 +288,7 @@ Tensor avg_pool_by_positions_backward_cuda(const Tensor& grad_output, const Tens
 }  // namespace
 }  // namespace vitops::avg_pool_by_positions
 
-STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+VITOPS_CUDA_KERNELS(m) {
   m.impl("avg_pool_by_positions", TORCH_BOX(&vitops::avg_pool_by_positions::avg_pool_by_positions_cuda));
   m.impl("_avg_pool_by_positions_backward",
          TORCH_BOX(&vitops::avg_pool_by_positions::avg_pool_by_positions_backward_cuda));

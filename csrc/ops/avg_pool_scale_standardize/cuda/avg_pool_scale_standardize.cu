@@ -172,14 +172,14 @@ void launch(const Params& p, ScalarType index_type, bool forward, int64_t blocks
   const unsigned grid = static_cast<unsigned>(blocks);
   if (index_type == ScalarType::Int) {
     if (forward) {
-      forward_kernel<scalar_t, int32_t><<<grid, kForwardThreads, 0, stream>>>(p);
+      VITOPS_LAUNCH(grid, kForwardThreads, 0, stream, forward_kernel<scalar_t, int32_t>)(p);
     } else {
-      backward_kernel<scalar_t, int32_t><<<grid, kBackwardThreads, 0, stream>>>(p);
+      VITOPS_LAUNCH(grid, kBackwardThreads, 0, stream, backward_kernel<scalar_t, int32_t>)(p);
     }
   } else if (forward) {
-    forward_kernel<scalar_t, int64_t><<<grid, kForwardThreads, 0, stream>>>(p);
+    VITOPS_LAUNCH(grid, kForwardThreads, 0, stream, forward_kernel<scalar_t, int64_t>)(p);
   } else {
-    backward_kernel<scalar_t, int64_t><<<grid, kBackwardThreads, 0, stream>>>(p);
+    VITOPS_LAUNCH(grid, kBackwardThreads, 0, stream, backward_kernel<scalar_t, int64_t>)(p);
   }
 }
 
@@ -256,7 +256,7 @@ Tensor avg_pool_scale_standardize_backward_cuda(const Tensor& grad_output, const
 }  // namespace
 }  // namespace vitops::avg_pool_scale_standardize
 
-STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+VITOPS_CUDA_KERNELS(m) {
   m.impl("avg_pool_scale_standardize",
          TORCH_BOX(&vitops::avg_pool_scale_standardize::avg_pool_scale_standardize_cuda));
   m.impl("_avg_pool_scale_standardize_backward",

@@ -15,7 +15,9 @@
 //   3. one block per table row (key) binary-searches its run of patches and sums their gradient
 //      rows in that order in float32, each thread owning its own columns. Rows without patches
 //      write zeros. Nothing depends on scheduling, so repeated runs give identical bits.
-#include <cub/device/device_radix_sort.cuh>
+#if !defined(VITOPS_CUDA_EMULATION)
+#include <cub/device/device_radix_sort.cuh>  // the emulator provides its own SortPairs
+#endif
 
 #include "../factorized_posemb.h"
 #include "vitops/cuda_utils.cuh"
@@ -79,10 +81,10 @@ void launch_forward(const scalar_t* table, const TableView& t, const index_t* po
   const int64_t units = num_patches * (vec_ok ? t.dim / kVec : t.dim);
   const int64_t blocks = std::min<int64_t>(ceil_div(units, kThreads), 65535LL * 8);
   if (vec_ok) {
-    forward_kernel<scalar_t, index_t, kVec><<<(unsigned)blocks, kThreads, 0, stream>>>(
+    VITOPS_LAUNCH((unsigned)blocks, kThreads, 0, stream, forward_kernel<scalar_t, index_t, kVec>)(
         table, t.axis_stride, t.row_stride, t.num_positions, t.dim, pos, out, num_patches);
   } else {
-    forward_kernel<scalar_t, index_t, 1><<<(unsigned)blocks, kThreads, 0, stream>>>(
+    VITOPS_LAUNCH((unsigned)blocks, kThreads, 0, stream, forward_kernel<scalar_t, index_t, 1>)(
         table, t.axis_stride, t.row_stride, t.num_positions, t.dim, pos, out, num_patches);
   }
   VITOPS_CUDA_CHECK_LAUNCH();
@@ -188,10 +190,10 @@ void launch_backward_rows(const scalar_t* grad, const uint32_t* sorted_keys, con
   const int threads = (int)std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(chunks, 32) * 32));
   const unsigned blocks = (unsigned)(2 * num_positions);
   if (vec_ok) {
-    backward_rows_kernel<scalar_t, kVec><<<blocks, threads, 0, stream>>>(grad, sorted_keys, sorted_patches, num_entries,
+    VITOPS_LAUNCH(blocks, threads, 0, stream, backward_rows_kernel<scalar_t, kVec>)(grad, sorted_keys, sorted_patches, num_entries,
                                                                          num_positions, dim, table_dim, out);
   } else {
-    backward_rows_kernel<scalar_t, 1><<<blocks, threads, 0, stream>>>(grad, sorted_keys, sorted_patches, num_entries,
+    VITOPS_LAUNCH(blocks, threads, 0, stream, backward_rows_kernel<scalar_t, 1>)(grad, sorted_keys, sorted_patches, num_entries,
                                                                       num_positions, dim, table_dim, out);
   }
   VITOPS_CUDA_CHECK_LAUNCH();
@@ -224,7 +226,7 @@ Tensor factorized_posemb_backward_cuda(const Tensor& grad_output, const Tensor& 
     const int64_t blocks = std::min<int64_t>(ceil_div(num_entries, kThreads), 65535LL * 8);
     with_index_type(pos.scalar_type(), [&](auto index_tag) {
       using index_t = decltype(index_tag);
-      make_keys_kernel<index_t><<<(unsigned)blocks, kThreads, 0, stream>>>(pos.const_data_ptr<index_t>(), num_entries,
+      VITOPS_LAUNCH((unsigned)blocks, kThreads, 0, stream, make_keys_kernel<index_t>)(pos.const_data_ptr<index_t>(), num_entries,
                                                                           num_positions, keys_ptr, patches_ptr);
     });
     VITOPS_CUDA_CHECK_LAUNCH();
@@ -251,7 +253,7 @@ Tensor factorized_posemb_backward_cuda(const Tensor& grad_output, const Tensor& 
 }  // namespace
 }  // namespace vitops::factorized_posemb
 
-STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+VITOPS_CUDA_KERNELS(m) {
   m.impl("factorized_posemb", TORCH_BOX(&vitops::factorized_posemb::factorized_posemb_cuda));
   m.impl("_factorized_posemb_backward", TORCH_BOX(&vitops::factorized_posemb::factorized_posemb_backward_cuda));
 }

@@ -63,10 +63,10 @@ void launch(const scalar_t* src, scalar_t* dst, int64_t* pos, const Geometry& g,
   const int64_t units = aligned ? elems / kVec : elems;
   const int64_t blocks = std::min<int64_t>(ceil_div(std::max(units, g.batch * g.num_patches()), threads), 65535LL * 8);
   if (aligned) {
-    permute_kernel<scalar_t, kVec><<<(unsigned)blocks, threads, 0, stream>>>(src, dst, pos, g.batch, g.height, g.width,
+    VITOPS_LAUNCH((unsigned)blocks, threads, 0, stream, permute_kernel<scalar_t, kVec>)(src, dst, pos, g.batch, g.height, g.width,
                                                                             g.channels, g.patch, to_patches);
   } else {
-    permute_kernel<scalar_t, 1><<<(unsigned)blocks, threads, 0, stream>>>(src, dst, pos, g.batch, g.height, g.width,
+    VITOPS_LAUNCH((unsigned)blocks, threads, 0, stream, permute_kernel<scalar_t, 1>)(src, dst, pos, g.batch, g.height, g.width,
                                                                          g.channels, g.patch, to_patches);
   }
   VITOPS_CUDA_CHECK_LAUNCH();
@@ -101,7 +101,7 @@ Tensor patchify_backward_cuda(const Tensor& grad, int64_t height, int64_t width,
 }  // namespace
 }  // namespace vitops::patchify
 
-STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+VITOPS_CUDA_KERNELS(m) {
   m.impl("patchify", TORCH_BOX(&vitops::patchify::patchify_cuda));
   m.impl("_patchify_backward", TORCH_BOX(&vitops::patchify::patchify_backward_cuda));
 }

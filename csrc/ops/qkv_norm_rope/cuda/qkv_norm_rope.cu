@@ -135,7 +135,7 @@ __device__ __forceinline__ void split_head(const Params& p, int64_t h, int* tens
 
 template <typename scalar_t>
 __global__ void forward_kernel(const Params p) {
-  extern __shared__ float smem[];
+  VITOPS_DYNAMIC_SHARED(float, smem);
   const int64_t hd = p.head_dim, half = hd / 2;
   float* inverse_frequency = smem;                        // [hd/2]
   float* weights = inverse_frequency + half;              // [2, hd]
@@ -206,7 +206,7 @@ __global__ void forward_kernel(const Params p) {
 
 template <typename scalar_t>
 __global__ void backward_kernel(const Params p) {
-  extern __shared__ float smem[];
+  VITOPS_DYNAMIC_SHARED(float, smem);
   const int64_t hd = p.head_dim, half = hd / 2;
   float* inverse_frequency = smem;                                 // [hd/2]
   float* weights = inverse_frequency + half;                       // [2, hd]
@@ -366,12 +366,12 @@ size_t backward_smem_bytes(int64_t hd) {
 // Launch helpers (kept out of the dispatch macros: launch configurations contain commas).
 template <typename scalar_t>
 void launch_forward(const Params& p, unsigned blocks, cudaStream_t stream) {
-  forward_kernel<scalar_t><<<blocks, kForwardWarps * kWarpSize, forward_smem_bytes(p.head_dim), stream>>>(p);
+  VITOPS_LAUNCH(blocks, kForwardWarps * kWarpSize, forward_smem_bytes(p.head_dim), stream, forward_kernel<scalar_t>)(p);
 }
 
 template <typename scalar_t>
 void launch_backward(const Params& p, unsigned blocks, cudaStream_t stream) {
-  backward_kernel<scalar_t><<<blocks, kBackwardWarps * kWarpSize, backward_smem_bytes(p.head_dim), stream>>>(p);
+  VITOPS_LAUNCH(blocks, kBackwardWarps * kWarpSize, backward_smem_bytes(p.head_dim), stream, backward_kernel<scalar_t>)(p);
 }
 
 std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -435,7 +435,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
   });
   VITOPS_CUDA_CHECK_LAUNCH();
   const unsigned reduce_blocks = static_cast<unsigned>(rope_math::div_round_up(kNumWeights * g.head_dim, kReduceColumns));
-  reduce_weight_grads_kernel<<<reduce_blocks, kReduceColumns * kReduceGroups, 0, stream>>>(
+  VITOPS_LAUNCH(reduce_blocks, kReduceColumns * kReduceGroups, 0, stream, reduce_weight_grads_kernel)(
       partials.const_data_ptr<float>(), blocks, g.head_dim, grad_q_weight.mutable_data_ptr(), g.weight_kind[0],
       grad_k_weight.mutable_data_ptr(), g.weight_kind[1]);
   VITOPS_CUDA_CHECK_LAUNCH();
@@ -445,7 +445,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
 }  // namespace
 }  // namespace vitops::qkv_norm_rope
 
-STABLE_TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+VITOPS_CUDA_KERNELS(m) {
   m.impl("qkv_norm_rope", TORCH_BOX(&vitops::qkv_norm_rope::qkv_norm_rope_cuda));
   m.impl("_qkv_norm_rope_backward", TORCH_BOX(&vitops::qkv_norm_rope::qkv_norm_rope_backward_cuda));
 }

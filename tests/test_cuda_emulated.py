@@ -1,0 +1,483 @@
+"""The CUDA kernels and their launchers, run by the CPU execution emulator (torch.ops.vitops_emu).
+
+Every op runs under both emulator schedules (threads ascending / descending between barriers) and
+the two results must be bitwise identical: a missing __syncthreads/__syncwarp usually breaks that.
+The results are compared with vitops.reference (tolerances of the CUDA tests; bitwise where those
+demand bitwise). Shapes are small (the emulator runs every GPU thread as a fiber) but chosen to
+reach every kernel variant the launchers pick: 16-byte vector and scalar paths, int32/int64 index
+paths, several blocks and tiles, strided inputs and storage offsets that defeat vectorisation.
+
+Skipped when _vitops_cuda_emu.so was not built (VITOPS_CUDA_EMULATION=OFF), except under CI=true.
+"""
+
+import os
+
+import pytest
+import torch
+
+import vitops
+from vitops import reference, testing
+
+from _utils import CUDA_DTYPES, noncontiguous, randn, tol
+
+if not testing.load_cuda_emulator():
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(
+            f"CI=true but the CUDA emulator library ({testing.cuda_emulator_path()}) is missing: "
+            "build with VITOPS_CUDA_EMULATION=ON"
+        )
+    pytest.skip("the CUDA emulator library was not built (VITOPS_CUDA_EMULATION=OFF)", allow_module_level=True)
+
+emu_ops = torch.ops.vitops_emu
+DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in CUDA_DTYPES]
+
+
+def _flat(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def emu(name, *args):
+    """torch.ops.vitops_emu.<name>(*args) under both schedules; the results must agree bit for bit."""
+    op = getattr(emu_ops, name)
+    runs = []
+    for schedule in (0, 1):
+        with testing.emulator_schedule(schedule):
+            runs.append(_flat(op(*args)))
+    for i, (a, b) in enumerate(zip(*runs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{name} output {i} depends on the emulator schedule: {m}")
+    return runs[0] if len(runs[0]) > 1 else runs[0][0]
+
+
+def offset_by_one(t):
+    """Same values as t in a buffer that starts one element later (the 16-byte paths must fall back)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def exact(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator itself
+# ---------------------------------------------------------------------------------------------
+def test_emulator_exposes_a_missing_syncthreads():
+    x = torch.randn(200)
+    runs = []
+    for schedule in (0, 1):
+        with testing.emulator_schedule(schedule):
+            runs.append((emu_ops._selftest_race(x, True), emu_ops._selftest_race(x, False)))
+    (good0, bad0), (good1, bad1) = runs
+    expected = x.view(-1)[torch.tensor([(i // 64) * 64 + (i % 64 + 1) % 64 for i in range(200)]).clamp(max=199)]
+    ok = torch.tensor([(i // 64) * 64 + (i % 64 + 1) % 64 < 200 for i in range(200)])
+    exact(good0[ok], expected[ok])
+    exact(good0, good1)
+    assert not torch.equal(bad0, bad1), "the planted race gave the same result under both schedules"
+
+
+def test_emulator_reports_a_shuffle_with_an_exited_lane():
+    x = torch.randn(100)  # the last warp has lanes past n that return before the shuffles
+    out = emu("_selftest_shuffle", x, False)  # the correct variant works
+    sums = torch.nn.functional.pad(x, (0, 28)).view(-1, 32).sum(1)
+    counts = torch.tensor([32, 32, 32, 4], dtype=torch.float32)
+    torch.testing.assert_close(out, (sums + counts).repeat_interleave(32)[:100])
+    with pytest.raises(RuntimeError, match=r"early_exit_shuffle_kernel.*returned while .* waits at a warp collective"):
+        emu_ops._selftest_shuffle(x, True)
+    emu("_selftest_shuffle", x, False)  # the emulator is usable after an error
+
+
+def test_emulator_reports_divergent_barriers_and_bad_launches():
+    with pytest.raises(RuntimeError, match="divergent barrier"):
+        emu_ops._selftest_divergent_barrier(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        emu_ops._selftest_bad_launch(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="schedule must be 0 or 1"):
+        emu_ops._set_schedule(2)
+    assert emu_ops._get_schedule() == 0
+
+
+def test_import_vitops_does_not_load_the_emulator():
+    import subprocess
+    import sys
+
+    code = (
+        "import vitops, torch\n"
+        "try:\n    torch.ops.vitops_emu.patchify\n    print('loaded')\n"
+        "except (AttributeError, RuntimeError):\n    print('absent')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert out.stdout.strip() == "absent", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# patchify: VEC = 16 bytes when p*C and both pointers allow it, else 1; grid-stride loops.
+# ---------------------------------------------------------------------------------------------
+PATCHIFY_SHAPES = [
+    ((2, 12, 16, 4), 4),  # p*C = 16: vector path (f32 and 16-bit), 2+ blocks
+    ((1, 9, 15, 3), 3),  # odd patch size, p*C = 9: scalar path, 2 blocks
+    ((2, 2, 8, 8, 2), 4),  # two leading dims, p*C = 8: vector for f32 only
+    ((0, 8, 8, 3), 4),  # empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,p", PATCHIFY_SHAPES)
+def test_patchify(dtype, shape, p):
+    images = randn(*shape, dtype=dtype)
+    for variant in (images, offset_by_one(images), noncontiguous(images, dim=-2)):
+        patches, pos = emu("patchify", variant, p)
+        ref_patches, ref_pos = reference.patchify(images, p)
+        exact(patches, ref_patches)
+        exact(pos, ref_pos)
+    grad = randn(*ref_patches.shape, dtype=dtype)
+    h, w = shape[-3], shape[-2]
+    ref_images = images.detach().clone().requires_grad_()
+    reference.patchify(ref_images, p)[0].backward(grad)
+    for variant in (grad, offset_by_one(grad), noncontiguous(grad, dim=-1)):
+        exact(emu("_patchify_backward", variant, h, w, p), ref_images.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# factorized_posemb: forward VEC/scalar, int32/int64 positions, both table layouts, padding and
+# poisoned (out-of-range) rows; backward: keys kernel, radix sort, one block per table row.
+# ---------------------------------------------------------------------------------------------
+def _posemb_positions(lead, n_pos, dtype):
+    pos = torch.randint(0, n_pos, (*lead, 2))
+    if pos.numel():
+        flat = pos.view(-1, 2)
+        flat[torch.rand(flat.shape[0]) < 0.2] = -1
+        flat[torch.rand(flat.shape[0]) < 0.1, 0] = -1
+        flat[torch.rand(flat.shape[0]) < 0.1, 1] = -1
+    return pos.to(dtype)
+
+
+# (leading dims, N_pos, D)
+POSEMB_SHAPES = [
+    ((300,), 13, 16),  # vector path, 5 forward blocks (f32)
+    ((2, 37), 11, 7),  # odd D: scalar path
+    ((45,), 3, 263),  # backward: more columns than threads (thread loops), scalar
+    ((0,), 5, 8),  # no patches: backward writes zero rows
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["hf", "maxtext"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("lead,n_pos,d", POSEMB_SHAPES)
+def test_factorized_posemb(dtype, layout, index_dtype, lead, n_pos, d):
+    hf = randn(2, n_pos, d, dtype=dtype)
+    table, table_dim = (hf, 0) if layout == "hf" else (hf.transpose(0, 1), 1)
+    pos = _posemb_positions(lead, n_pos, index_dtype)
+    ref = reference.factorized_posemb(table, pos, table_dim)
+    for variant in (table, offset_by_one(table.contiguous()) if layout == "hf" else table):
+        out = emu("factorized_posemb", variant, pos, table_dim)
+        exact(out, ref)  # the CUDA tests demand identical bits
+        exact(out, torch.ops.vitops.factorized_posemb(variant, pos, table_dim))
+    grad = randn(*ref.shape, dtype=dtype)
+    ref_table = table.detach().clone().requires_grad_()
+    reference.factorized_posemb(ref_table, pos, table_dim).backward(grad)
+    cpu_grad = torch.ops.vitops._factorized_posemb_backward(grad, pos, n_pos, table_dim)
+    for g in (grad, offset_by_one(grad), noncontiguous(grad, dim=-1) if grad.dim() else grad):
+        got = emu("_factorized_posemb_backward", g, pos, n_pos, table_dim)
+        torch.testing.assert_close(got, ref_table.grad, **tol(dtype))
+        exact(got, cpu_grad)  # same summation order as the CPU kernel: bitwise
+
+
+def test_factorized_posemb_out_of_range_is_nan_and_skipped_in_backward():
+    table = randn(2, 5, 8)
+    pos = torch.tensor([[0, 1], [5, 0], [2, -3], [-1, -1], [4, 4]])
+    bad = torch.tensor([False, True, True, False, False])
+    out = emu("factorized_posemb", table, pos, 0)
+    assert out[bad].isnan().all()
+    clean = torch.where(bad.unsqueeze(-1), -1, pos)
+    exact(out[~bad], reference.factorized_posemb(table, clean, 0)[~bad])
+    grad = randn(5, 8)
+    valid = (pos >= 0) & (pos < 5)
+    exact(emu("_factorized_posemb_backward", grad, pos, 5, 0),
+          torch.ops.vitops._factorized_posemb_backward(grad, torch.where(valid, pos, -1), 5, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# apply_multidimensional_rope: VEC 16 bytes / 2 / 1, 1-D and N-D positions of every dtype,
+# passthrough channels, strided row views, frequencies in the arguments or on the device.
+# ---------------------------------------------------------------------------------------------
+BASE = 100.0
+
+# (inputs shape [..., L, H, hd], position axes (None = 1-D), rotary_fraction, position dtype)
+ROPE_CASES = [
+    ((2, 10, 4, 64), 2, None, torch.int64),  # halves of 16: 16-byte vectors
+    ((2, 10, 4, 72), 2, None, torch.int32),  # halves of 18: VEC 2
+    ((2, 7, 3, 6), 2, None, torch.float32),  # halves 1 and 2: VEC 1
+    ((2, 7, 3, 72), 3, 0.75, torch.float64),  # passthrough channels
+    ((2, 9, 3, 12), None, 0.5, torch.int64),  # 1-D, odd half width
+    ((2, 2, 40, 1, 8), 2, None, torch.int64),  # two leading dims, 160 rows: several tiles / blocks
+    ((1, 3, 1, 1040), None, None, torch.int64),  # 520 frequencies: computed on the device
+    ((0, 5, 2, 8), 2, None, torch.int64),  # empty
+]
+
+
+def _rope_positions(lead, length, axes, dtype):
+    shape = (*lead, length) if axes is None else (*lead, length, axes)
+    if dtype.is_floating_point:
+        return (torch.rand(shape, dtype=torch.float64) * 60 - 1).to(dtype)
+    return torch.randint(-1, 50, shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}-{c[2]}")
+def test_apply_multidimensional_rope(dtype, case):
+    shape, axes, fraction, pos_dtype = case
+    x = randn(*shape, dtype=dtype)
+    pos = _rope_positions(shape[:-3], shape[-3], axes, pos_dtype)
+    # frequencies computed on the device (powf there): the tolerance of the CUDA test of that path
+    tolerance = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 and shape[-1] > 512 else tol(dtype)
+    ref = reference.apply_multidimensional_rope(x, pos, base_frequency=BASE, rotary_fraction=fraction)
+    # strided view: heads of a fused buffer (row and head strides that are not the packed ones)
+    fused = randn(*shape[:-2], 2 * shape[-2], shape[-1], dtype=dtype)[..., : shape[-2], :]
+    fused.copy_(x)
+    for variant in (x, offset_by_one(x), fused):
+        out = emu("apply_multidimensional_rope", variant, pos, BASE, fraction, 1.0)
+        assert out.is_contiguous() and out.shape == x.shape
+        torch.testing.assert_close(out, ref, **tolerance)
+    x_ref = x.detach().clone().requires_grad_()
+    ref_out = reference.apply_multidimensional_rope(x_ref, pos, base_frequency=BASE, rotary_fraction=fraction)
+    grad = randn(*shape, dtype=dtype)
+    ref_out.backward(grad)
+    for g in (grad, offset_by_one(grad)):
+        got = emu("_apply_multidimensional_rope_backward", g, pos, BASE, fraction, 1.0)
+        torch.testing.assert_close(got, x_ref.grad, **tolerance)
+
+
+def test_apply_multidimensional_rope_scale_factor():
+    x = randn(2, 6, 2, 16)
+    pos = _rope_positions((2,), 6, 2, torch.int64)
+    out = emu("apply_multidimensional_rope", x, pos, BASE, None, 0.5)
+    ref = reference.apply_multidimensional_rope(x, pos, base_frequency=BASE, scale_factor=0.5)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# avg_pool_by_positions: forward VEC/scalar, int32/int64, 1 or more slots per tile, several column
+# chunks, D = 0, strided x and positions, skipped bad patches; backward VEC/scalar.
+# ---------------------------------------------------------------------------------------------
+def _padded_batch(grids, seq_len, dtype=torch.int64, shuffle=True):
+    out = torch.full((len(grids), seq_len, 2), -1, dtype=torch.int64)
+    for b, (rows, cols) in enumerate(grids):
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        pos = torch.stack([xs, ys], dim=-1).reshape(-1, 2)
+        out[b, : pos.shape[0]] = pos
+        if shuffle:
+            out[b] = out[b, torch.randperm(seq_len)]
+    return out.to(dtype)
+
+
+# (grids, k, length, D)
+POOL_CASES = [
+    ([(6, 9), (9, 6), (3, 3)], 3, 8, 16),  # vector path (f32: 4 columns a thread)
+    ([(4, 6), (2, 2)], 2, 6, 7),  # odd D: scalar path
+    ([(3, 5), (5, 3)], 1, 15, 300),  # scalar, 300 columns: two column chunks
+    ([(20, 27)], 1, 541, 8),  # 541 slots: 2 slots per tile, last tile partial
+    ([(6, 6), (0, 0)], 3, 4, 0),  # D = 0 still writes the mask; an all-padding image
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("grids,k,length,d", POOL_CASES)
+def test_avg_pool_by_positions(dtype, index_dtype, grids, k, length, d):
+    if length > 500 and (dtype, index_dtype) not in ((torch.float32, torch.int64), (torch.bfloat16, torch.int32)):
+        pytest.skip("the 541-slot case is slow under emulation: two dtype/index combinations cover it")
+    seq_len = k * k * length
+    pos = _padded_batch(grids, seq_len, index_dtype)
+    x = randn(len(grids), seq_len, d, dtype=dtype)
+    ref_out, ref_mask = reference.avg_pool_by_positions(x, pos, length)
+    variants = [(x, pos), (offset_by_one(x), pos), (noncontiguous(x, dim=-1), noncontiguous(pos, dim=-1))]
+    for xv, pv in variants if d <= 16 or d == 300 else variants[:1]:
+        out, mask = emu("avg_pool_by_positions", xv, pv, length)
+        torch.testing.assert_close(out, ref_out, **tol(dtype))
+        exact(mask, ref_mask)
+        assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    grad = randn(len(grids), length, d, dtype=dtype)
+    x_ref = x.detach().clone().requires_grad_()
+    reference.avg_pool_by_positions(x_ref, pos, length)[0].backward(grad)
+    expected = x_ref.grad  # one product per element, as in the kernel: the CUDA tests demand identical bits
+    for g in (grad, offset_by_one(grad), noncontiguous(grad, dim=-1)):
+        exact(emu("_avg_pool_by_positions_backward", g, pos, length, seq_len), expected)
+
+
+def test_avg_pool_by_positions_empty_batch():
+    pos = _padded_batch([], 36)
+    out, mask = emu("avg_pool_by_positions", randn(0, 36, 5), pos, 4)
+    assert out.shape == (0, 4, 5) and mask.shape == (0, 4)
+    assert emu("_avg_pool_by_positions_backward", randn(0, 4, 5), pos, 4, 36).shape == (0, 36, 5)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_avg_pool_by_positions_skips_bad_patches(index_dtype):
+    pos = _padded_batch([(6, 6), (3, 3)], 36, shuffle=False)
+    bad = pos.clone()
+    bad[1, 9] = torch.tensor([-3, 2])
+    bad[1, 10] = torch.tensor([0, 1000])
+    bad[1, 11] = torch.tensor([0, -1])
+    x = randn(2, 36, 24)
+    out, mask = emu("avg_pool_by_positions", x, bad.to(index_dtype), 4)
+    ref_out, ref_mask = reference.avg_pool_by_positions(x, pos, 4)
+    torch.testing.assert_close(out, ref_out)
+    exact(mask, ref_mask)
+    grad_x = emu("_avg_pool_by_positions_backward", randn(2, 4, 24), bad.to(index_dtype), 4, 36)
+    assert torch.equal(grad_x[1, 9:12], torch.zeros_like(grad_x[1, 9:12]))
+
+
+# ---------------------------------------------------------------------------------------------
+# avg_pool_scale_standardize: several slot chunks and channel chunks, standardize with buffers
+# of other dtypes and strides, int32/int64 positions, strided x; backward against autograd.
+# ---------------------------------------------------------------------------------------------
+def _grid_batch(k, length, grids, dtype=torch.int64):
+    seq_len = k * k * length
+    out = []
+    for w, h in grids:
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pos = torch.stack([xs, ys], dim=-1).reshape(-1, 2)
+        out.append(torch.cat([pos, torch.full((seq_len - pos.shape[0], 2), -1)]))
+    return torch.stack(out).to(dtype) if out else torch.empty(0, seq_len, 2, dtype=dtype)
+
+
+# (k, length, grids, D)
+APSS_CASES = [
+    (3, 8, [(6, 6), (3, 12), (9, 3)], 24),  # Gemma 4 k = 3, padding
+    (2, 36, [(12, 12), (4, 6)], 130),  # 36 slots: two slot chunks; 130 channels: two channel chunks
+    (1, 5, [(5, 1), (2, 2)], 17),  # k = 1, odd D
+    (2, 4, [(4, 4)], 0),  # D = 0: mask only
+    (2, 4, [], 8),  # empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("k,length,grids,d", APSS_CASES)
+def test_avg_pool_scale_standardize(dtype, index_dtype, k, length, grids, d):
+    pos = _grid_batch(k, length, grids, index_dtype)
+    x = randn(len(grids), k * k * length, d, dtype=dtype)
+    bias = 300 * torch.randn(2 * d)[::2]  # strided float32 buffers
+    scale = (0.5 + torch.rand(d)).to(torch.bfloat16)
+    for std in ((None, None), (bias, scale)):
+        ref, ref_mask = reference.avg_pool_scale_standardize(x, pos, length, 5.0, *std)
+        for xv, pv in ((x, pos), (noncontiguous(x, dim=-2), noncontiguous(pos, dim=-1))):
+            out, mask = emu("avg_pool_scale_standardize", xv, pv, length, 5.0, *std)
+            torch.testing.assert_close(out, ref, **tol(dtype))
+            exact(mask, ref_mask)
+        x_ref = x.detach().clone().requires_grad_()
+        ref_out, _ = reference.avg_pool_scale_standardize(x_ref, pos, length, 5.0, *std)
+        grad = randn(*ref_out.shape, dtype=dtype)
+        ref_out.backward(grad)
+        for g in (grad, noncontiguous(grad, dim=-1)):
+            got = emu("_avg_pool_scale_standardize_backward", g, pos, length, x.shape[1], 5.0, std[1])
+            torch.testing.assert_close(got, x_ref.grad, **tol(dtype))
+
+
+def test_avg_pool_scale_standardize_skips_bad_positions():
+    pos = _grid_batch(2, 4, [(4, 4)])
+    bad = pos.clone()
+    bad[0, 3] = torch.tensor([-5, 0])
+    x = randn(1, 16, 8)
+    out, mask = emu("avg_pool_scale_standardize", x, bad, 4, 2.0, None, None)
+    x_clean = x.clone()
+    x_clean[0, 3] = 0
+    ref, ref_mask = reference.avg_pool_scale_standardize(x_clean, pos, 4, 2.0)
+    torch.testing.assert_close(out, ref)
+    exact(mask, ref_mask)
+    grad_x = emu("_avg_pool_scale_standardize_backward", randn(1, 4, 8), bad, 4, 16, 2.0, None)
+    assert (grad_x[0, 3] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# qkv_norm_rope: fused strided q/k/v views (vector loads) and contiguous/offset inputs (scalar),
+# GQA, tiny head dims, several tiles; backward with the two-kernel weight-gradient reduction.
+# ---------------------------------------------------------------------------------------------
+def _fused_qkv(b, length, h, kv, hd, dtype):
+    buf = (3 * torch.randn(b, length, (h + 2 * kv) * hd)).to(dtype)
+    q = buf[..., : h * hd].unflatten(-1, (h, hd))
+    k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+    v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+    return q, k, v
+
+
+def _qkv_positions(b, length, dtype=torch.int64, ndim=2):
+    pos = torch.randint(0, 40, (b, length, ndim))
+    if b and length > 2:
+        pos[-1, -2:] = -1
+    return pos.to(dtype)
+
+
+# (B, L, H, KV, hd)
+QKV_SHAPES = [
+    (2, 7, 4, 2, 72),  # Gemma 4 head dim, GQA, 7 tiles
+    (2, 9, 2, 1, 8),  # 16-bit: one 16-byte vector per row
+    (2, 4, 2, 2, 6),  # chunks 2 + 4, no vector path
+    (2, 0, 2, 1, 8),  # empty sequence
+]
+
+
+def _qkv_reference_grads(q, k, v, qw, kw, pos, grads_out):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, qw, kw)]
+    ref = reference.qkv_norm_rope(*leaves, pos)
+    torch.autograd.backward(ref, [g.double() for g in grads_out])
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", QKV_SHAPES)
+def test_qkv_norm_rope(dtype, shape):
+    b, length, h, kv, hd = shape
+    q, k, v = _fused_qkv(*shape, dtype)
+    qw, kw = (1 + 0.5 * torch.randn(hd)), (1 + 0.5 * torch.randn(hd)).to(torch.bfloat16)
+    pos = _qkv_positions(b, length)
+    ref = reference.qkv_norm_rope(q, k, v, qw, kw, pos)
+    variants = [(q, k, v), tuple(offset_by_one(t) for t in (q, k, v)), tuple(t.contiguous() for t in (q, k, v))]
+    for qv, kv_, vv in variants:
+        outs = emu("qkv_norm_rope", qv, kv_, vv, qw, kw, pos, 1e-6, 100.0)
+        for o, r in zip(outs, ref):  # the op returns [B, L, N, hd]; the wrapper transposes
+            assert o.transpose(1, 2).shape == r.shape
+            torch.testing.assert_close(o.transpose(1, 2), r, **tol(dtype))
+    grads_out = [randn(*r.shape, dtype=dtype) for r in ref]
+    want = _qkv_reference_grads(q, k, v, qw, kw, pos, grads_out)
+    # [B, N, L, hd] gradients: contiguous, offset, and the transposed views autograd passes
+    grad_variants = (grads_out, [offset_by_one(g) for g in grads_out],
+                     [g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads_out])
+    for gq, gk, gv in grad_variants:
+        got = emu("_qkv_norm_rope_backward", gq, gk, gv, q, k, v, qw, kw, pos, 1e-6, 100.0)
+        assert got[3].dtype == torch.float32 and got[4].dtype == torch.bfloat16
+        for g, w in zip(got, want):
+            scale = w.abs().max().item() + 1e-6 if w.numel() else 1.0
+            if dtype == torch.float32 and g.dtype == torch.float32:
+                torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * scale)
+            else:  # bf16/fp16 inputs or a bf16 weight: roundings to the dtype
+                torch.testing.assert_close(g.double(), w.to(g.dtype).double(), rtol=4e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.float32])
+def test_qkv_norm_rope_position_dtypes_and_three_axes(pos_dtype):
+    q, k, v = randn(2, 5, 3, 12), randn(2, 5, 1, 12), randn(2, 5, 1, 12)
+    qw, kw = 1 + 0.5 * torch.randn(12), 1 + 0.5 * torch.randn(12)
+    pos = _qkv_positions(2, 5, pos_dtype, ndim=3)
+    outs = emu("qkv_norm_rope", q, k, v, qw, kw, pos, 1e-5, 50.0)
+    for o, r in zip(outs, reference.qkv_norm_rope(q, k, v, qw, kw, pos, eps=1e-5, base_frequency=50.0)):
+        torch.testing.assert_close(o.transpose(1, 2), r, **tol(torch.float32))
+
+
+def test_qkv_norm_rope_backward_many_tiles_per_block():
+    """More than 1024 tiles: backward blocks loop over several tiles and the weight-gradient
+    reduction sums 1024 block partials."""
+    b, length, h, kv, hd = 1, 2200, 1, 1, 4
+    q, k, v = _fused_qkv(b, length, h, kv, hd, torch.float32)
+    qw, kw = 1 + 0.5 * torch.randn(hd), 1 + 0.5 * torch.randn(hd)
+    pos = _qkv_positions(b, length)
+    ref = reference.qkv_norm_rope(q, k, v, qw, kw, pos)
+    grads_out = [randn(*r.shape) for r in ref]
+    got = emu("_qkv_norm_rope_backward", *grads_out, q, k, v, qw, kw, pos, 1e-6, 100.0)
+    want = _qkv_reference_grads(q, k, v, qw, kw, pos, grads_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * (w.abs().max().item() + 1e-6))
