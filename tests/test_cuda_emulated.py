@@ -393,6 +393,32 @@ def test_avg_pool_scale_standardize_skips_bad_positions():
     assert (grad_x[0, 3] == 0).all()
 
 
+# Coordinates whose slot x/k + (W/k) * (y/k) would overflow int64 (and could wrap into range):
+# the CUDA kernels skip those patches, and the rest pool as if they were padding.
+HUGE_POSITIONS = [
+    ([(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 2**62)], 8, [7]),
+    ([(2**33 - 1, 0), (0, 2**31), (0, 0), (1, 0)], 4, [0, 1]),
+    ([(2**63 - 1, 0), (0, 0), (1, 0), (2, 0)], 4, [0]),
+]
+
+
+@pytest.mark.parametrize("op", ["avg_pool_scale_standardize", "avg_pool_by_positions"])
+@pytest.mark.parametrize("coords,length,bad", HUGE_POSITIONS, ids=["y", "wide_image", "int64_max_x"])
+def test_pooling_skips_int64_wrapping_coordinates(op, coords, length, bad):
+    pos = torch.tensor([coords], dtype=torch.int64)
+    x = randn(1, len(coords), 8)
+    good = pos.clone()
+    good[0, bad] = -1
+    if op == "avg_pool_scale_standardize":
+        out, mask = emu(op, x, pos, length, 2.0, None, None)
+        ref, ref_mask = reference.avg_pool_scale_standardize(x, good, length, 2.0)
+    else:
+        out, mask = emu(op, x, pos, length)
+        ref, ref_mask = reference.avg_pool_by_positions(x, good, length)
+    torch.testing.assert_close(out, ref)
+    exact(mask, ref_mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # qkv_norm_rope: fused strided q/k/v views (vector loads) and contiguous/offset inputs (scalar),
 # GQA, tiny head dims, several tiles; backward with the two-kernel weight-gradient reduction.
