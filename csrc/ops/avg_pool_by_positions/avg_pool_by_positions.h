@@ -1,6 +1,8 @@
-// avg_pool_by_positions: argument checks and slot arithmetic shared by the CPU and CUDA kernels.
+// avg_pool_by_positions: argument checks and slot arithmetic shared by the CPU and CUDA kernels,
+// and the epilogue through which the same kernels also serve avg_pool_scale_standardize.
 #pragma once
 #include "vitops/common.h"
+#include "vitops/rope_math.h"
 
 #ifdef __CUDACC__
 #define VITOPS_POOL_HOST_DEVICE __host__ __device__ __forceinline__
@@ -91,6 +93,40 @@ VITOPS_POOL_HOST_DEVICE int64_t slot_of(int64_t px, int64_t py, int64_t pooled_w
 VITOPS_POOL_HOST_DEVICE int64_t clamped_x_for_width(int64_t px, int64_t py) {
   if (px == -1 && py == -1) return 0;
   return px > 0 ? px : 0;
+}
+
+// What the pooling kernels do to a pooled value before storing it. avg_pool_by_positions stores the
+// sum as is (`active` false). avg_pool_scale_standardize (the Gemma 4 exit) rounds the sum to x's
+// dtype, multiplies it by `scale` (sqrt(D)) and optionally standardizes it, (y - bias) * std_scale,
+// in float32 (float64 for float64 x) as HF does; its backward is grad * std_scale * scale. Applied
+// after the sum, so both ops share the summation order and hence the pooled bits.
+struct Epilogue {
+  bool active = false;
+  double scale = 1.0;
+  bool standardize = false;
+  const void* bias = nullptr;  // [D], any float dtype and stride
+  const void* std_scale = nullptr;
+  rope_math::ValueKind bias_kind = rope_math::ValueKind::Float32, scale_kind = rope_math::ValueKind::Float32;
+  int64_t bias_stride = 0, scale_stride = 0;
+};
+
+// Forward epilogue for channel d; only called when e.active.
+template <typename scalar_t, typename acc>
+VITOPS_POOL_HOST_DEVICE acc finish_pooled(acc sum, const Epilogue& e, int64_t d) {
+  acc y = rope_math::mul_rounded(rope_math::round_to<scalar_t>(sum), static_cast<acc>(e.scale));
+  if (e.standardize) {
+    const acc bias = rope_math::load_as<acc>(e.bias, e.bias_kind, d * e.bias_stride);
+    const acc std_scale = rope_math::load_as<acc>(e.std_scale, e.scale_kind, d * e.scale_stride);
+    y = rope_math::mul_rounded(y - bias, std_scale);
+  }
+  return y;
+}
+
+// Backward epilogue for channel d, before the 1/k² weight; only called when e.active.
+template <typename acc>
+VITOPS_POOL_HOST_DEVICE acc unfinish_grad(acc grad, const Epilogue& e, int64_t d) {
+  if (e.standardize) grad = rope_math::mul_rounded(grad, rope_math::load_as<acc>(e.std_scale, e.scale_kind, d * e.scale_stride));
+  return rope_math::mul_rounded(grad, static_cast<acc>(e.scale));
 }
 
 }  // namespace vitops::avg_pool_by_positions

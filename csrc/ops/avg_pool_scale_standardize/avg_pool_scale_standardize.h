@@ -1,48 +1,52 @@
-// avg_pool_scale_standardize: argument checks and the slot rule shared by the CPU and CUDA kernels.
+// avg_pool_scale_standardize: argument checks, and how the op drives avg_pool_by_positions' pooling
+// kernels (which both ops share, CPU and CUDA) with its epilogue: pooled value rounded to x's dtype,
+// * scale (sqrt(D)), optional standardize (y - std_bias) * std_scale, in float32.
 //
 // Slot rule (reference.avg_pool_by_positions / HF Gemma4VisionPooler): k = isqrt(L / length);
 // image b's grid width W_b = max x over its non-padding patches + 1; patch (x, y) lands in slot
-// x/k + (W_b/k) * (y/k); padding patches have both coordinates -1. pool_slot() takes max x, not W_b.
+// x/k + (W_b/k) * (y/k); padding patches have both coordinates -1.
 #pragma once
 
+#include <optional>
+
+#include "../avg_pool_by_positions/avg_pool_by_positions.h"
 #include "vitops/common.h"
 #include "vitops/rope_math.h"
 
 namespace vitops::avg_pool_scale_standardize {
 
+namespace pooling = avg_pool_by_positions;
 using rope_math::ValueKind;
-
-// What pool_slot() returns besides a valid slot.
-constexpr int64_t kPaddingSlot = -1;
-constexpr int64_t kInvalidSlot = -2;  // negative non-padding coordinate or slot >= length
 
 struct Geometry {
   int64_t batch, seq_len, dim, length, kernel;
-  int64_t x_strides[3];
-  int64_t position_strides[3];
   bool standardize;
   ValueKind bias_kind, scale_kind;
   int64_t bias_stride, scale_stride;
 };
 
-VITOPS_HOST_DEVICE bool is_padding(int64_t px, int64_t py) { return px == -1 && py == -1; }
-
-// Contribution of one patch to its image's grid width (max x + 1 over the image).
-VITOPS_HOST_DEVICE int64_t width_contribution(int64_t px, int64_t py) {
-  return is_padding(px, py) ? 0 : (px > 0 ? px : 0);
+inline pooling::Geometry pooling_geometry(const Geometry& g) {
+  return pooling::Geometry{g.batch, g.seq_len, g.dim, g.length, g.kernel};
 }
 
-// Slot of patch (px, py) in an image whose largest x is `max_x`. Written so that no coordinate,
-// however large, can overflow: the pooled width (max_x + 1) / k is taken without forming max_x + 1,
-// and the range test is in division form, so a huge y cannot wrap into a valid-looking slot.
-VITOPS_HOST_DEVICE int64_t pool_slot(int64_t px, int64_t py, int64_t kernel, int64_t max_x, int64_t length) {
-  if (is_padding(px, py)) return kPaddingSlot;
-  if (px < 0 || py < 0) return kInvalidSlot;
-  const int64_t pooled_width = max_x / kernel + (max_x % kernel == kernel - 1 ? 1 : 0);
-  const int64_t col = px / kernel, row = py / kernel;
-  if (col >= length) return kInvalidSlot;
-  if (row > 0 && pooled_width > (length - 1 - col) / row) return kInvalidSlot;
-  return col + pooled_width * row;
+// std_bias is only read by the forward (the backward passes nullopt).
+inline pooling::Epilogue make_epilogue(const Geometry& g, double scale, const std::optional<Tensor>& std_bias,
+                                       const std::optional<Tensor>& std_scale) {
+  pooling::Epilogue e;
+  e.active = true;
+  e.scale = scale;
+  e.standardize = g.standardize;
+  if (g.standardize) {
+    e.std_scale = std_scale->const_data_ptr();
+    e.scale_kind = g.scale_kind;
+    e.scale_stride = g.scale_stride;
+    if (std_bias.has_value()) {
+      e.bias = std_bias->const_data_ptr();
+      e.bias_kind = g.bias_kind;
+      e.bias_stride = g.bias_stride;
+    }
+  }
+  return e;
 }
 
 inline int64_t check_kernel_size(const char* op, int64_t seq_len, int64_t length) {
@@ -88,10 +92,6 @@ inline Geometry check_forward(const char* op, const Tensor& x, const Tensor& pos
   check_positions(op, positions_xy, g.batch, g.seq_len);
   check_same_device(op, "x", x, "positions_xy", positions_xy);
   g.kernel = check_kernel_size(op, g.seq_len, length);
-  for (int i = 0; i < 3; ++i) {
-    g.x_strides[i] = x.stride(i);
-    g.position_strides[i] = positions_xy.stride(i);
-  }
   VITOPS_CHECK(std_bias.has_value() == std_scale.has_value(), "vitops.", op,
                ": `std_bias` and `std_scale` must be given together (both or neither)");
   g.standardize = std_bias.has_value();
@@ -119,10 +119,6 @@ inline Geometry check_backward(const char* op, const Tensor& grad_output, const 
   check_positions(op, positions_xy, g.batch, seq_len);
   check_same_device(op, "grad_output", grad_output, "positions_xy", positions_xy);
   g.kernel = check_kernel_size(op, seq_len, length);
-  for (int i = 0; i < 3; ++i) {
-    g.x_strides[i] = grad_output.stride(i);
-    g.position_strides[i] = positions_xy.stride(i);
-  }
   g.standardize = std_scale.has_value();
   g.bias_kind = g.scale_kind = ValueKind::Float32;
   g.bias_stride = g.scale_stride = 0;
