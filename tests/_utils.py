@@ -42,3 +42,13 @@ def noncontiguous(t: torch.Tensor, dim: int = -2) -> torch.Tensor:
 
 def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False):
     return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+# Pooling positions so large that the slot x/k + (W/k) * (y/k) overflows int64 and could wrap into
+# [0, length): the CPU kernels must report them as past `length`, the CUDA kernels skip them (as
+# padding); neither may pool them into a wrong slot.
+HUGE_POSITIONS = {  # name: (positions, length, indices of the patches no slot can hold)
+    "y": ([(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 2**62)], 8, [7]),
+    "wide_image": ([(2**33 - 1, 0), (0, 2**31), (0, 0), (1, 0)], 4, [0, 1]),
+    "int64_max_x": ([(2**63 - 1, 0), (0, 0), (1, 0), (2, 0)], 4, [0]),
+}

@@ -7,7 +7,7 @@ import vitops
 from vitops import reference
 from vitops.ops import avg_pool_scale_standardize
 
-from _utils import DEVICES, device_dtypes, noncontiguous, randn, tol
+from _utils import DEVICES, HUGE_POSITIONS, device_dtypes, noncontiguous, randn, tol
 
 
 def grid_positions(width, height, seq_len, device="cpu", dtype=torch.int64):
@@ -180,15 +180,6 @@ def test_bad_positions_name_positions_xy():
     bad[0, 3] = torch.tensor([2, 9])
     with pytest.raises(RuntimeError, match=r"`positions_xy`\[0, 3\] = \(2, 9\) maps to a slot >= length \(4\)"):
         avg_pool_scale_standardize(x, bad, 4, 1.0)
-
-
-# Coordinates so large that the slot x/k + (W/k) * (y/k) overflows int64 and could wrap into
-# [0, length): each must be reported as past `length` (CPU), never pooled into a wrong slot.
-HUGE_POSITIONS = {  # (positions, length, indices of the patches no slot can hold)
-    "y": ([(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 2**62)], 8, [7]),
-    "wide_image": ([(2**33 - 1, 0), (0, 2**31), (0, 0), (1, 0)], 4, [0, 1]),
-    "int64_max_x": ([(2**63 - 1, 0), (0, 0), (1, 0), (2, 0)], 4, [0]),
-}
 
 
 @pytest.mark.parametrize("op", ["avg_pool_scale_standardize", "avg_pool_by_positions"])

@@ -18,7 +18,7 @@ import torch
 import vitops
 from vitops import reference, testing
 
-from _utils import CUDA_DTYPES, noncontiguous, randn, tol
+from _utils import CUDA_DTYPES, HUGE_POSITIONS, noncontiguous, randn, tol
 
 if not testing.load_cuda_emulator():
     if os.environ.get("CI") == "true":
@@ -393,30 +393,30 @@ def test_avg_pool_scale_standardize_skips_bad_positions():
     assert (grad_x[0, 3] == 0).all()
 
 
-# Coordinates whose slot x/k + (W/k) * (y/k) would overflow int64 (and could wrap into range):
-# the CUDA kernels skip those patches, and the rest pool as if they were padding.
-HUGE_POSITIONS = [
-    ([(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 2**62)], 8, [7]),
-    ([(2**33 - 1, 0), (0, 2**31), (0, 0), (1, 0)], 4, [0, 1]),
-    ([(2**63 - 1, 0), (0, 0), (1, 0), (2, 0)], 4, [0]),
-]
-
-
 @pytest.mark.parametrize("op", ["avg_pool_scale_standardize", "avg_pool_by_positions"])
-@pytest.mark.parametrize("coords,length,bad", HUGE_POSITIONS, ids=["y", "wide_image", "int64_max_x"])
-def test_pooling_skips_int64_wrapping_coordinates(op, coords, length, bad):
+@pytest.mark.parametrize("case", list(HUGE_POSITIONS))
+def test_pooling_skips_int64_wrapping_coordinates(op, case):
+    """The CUDA kernels skip patches whose slot would overflow int64; the rest pool as without them."""
+    coords, length, bad = HUGE_POSITIONS[case]
     pos = torch.tensor([coords], dtype=torch.int64)
     x = randn(1, len(coords), 8)
     good = pos.clone()
     good[0, bad] = -1
+    x_ref = x.clone().requires_grad_(True)
+    grad = randn(1, length, 8)
     if op == "avg_pool_scale_standardize":
         out, mask = emu(op, x, pos, length, 2.0, None, None)
-        ref, ref_mask = reference.avg_pool_scale_standardize(x, good, length, 2.0)
+        grad_x = emu("_avg_pool_scale_standardize_backward", grad, pos, length, len(coords), 2.0, None)
+        ref, ref_mask = reference.avg_pool_scale_standardize(x_ref, good, length, 2.0)
     else:
         out, mask = emu(op, x, pos, length)
-        ref, ref_mask = reference.avg_pool_by_positions(x, good, length)
-    torch.testing.assert_close(out, ref)
+        grad_x = emu("_avg_pool_by_positions_backward", grad, pos, length, len(coords))
+        ref, ref_mask = reference.avg_pool_by_positions(x_ref, good, length)
+    torch.testing.assert_close(out, ref.detach())
     exact(mask, ref_mask)
+    ref.backward(grad)
+    torch.testing.assert_close(grad_x, x_ref.grad)
+    assert (grad_x[0, bad] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------

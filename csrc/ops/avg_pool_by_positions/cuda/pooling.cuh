@@ -168,16 +168,18 @@ __global__ void __launch_bounds__(kMaxThreads)
     const scalar_t* src = grad + b * gs_b + (valid ? s : 0) * gs_s;
     for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
       Vec<scalar_t, VEC> v{};  // zeros, kept for rows with no valid slot
-      if constexpr (VEC > 1) {
-        if (valid) v = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + g * VEC);
-      } else {
-        if (valid) v.v[0] = src[g * gs_d];
-      }
+      if (valid) {
+        if constexpr (VEC > 1) {
+          v = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + g * VEC);
+        } else {
+          v.v[0] = src[g * gs_d];
+        }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        float gv = to_float(v.v[j]);
-        if (epilogue.active) gv = unfinish_grad(gv, epilogue, g * VEC + j);
-        v.v[j] = valid ? static_cast<scalar_t>(__fmul_rn(gv, weight)) : static_cast<scalar_t>(0.f);
+        for (int j = 0; j < VEC; ++j) {
+          float gv = to_float(v.v[j]);
+          if (epilogue.active) gv = unfinish_grad(gv, epilogue, g * VEC + j);
+          v.v[j] = static_cast<scalar_t>(__fmul_rn(gv, weight));
+        }
       }
       *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + g * VEC) = v;
     }
