@@ -36,9 +36,10 @@ VITOPS_STABLE_TORCH_LIBRARY(VITOPS_OPS_NAMESPACE, m) {
   // Fused attention entry: q[B, L, H, hd], k/v[B, L, KV, hd] (any strides, contiguous head dim, e.g.
   // views of one fused QKV projection) -> per-head RMSNorm (q/k with weights [hd], v without), then
   // N-D RoPE of q and k by positions[B, L, ndim]; outputs contiguous [B, L, H, hd] / [B, L, KV, hd]
-  // (the Python wrapper returns their [B, H, L, hd] transposes, the layout SDPA takes).
-  m.def("qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency) -> (Tensor q_out, Tensor k_out, Tensor v_out)");
-  m.def("_qkv_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_v_in, Tensor grad_q_weight, Tensor grad_k_weight)");
+  // (the Python wrapper returns their [B, H, L, hd] transposes, the layout SDPA takes). cos/sin are
+  // rounded to rope_dtype (None: q's dtype), the dtype HF's rotary embedding casts them to.
+  m.def("qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency, ScalarType? rope_dtype=None) -> (Tensor q_out, Tensor k_out, Tensor v_out)");
+  m.def("_qkv_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency, ScalarType? rope_dtype=None) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_v_in, Tensor grad_q_weight, Tensor grad_k_weight)");
 
   // Fused exit: avg_pool_by_positions, pooled rounded to x's dtype, * scale (sqrt(D)) in float32,
   // optional standardize (y - std_bias) * std_scale in float32 -> (output[B, length, D], mask[B, length]).

@@ -158,8 +158,8 @@ def test_deterministic(device, dtype):
         ((torch.randn(2, 16), torch.zeros(2, 16, 2, dtype=torch.int64), 4), r"`x` must have shape \[B, L, D\]"),
         ((torch.randn(1, 16, 4), torch.zeros(1, 16, 3, dtype=torch.int64), 4), r"`positions_xy` must have shape"),
         ((torch.randn(1, 16, 4), torch.zeros(1, 16, 2), 4), r"`positions_xy` must be an int64 or int32"),
-        ((torch.randn(1, 16, 4), torch.zeros(1, 16, 2, dtype=torch.int64), 5), r"cannot pool 16 patches to `length`=5"),
-        ((torch.randn(1, 16, 4), torch.zeros(1, 16, 2, dtype=torch.int64), 0), r"`length` must be positive"),
+        ((torch.randn(1, 16, 4), torch.zeros(1, 16, 2, dtype=torch.int64), 5), r"`length` \(5\) must be L/k² for an integer k"),
+        ((torch.randn(1, 16, 4), torch.zeros(1, 16, 2, dtype=torch.int64), 0), r"`length` must be a positive int"),
         ((torch.ones(1, 16, 4, dtype=torch.int64), torch.zeros(1, 16, 2, dtype=torch.int64), 4), r"`x` must be float32"),
     ],
 )

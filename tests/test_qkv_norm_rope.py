@@ -248,7 +248,7 @@ def test_bad_input(overrides, match):
 
 
 def test_bad_base_frequency():
-    with pytest.raises(RuntimeError, match="`base_frequency` must be positive"):
+    with pytest.raises(RuntimeError, match="`base_frequency` must be a positive finite number"):
         qkv_norm_rope(**_bad(), base_frequency=0.0)
 
 

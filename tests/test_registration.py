@@ -17,8 +17,8 @@ GOLDEN_SCHEMAS = {
     "_apply_multidimensional_rope_backward": "vitops::_apply_multidimensional_rope_backward(Tensor grad_output, Tensor positions, float base_frequency, float? rotary_fraction, float scale_factor) -> Tensor",
     "avg_pool_by_positions": "vitops::avg_pool_by_positions(Tensor x, Tensor positions_xy, SymInt length) -> (Tensor output, Tensor mask)",
     "_avg_pool_by_positions_backward": "vitops::_avg_pool_by_positions_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len) -> Tensor",
-    "qkv_norm_rope": "vitops::qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency) -> (Tensor q_out, Tensor k_out, Tensor v_out)",
-    "_qkv_norm_rope_backward": "vitops::_qkv_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_v_in, Tensor grad_q_weight, Tensor grad_k_weight)",
+    "qkv_norm_rope": "vitops::qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency, ScalarType? rope_dtype=None) -> (Tensor q_out, Tensor k_out, Tensor v_out)",
+    "_qkv_norm_rope_backward": "vitops::_qkv_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor positions, float eps, float base_frequency, ScalarType? rope_dtype=None) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_v_in, Tensor grad_q_weight, Tensor grad_k_weight)",
     "avg_pool_scale_standardize": "vitops::avg_pool_scale_standardize(Tensor x, Tensor positions_xy, SymInt length, float scale, Tensor? std_bias=None, Tensor? std_scale=None) -> (Tensor output, Tensor mask)",
     "_avg_pool_scale_standardize_backward": "vitops::_avg_pool_scale_standardize_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len, float scale, Tensor? std_scale) -> Tensor",
 }

@@ -14,6 +14,23 @@ HAS_C_OPS = False
 HAS_CUDA_KERNELS = False
 
 
+def library_path(filename: str) -> str:
+    """Where the compiled file ``filename`` (e.g. ``_vitops_cuda.so``) of this vitops lives: next to
+    the sources for a regular or a developer build, or wherever the import system maps
+    ``vitops.<stem>`` for an editable install (scikit-build-core keeps those files out of the
+    source tree)."""
+    import importlib.util
+
+    stem = filename.split(".", 1)[0]
+    try:
+        spec = importlib.util.find_spec(f"vitops.{stem}")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin and os.path.exists(spec.origin):
+        return spec.origin
+    return os.path.join(_PKG_DIR, filename)
+
+
 def _built_info():
     try:
         from . import _build_info
@@ -57,7 +74,7 @@ def load() -> None:
             + _rebuild_hint()
         ) from e
     HAS_C_OPS = True
-    cuda_lib = os.path.join(_PKG_DIR, "_vitops_cuda.so")
+    cuda_lib = library_path("_vitops_cuda.so")
     if info.with_cuda and os.path.exists(cuda_lib):
         if torch.version.cuda is None:
             # A CUDA build of vitops under a CPU-only torch: the CPU kernels still work.

@@ -77,15 +77,20 @@ def rope_inv_freq(width: int, base_frequency: float, dtype: torch.dtype = torch.
     return 1.0 / (base_frequency**exponent)
 
 
-def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float) -> torch.Tensor:
+def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float,
+                table_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Half-split (rotate_half) RoPE over the whole last dim of x[..., L, H, d]; pos is [..., L]."""
     d = x.shape[-1]
     acc = _acc_dtype(x.dtype)
     inv_freq = rope_inv_freq(d, base, acc, x.device)
     angle = (pos.to(acc).unsqueeze(-1) * inv_freq) * scale  # [..., L, d/2]
-    # cos/sin are computed in float32 and rounded to the activation dtype, as HF does.
-    cos = angle.cos().to(x.dtype).to(acc).unsqueeze(-2)
-    sin = angle.sin().to(x.dtype).to(acc).unsqueeze(-2)
+    if angle.numel() and not bool(torch.isfinite(angle).all()):
+        raise ValueError("apply_multidimensional_rope: positions must give finite rotation angles")
+    # cos/sin are computed in float32 and rounded to the activation dtype (or table_dtype), as HF
+    # does (HF: the dtype of the hidden states given to its rotary embedding).
+    table_dtype = x.dtype if table_dtype is None else table_dtype
+    cos = angle.cos().to(table_dtype).to(acc).unsqueeze(-2)
+    sin = angle.sin().to(table_dtype).to(acc).unsqueeze(-2)
     xf = x.to(acc)
     a, b = xf[..., : d // 2], xf[..., d // 2 :]
     out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
@@ -215,17 +220,18 @@ def qkv_norm_rope(
     *,
     eps: float = 1e-6,
     base_frequency: float = 100.0,
+    rope_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, L, H, hd], k/v [B, L, KV, hd] -> (q_out [B, H, L, hd], k_out, v_out [B, KV, L, hd]):
     q_norm/k_norm (with weights) and v_norm (without) as HF, N-D RoPE of q and k by positions
-    [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each rotated like _rope_chunk), then
-    transpose(1, 2).contiguous()."""
+    [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each rotated like _rope_chunk with cos/sin
+    rounded to rope_dtype, default q's dtype), then transpose(1, 2).contiguous()."""
     widths = rope_chunks(q.shape[-1], positions.shape[-1], None)
 
     def rope(x):
         parts, start = [], 0
         for axis, w in enumerate(widths):
-            parts.append(_rope_chunk(x[..., start : start + w], positions[..., axis], base_frequency, 1.0))
+            parts.append(_rope_chunk(x[..., start : start + w], positions[..., axis], base_frequency, 1.0, rope_dtype))
             start += w
         return torch.cat(parts, dim=-1)
 

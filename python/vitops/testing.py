@@ -16,7 +16,7 @@ import torch
 from . import _loader
 
 # VITOPS_CUDA_EMULATOR_LIB picks another build (tools/emulated_asan.sh: an AddressSanitizer one).
-_EMULATOR = os.environ.get("VITOPS_CUDA_EMULATOR_LIB") or os.path.join(_loader._PKG_DIR, "_vitops_cuda_emu.so")
+_EMULATOR = os.environ.get("VITOPS_CUDA_EMULATOR_LIB") or _loader.library_path("_vitops_cuda_emu.so")
 _loaded = False
 
 

@@ -11,10 +11,13 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -23,8 +26,22 @@ namespace vitops {
 using torch::stable::Tensor;
 using ScalarType = torch::headeronly::ScalarType;
 
-// Argument errors: every message names the op, the argument and the expected form.
-#define VITOPS_CHECK(cond, ...) STD_TORCH_CHECK((cond), __VA_ARGS__)
+// Argument errors: every message names the op, the argument and the expected form. They reach
+// Python as RuntimeError with exactly that message (STD_TORCH_CHECK would prefix the C++ function
+// name and source path, which tells a user nothing).
+namespace detail {
+template <typename... Args>
+[[noreturn]] inline void fail(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  throw std::runtime_error(os.str());
+}
+}  // namespace detail
+
+#define VITOPS_CHECK(cond, ...)                                   \
+  do {                                                            \
+    if (!(cond)) ::vitops::detail::fail(__VA_ARGS__);             \
+  } while (0)
 
 inline std::string shape_str(const Tensor& t) {
   std::ostringstream os;
@@ -34,6 +51,7 @@ inline std::string shape_str(const Tensor& t) {
   return os.str();
 }
 
+// torch's Python name of a dtype, for messages ("float32", "int8", "complex64", ...).
 inline const char* dtype_name(ScalarType t) {
   switch (t) {
     case ScalarType::Float: return "float32";
@@ -42,8 +60,24 @@ inline const char* dtype_name(ScalarType t) {
     case ScalarType::Half: return "float16";
     case ScalarType::Long: return "int64";
     case ScalarType::Int: return "int32";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::UInt16: return "uint16";
+    case ScalarType::UInt32: return "uint32";
+    case ScalarType::UInt64: return "uint64";
     case ScalarType::Bool: return "bool";
-    default: return "an unsupported dtype";
+    case ScalarType::ComplexHalf: return "complex32";
+    case ScalarType::ComplexFloat: return "complex64";
+    case ScalarType::ComplexDouble: return "complex128";
+    case ScalarType::Float8_e5m2: return "float8_e5m2";
+    case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    case ScalarType::Float8_e5m2fnuz: return "float8_e5m2fnuz";
+    case ScalarType::Float8_e4m3fnuz: return "float8_e4m3fnuz";
+    case ScalarType::QInt8: return "qint8";
+    case ScalarType::QUInt8: return "quint8";
+    case ScalarType::QInt32: return "qint32";
+    default: return torch::headeronly::toString(t);  // the C++ enumerator name of rarer dtypes
   }
 }
 
@@ -65,10 +99,63 @@ inline void check_index(const char* op, const char* arg, const Tensor& t) {
                "` must be an int64 or int32 tensor, got ", dtype_name(t.scalar_type()));
 }
 
+// "cpu", "cuda:0", "meta", ... as torch prints devices.
+inline std::string device_str(const Tensor& t) {
+  const auto d = t.device();
+  std::string s;
+  switch (d.type()) {
+    case torch::headeronly::DeviceType::CPU: return "cpu";
+    case torch::headeronly::DeviceType::Meta: return "meta";
+    case torch::headeronly::DeviceType::CUDA: s = "cuda"; break;
+    default: s = "device type " + std::to_string(static_cast<int>(d.type())); break;
+  }
+  if (d.index() >= 0) s += ":" + std::to_string(static_cast<int>(d.index()));
+  return s;
+}
+
 inline void check_same_device(const char* op, const char* a, const Tensor& ta, const char* b, const Tensor& tb) {
   VITOPS_CHECK(ta.device() == tb.device(), "vitops.", op, ": `", a, "` and `", b,
-               "` must be on the same device, got ", ta.is_cuda() ? "cuda" : "cpu", ":", (int)ta.get_device(),
-               " and ", tb.is_cuda() ? "cuda" : "cpu", ":", (int)tb.get_device());
+               "` must be on the same device, got ", device_str(ta), " and ", device_str(tb));
+}
+
+// A size argument of a backward op (height, seq_len, num_positions, ...) must be >= 0.
+inline void check_nonnegative(const char* op, const char* arg, int64_t value) {
+  VITOPS_CHECK(value >= 0, "vitops.", op, ": `", arg, "` must be a non-negative int, got ", value);
+}
+
+// a * b for sizes, or an error naming what overflowed: a shape whose element count does not fit
+// int64 cannot exist, and a wrapped product would pass later checks and index out of bounds.
+inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t b) {
+  int64_t r = 0;
+  VITOPS_CHECK(!__builtin_mul_overflow(a, b, &r), "vitops.", op, ": ", what, " (", a, " * ", b,
+               ") does not fit in int64");
+  return r;
+}
+
+// Product of sizes with overflow checking; 0 when any size is 0 (an empty shape is valid even
+// when the product of its other dims would not fit int64).
+inline int64_t checked_product(const char* op, const char* what, const std::vector<int64_t>& sizes) {
+  for (int64_t s : sizes)
+    if (s == 0) return 0;
+  int64_t r = 1;
+  for (int64_t s : sizes) r = checked_mul(op, what, r, s);
+  return r;
+}
+
+// Host scratch buffers sized by the problem: an allocation failure becomes an error that names the
+// op and the size instead of a bare std::bad_alloc / std::length_error.
+template <typename T>
+std::vector<T> scratch_vector(const char* op, const char* what, int64_t count, const T& value = T()) {
+  VITOPS_CHECK(count >= 0, "vitops.", op, ": internal error: negative scratch size for ", what);
+  constexpr int64_t kMaxCount = INT64_MAX / static_cast<int64_t>(sizeof(T));
+  VITOPS_CHECK(count <= kMaxCount, "vitops.", op, ": ", what, " would need ", count, " elements of scratch memory");
+  try {
+    return std::vector<T>(static_cast<size_t>(count), value);
+  } catch (const std::exception&) {
+    detail::fail("vitops.", op, ": could not allocate ", count * static_cast<int64_t>(sizeof(T)),
+                 " bytes of scratch memory for ", what);
+  }
+  return {};
 }
 
 inline std::vector<int64_t> sizes_of(const Tensor& t) {
@@ -104,16 +191,20 @@ template <typename scalar_t> using acc_t = typename acc_type<scalar_t>::type;
                   torch::headeronly::ScalarType::Double, torch::headeronly::ScalarType::BFloat16,     \
                   torch::headeronly::ScalarType::Half)
 
-// Dispatch over the index dtypes (int32, int64) as `index_t`.
+// Dispatch over the index dtypes (int32, int64) as `index_t`. Any other dtype raises: callers check
+// first (check_index), so this is the backstop that keeps a new caller from reading int8 data as
+// int64.
 #define VITOPS_DISPATCH_INDEX(TYPE, NAME, ...)                                                        \
   [&] {                                                                                               \
-    if ((TYPE) == torch::headeronly::ScalarType::Int) {                                               \
+    const auto vitops_index_type_ = (TYPE);                                                           \
+    if (vitops_index_type_ == torch::headeronly::ScalarType::Int) {                                   \
       using index_t = int32_t;                                                                        \
       return __VA_ARGS__();                                                                           \
-    } else {                                                                                          \
-      using index_t = int64_t;                                                                        \
-      return __VA_ARGS__();                                                                           \
     }                                                                                                 \
+    VITOPS_CHECK(vitops_index_type_ == torch::headeronly::ScalarType::Long, NAME,                     \
+                 ": index tensors must be int32 or int64, got ", ::vitops::dtype_name(vitops_index_type_));    \
+    using index_t = int64_t;                                                                          \
+    return __VA_ARGS__();                                                                             \
   }()
 
 namespace vitops {

@@ -53,8 +53,9 @@ VITOPS_HOST_DEVICE acc load_as(const void* data, ValueKind kind, int64_t i) {
     case ValueKind::Float16:
       return static_cast<acc>(static_cast<float>(static_cast<const torch::headeronly::Half*>(data)[i]));
     case ValueKind::Int32: return static_cast<acc>(static_cast<const int32_t*>(data)[i]);
-    default: return static_cast<acc>(static_cast<const int64_t*>(data)[i]);
+    case ValueKind::Int64: return static_cast<acc>(static_cast<const int64_t*>(data)[i]);
   }
+  return static_cast<acc>(NAN);  // unreachable: every ValueKind is handled above
 }
 
 // Stores v (float32 or float64) into a floating tensor of run-time dtype `kind`.
@@ -66,7 +67,12 @@ VITOPS_HOST_DEVICE void store_as(void* data, ValueKind kind, int64_t i, acc v) {
     case ValueKind::BFloat16:
       static_cast<torch::headeronly::BFloat16*>(data)[i] = torch::headeronly::BFloat16(static_cast<float>(v));
       break;
-    default: static_cast<torch::headeronly::Half*>(data)[i] = torch::headeronly::Half(static_cast<float>(v)); break;
+    case ValueKind::Float16:
+      static_cast<torch::headeronly::Half*>(data)[i] = torch::headeronly::Half(static_cast<float>(v));
+      break;
+    case ValueKind::Int32:
+    case ValueKind::Int64:
+      break;  // never a destination: gradients are floating (value_kind_of callers check)
   }
 }
 
@@ -74,6 +80,21 @@ VITOPS_HOST_DEVICE void store_as(void* data, ValueKind kind, int64_t i, acc v) {
 template <typename scalar_t, typename acc>
 VITOPS_HOST_DEVICE acc round_to(acc v) {
   return static_cast<acc>(static_cast<scalar_t>(v));
+}
+
+// v rounded to the floating dtype `kind` (known only at run time) and widened back: the cos/sin
+// tables of qkv_norm_rope are rounded to the dtype HF's rotary embedding casts them to, which under
+// autocast is the residual stream's (float32), not the activations'.
+template <typename acc>
+VITOPS_HOST_DEVICE acc round_as(ValueKind kind, acc v) {
+  switch (kind) {
+    case ValueKind::Float32: return static_cast<acc>(static_cast<float>(v));
+    case ValueKind::BFloat16:
+      return static_cast<acc>(static_cast<float>(torch::headeronly::BFloat16(static_cast<float>(v))));
+    case ValueKind::Float16:
+      return static_cast<acc>(static_cast<float>(torch::headeronly::Half(static_cast<float>(v))));
+    default: return v;  // Float64 (and never-used integer kinds): no rounding beyond acc
+  }
 }
 
 // Overloads so templates over the accumulation type call the float or double math function.

@@ -56,7 +56,8 @@ std::vector<acc_t> inverse_frequencies(const Geometry& g, double base_frequency)
 // Validates inputs/positions/rotary_fraction (the same rules as the reference) and derives the chunks.
 // `op` names the op in messages; `what` names the first tensor (`inputs` or `grad_output`).
 inline Geometry check_and_plan(const char* op, const char* what, const Tensor& inputs, const Tensor& positions,
-                               double base_frequency, std::optional<double> rotary_fraction, bool allow_double) {
+                               double base_frequency, std::optional<double> rotary_fraction, double scale_factor,
+                               bool allow_double) {
   VITOPS_CHECK(inputs.dim() >= 3, "vitops.", op, ": `", what, "` must have shape [..., L, H, hd] (at least 3 dims), got ",
                shape_str(inputs));
   check_float(op, what, inputs, allow_double);
@@ -66,6 +67,8 @@ inline Geometry check_and_plan(const char* op, const char* what, const Tensor& i
   check_same_device(op, what, inputs, "positions", positions);
   VITOPS_CHECK(std::isfinite(base_frequency) && base_frequency > 0, "vitops.", op,
                ": `base_frequency` must be a positive finite number, got ", base_frequency);
+  VITOPS_CHECK(std::isfinite(scale_factor), "vitops.", op, ": `scale_factor` must be a finite number, got ",
+               scale_factor);
   if (rotary_fraction.has_value()) {
     VITOPS_CHECK(*rotary_fraction >= 0.0 && *rotary_fraction <= 1.0, "vitops.", op,
                  ": `rotary_fraction` must be in [0, 1] or None, got ", *rotary_fraction);
@@ -75,8 +78,13 @@ inline Geometry check_and_plan(const char* op, const char* what, const Tensor& i
   Geometry g;
   g.head_dim = inputs.size(d - 1);
   g.heads = inputs.size(d - 2);
-  g.rows = 1;
-  for (int64_t i = 0; i < d - 2; ++i) g.rows *= inputs.size(i);
+  // Rows are only walked when the tensor is not empty, and then rows * H * hd is its element count.
+  g.rows = 0;
+  if (g.heads > 0 && g.head_dim > 0) {
+    std::vector<int64_t> lead;
+    for (int64_t i = 0; i < d - 2; ++i) lead.push_back(inputs.size(i));
+    g.rows = checked_product(op, "the row count (product of the [..., L] dims)", lead);
+  }
 
   const bool one_d = positions.dim() + 2 == d;
   VITOPS_CHECK(one_d || positions.dim() + 1 == d, "vitops.", op,
@@ -107,7 +115,7 @@ inline Geometry check_and_plan(const char* op, const char* what, const Tensor& i
   const int64_t rotated_budget = rotary_fraction.has_value()
                                      ? static_cast<int64_t>(std::nearbyint(static_cast<double>(g.head_dim) * *rotary_fraction))
                                      : g.head_dim;
-  const int64_t per_axis = 2 * (rotated_budget / (2 * ndim));
+  const int64_t per_axis = 2 * (rotated_budget / 2 / ndim);  // 2 * (budget // (2 * ndim)), overflow-free
   VITOPS_CHECK(per_axis > 0, "vitops.", op, ": head dim ", g.head_dim, " with rotary_fraction ",
                rotary_fraction.has_value() ? std::to_string(*rotary_fraction) : "None", " leaves no channels to rotate for ",
                ndim, " position axes (need at least 2 per axis)");

@@ -1,6 +1,8 @@
 // avg_pool_by_positions: argument checks and slot arithmetic shared by the CPU and CUDA kernels,
 // and the epilogue through which the same kernels also serve avg_pool_scale_standardize.
 #pragma once
+#include <cmath>
+
 #include "vitops/common.h"
 #include "vitops/rope_math.h"
 
@@ -24,20 +26,32 @@ struct Geometry {
   int64_t batch, seq_len, dim, length, kernel;
 };
 
-// k with k*k*length == seq_len, or 0 when there is none.
-inline int64_t kernel_size(int64_t seq_len, int64_t length) {
-  if (length < 1) return 0;
-  const int64_t q = seq_len / length;
-  int64_t k = 0;
-  while ((k + 1) * (k + 1) <= q) ++k;  // q <= seq_len, so this is at most ~sqrt(seq_len) steps
-  return k >= 1 && k * k * length == seq_len ? k : 0;
+// floor(sqrt(n)) for any n >= 0, exact: the double estimate is corrected in integer arithmetic that
+// cannot overflow (r <= 3037000499 for n <= INT64_MAX, so r * r fits).
+inline int64_t isqrt(int64_t n) {
+  if (n < 2) return n;
+  int64_t r = static_cast<int64_t>(std::sqrt(static_cast<double>(n)));
+  if (r > 3037000499) r = 3037000499;
+  while (r * r > n) --r;
+  while (r < 3037000499 && (r + 1) * (r + 1) <= n) ++r;
+  return r;
 }
 
+// k with k*k*length == seq_len, or 0 when there is none. Written as "length divides seq_len and
+// the quotient is a perfect square" so no product can overflow.
+inline int64_t kernel_size(int64_t seq_len, int64_t length) {
+  if (length < 1 || seq_len < 1 || seq_len % length != 0) return 0;
+  const int64_t q = seq_len / length;
+  const int64_t k = isqrt(q);
+  return k * k == q ? k : 0;
+}
+
+// Both pooling ops (and both backends) validate `length` against the sequence length here.
 inline int64_t check_kernel_size(const char* op, int64_t seq_len, int64_t length) {
   VITOPS_CHECK(length >= 1, "vitops.", op, ": `length` must be a positive int, got ", length);
   const int64_t k = kernel_size(seq_len, length);
   VITOPS_CHECK(k >= 1, "vitops.", op, ": `length` (", length, ") must be L/k² for an integer k >= 1, where L = ",
-               seq_len, " is the sequence length of `x`");
+               seq_len, " is the sequence length");
   return k;
 }
 
@@ -49,8 +63,10 @@ inline void check_positions(const char* op, const Tensor& positions, int64_t bat
                shape_str(positions));
 }
 
-inline Geometry check_forward(const Tensor& x, const Tensor& positions, int64_t length, bool allow_double) {
-  const char* op = "avg_pool_by_positions";
+// Checks of both pooling ops' forward (`op` names the op in messages): x [B, L, D] floating,
+// positions_xy [B, L, 2] int on x's device, length = L / k².
+inline Geometry check_forward(const char* op, const Tensor& x, const Tensor& positions, int64_t length,
+                              bool allow_double) {
   VITOPS_CHECK(x.dim() == 3, "vitops.", op, ": `x` must have shape [B, L, D], got ", shape_str(x));
   check_float(op, "x", x, allow_double);
   check_same_device(op, "x", x, "positions_xy", positions);
@@ -59,9 +75,10 @@ inline Geometry check_forward(const Tensor& x, const Tensor& positions, int64_t 
   return Geometry{x.size(0), x.size(1), x.size(2), length, k};
 }
 
-inline Geometry check_backward(const Tensor& grad, const Tensor& positions, int64_t length, int64_t seq_len,
-                               bool allow_double) {
-  const char* op = "_avg_pool_by_positions_backward";
+// Checks of both pooling ops' backward: grad_output [B, length, D], positions_xy [B, seq_len, 2].
+inline Geometry check_backward(const char* op, const Tensor& grad, const Tensor& positions, int64_t length,
+                               int64_t seq_len, bool allow_double) {
+  check_nonnegative(op, "seq_len", seq_len);
   VITOPS_CHECK(grad.dim() == 3 && grad.size(1) == length, "vitops.", op,
                ": `grad_output` must have shape [B, length, D] with length = ", length, ", got ", shape_str(grad));
   check_float(op, "grad_output", grad, allow_double);

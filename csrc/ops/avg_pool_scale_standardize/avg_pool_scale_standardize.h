@@ -49,57 +49,42 @@ inline pooling::Epilogue make_epilogue(const Geometry& g, double scale, const st
   return e;
 }
 
-inline int64_t check_kernel_size(const char* op, int64_t seq_len, int64_t length) {
-  VITOPS_CHECK(length > 0, "vitops.", op, ": `length` must be positive, got ", length);
-  int64_t k = 0;
-  const int64_t ratio = seq_len / length;
-  while ((k + 1) * (k + 1) <= ratio) ++k;  // isqrt; ratio is small (k is the pooling kernel side)
-  VITOPS_CHECK(k >= 1 && k * k * length == seq_len, "vitops.", op, ": cannot pool ", seq_len,
-               " patches to `length`=", length, ": the sequence length must be k*k*length for an integer k >= 1");
-  return k;
-}
-
-inline void check_positions(const char* op, const Tensor& positions_xy, int64_t batch, int64_t seq_len) {
-  VITOPS_CHECK(positions_xy.dim() == 3 && positions_xy.size(0) == batch && positions_xy.size(1) == seq_len &&
-                   positions_xy.size(2) == 2,
-               "vitops.", op, ": `positions_xy` must have shape [B, L, 2] = [", batch, ", ", seq_len, ", 2], got ",
-               shape_str(positions_xy));
-  check_index(op, "positions_xy", positions_xy);
-}
-
-inline void check_std_buffer(const char* op, const char* arg, const Tensor& t, const Tensor& like, int64_t dim,
-                             bool allow_double, ValueKind* kind, int64_t* stride) {
+inline void check_std_buffer(const char* op, const char* arg, const Tensor& t, const char* like_name, const Tensor& like,
+                             int64_t dim, bool allow_double, ValueKind* kind, int64_t* stride) {
   VITOPS_CHECK(t.dim() == 1 && t.size(0) == dim, "vitops.", op, ": `", arg, "` must have shape [D] = [", dim,
                "], got ", shape_str(t));
   VITOPS_CHECK(is_float_dtype(t.scalar_type()) && (allow_double || t.scalar_type() != ScalarType::Double), "vitops.",
                op, ": `", arg, "` must be a float32, bfloat16 or float16", allow_double ? " or float64" : "",
                " tensor, got ", dtype_name(t.scalar_type()));
-  check_same_device(op, "x", like, arg, t);
+  check_same_device(op, like_name, like, arg, t);
   rope_math::value_kind_of(t.scalar_type(), kind);
   *stride = t.stride(0);
 }
 
+inline Geometry from_pooling(const pooling::Geometry& p) {
+  Geometry g;
+  g.batch = p.batch;
+  g.seq_len = p.seq_len;
+  g.dim = p.dim;
+  g.length = p.length;
+  g.kernel = p.kernel;
+  g.standardize = false;
+  g.bias_kind = g.scale_kind = ValueKind::Float32;
+  g.bias_stride = g.scale_stride = 0;
+  return g;
+}
+
+// The pooling op's checks (same rules, this op's name in messages), then the standardize buffers.
 inline Geometry check_forward(const char* op, const Tensor& x, const Tensor& positions_xy, int64_t length,
                               const std::optional<Tensor>& std_bias, const std::optional<Tensor>& std_scale,
                               bool allow_double) {
-  VITOPS_CHECK(x.dim() == 3, "vitops.", op, ": `x` must have shape [B, L, D], got ", shape_str(x));
-  check_float(op, "x", x, allow_double);
-  Geometry g;
-  g.batch = x.size(0);
-  g.seq_len = x.size(1);
-  g.dim = x.size(2);
-  g.length = length;
-  check_positions(op, positions_xy, g.batch, g.seq_len);
-  check_same_device(op, "x", x, "positions_xy", positions_xy);
-  g.kernel = check_kernel_size(op, g.seq_len, length);
+  Geometry g = from_pooling(pooling::check_forward(op, x, positions_xy, length, allow_double));
   VITOPS_CHECK(std_bias.has_value() == std_scale.has_value(), "vitops.", op,
                ": `std_bias` and `std_scale` must be given together (both or neither)");
   g.standardize = std_bias.has_value();
-  g.bias_kind = g.scale_kind = ValueKind::Float32;
-  g.bias_stride = g.scale_stride = 0;
   if (g.standardize) {
-    check_std_buffer(op, "std_bias", *std_bias, x, g.dim, allow_double, &g.bias_kind, &g.bias_stride);
-    check_std_buffer(op, "std_scale", *std_scale, x, g.dim, allow_double, &g.scale_kind, &g.scale_stride);
+    check_std_buffer(op, "std_bias", *std_bias, "x", x, g.dim, allow_double, &g.bias_kind, &g.bias_stride);
+    check_std_buffer(op, "std_scale", *std_scale, "x", x, g.dim, allow_double, &g.scale_kind, &g.scale_stride);
   }
   return g;
 }
@@ -107,23 +92,10 @@ inline Geometry check_forward(const char* op, const Tensor& x, const Tensor& pos
 inline Geometry check_backward(const char* op, const Tensor& grad_output, const Tensor& positions_xy,
                                int64_t length, int64_t seq_len, const std::optional<Tensor>& std_scale,
                                bool allow_double) {
-  VITOPS_CHECK(grad_output.dim() == 3 && grad_output.size(1) == length, "vitops.", op,
-               ": `grad_output` must have shape [B, length, D] with length=", length, ", got ",
-               shape_str(grad_output));
-  check_float(op, "grad_output", grad_output, allow_double);
-  Geometry g;
-  g.batch = grad_output.size(0);
-  g.seq_len = seq_len;
-  g.dim = grad_output.size(2);
-  g.length = length;
-  check_positions(op, positions_xy, g.batch, seq_len);
-  check_same_device(op, "grad_output", grad_output, "positions_xy", positions_xy);
-  g.kernel = check_kernel_size(op, seq_len, length);
+  Geometry g = from_pooling(pooling::check_backward(op, grad_output, positions_xy, length, seq_len, allow_double));
   g.standardize = std_scale.has_value();
-  g.bias_kind = g.scale_kind = ValueKind::Float32;
-  g.bias_stride = g.scale_stride = 0;
   if (g.standardize)
-    check_std_buffer(op, "std_scale", *std_scale, grad_output, g.dim, allow_double, &g.scale_kind, &g.scale_stride);
+    check_std_buffer(op, "std_scale", *std_scale, "grad_output", grad_output, g.dim, allow_double, &g.scale_kind, &g.scale_stride);
   return g;
 }
 

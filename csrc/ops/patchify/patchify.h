@@ -14,11 +14,20 @@ struct Geometry {
   int64_t patch_dim() const { return patch * patch * channels; }
 };
 
+// patch_size * patch_size must fit int64, or every size derived from it wraps (and a wrapped zero
+// becomes a division by zero). 3037000499 is the largest such patch size.
+inline void check_patch_size(const char* op, int64_t patch_size) {
+  VITOPS_CHECK(patch_size > 0, "vitops.", op, ": `patch_size` must be a positive int, got ", patch_size);
+  VITOPS_CHECK(patch_size <= 3037000499, "vitops.", op, ": `patch_size` (", patch_size,
+               ") is too large: patch_size * patch_size must fit in int64");
+}
+
 inline Geometry check_forward(const Tensor& images, int64_t patch_size, bool allow_double) {
+  const char* op = "patchify";
   VITOPS_CHECK(images.dim() >= 3, "vitops.patchify: `images` must have shape [..., H, W, C] (at least 3 dims), got ",
                shape_str(images));
-  check_float("patchify", "images", images, allow_double);
-  VITOPS_CHECK(patch_size > 0, "vitops.patchify: `patch_size` must be a positive int, got ", patch_size);
+  check_float(op, "images", images, allow_double);
+  check_patch_size(op, patch_size);
   Geometry g;
   const int64_t d = images.dim();
   g.height = images.size(d - 3);
@@ -28,30 +37,43 @@ inline Geometry check_forward(const Tensor& images, int64_t patch_size, bool all
   VITOPS_CHECK(g.height % patch_size == 0 && g.width % patch_size == 0, "vitops.patchify: image height and width (",
                g.height, ", ", g.width, ") must be divisible by `patch_size` (", patch_size, "); `images` has shape ",
                shape_str(images));
-  g.batch = 1;
-  for (int64_t i = 0; i < d - 3; ++i) g.batch *= images.size(i);
+  // The patch width p*p*C is a dim of the output: it must be representable.
+  checked_mul(op, "the patch width patch_size**2 * C", patch_size * patch_size, g.channels);
+  std::vector<int64_t> lead;
+  for (int64_t i = 0; i < d - 3; ++i) lead.push_back(images.size(i));
+  g.batch = checked_product(op, "the batch size (product of the leading dims)", lead);
   return g;
 }
 
 inline Geometry check_backward(const Tensor& grad, int64_t height, int64_t width, int64_t patch_size,
                                bool allow_double) {
+  const char* op = "_patchify_backward";
   VITOPS_CHECK(grad.dim() >= 2, "vitops._patchify_backward: `grad_patches` must have shape [..., N, p*p*C], got ",
                shape_str(grad));
-  check_float("_patchify_backward", "grad_patches", grad, allow_double);
-  VITOPS_CHECK(patch_size > 0 && height % patch_size == 0 && width % patch_size == 0,
-               "vitops._patchify_backward: `height` and `width` must be multiples of a positive `patch_size`");
+  check_float(op, "grad_patches", grad, allow_double);
+  check_nonnegative(op, "height", height);
+  check_nonnegative(op, "width", width);
+  check_patch_size(op, patch_size);
+  VITOPS_CHECK(height % patch_size == 0 && width % patch_size == 0, "vitops._patchify_backward: `height` (", height,
+               ") and `width` (", width, ") must be multiples of `patch_size` (", patch_size, ")");
   Geometry g;
   const int64_t d = grad.dim();
   g.height = height;
   g.width = width;
   g.patch = patch_size;
   const int64_t pd = grad.size(d - 1);
-  VITOPS_CHECK(pd % (patch_size * patch_size) == 0 && grad.size(d - 2) == (height / patch_size) * (width / patch_size),
+  const int64_t num_patches = checked_mul(op, "the patch count (height / p) * (width / p)", height / patch_size,
+                                          width / patch_size);
+  VITOPS_CHECK(pd % (patch_size * patch_size) == 0 && grad.size(d - 2) == num_patches,
                "vitops._patchify_backward: `grad_patches` shape ", shape_str(grad), " does not match a ", height, "x",
-               width, " image with patch_size ", patch_size);
+               width, " image with patch_size ", patch_size, " (expected [..., ", num_patches,
+               ", patch_size**2 * C])");
   g.channels = pd / (patch_size * patch_size);
-  g.batch = 1;
-  for (int64_t i = 0; i < d - 2; ++i) g.batch *= grad.size(i);
+  std::vector<int64_t> sizes;  // grad_images[..., H, W, C] must be representable
+  for (int64_t i = 0; i < d - 2; ++i) sizes.push_back(grad.size(i));
+  g.batch = checked_product(op, "the batch size (product of the leading dims)", sizes);
+  sizes.insert(sizes.end(), {height, width, g.channels});
+  checked_product(op, "the image size (leading dims) * H * W * C", sizes);
   return g;
 }
 

@@ -5,6 +5,9 @@
 // projection output are read in place); outputs and input gradients are fresh contiguous tensors.
 #pragma once
 
+#include <cmath>
+#include <optional>
+
 #include "vitops/common.h"
 #include "vitops/rope_math.h"
 
@@ -30,13 +33,14 @@ struct Geometry {
   int64_t position_strides[3];
   ValueKind weight_kind[kNumWeights];
   int64_t weight_stride[kNumWeights];
+  ValueKind rope_kind;  // dtype the cos/sin tables are rounded to (rope_dtype, default q's dtype)
   int64_t rows() const { return batch * seq_len; }
   int64_t total_heads() const { return heads[0] + heads[1] + heads[2]; }
 };
 
 inline ChunkLayout make_chunk_layout(const char* op, int64_t head_dim, int64_t ndim) {
   VITOPS_CHECK(ndim >= 1, "vitops.", op, ": `positions` must have at least one axis in its last dim, got ", ndim);
-  const int64_t per_axis = 2 * (head_dim / (2 * ndim));
+  const int64_t per_axis = 2 * (head_dim / 2 / ndim);  // 2 * (hd // (2 * ndim)), overflow-free
   VITOPS_CHECK(per_axis > 0, "vitops.", op, ": head dim ", head_dim, " of `q` leaves no channels to rotate for ", ndim,
                " position axes (need at least 2 per axis)");
   VITOPS_CHECK(head_dim % 2 == 0, "vitops.", op, ": the head dim of `q` must be even for RoPE, got ", head_dim);
@@ -56,8 +60,8 @@ inline void check_last_dim_contiguous(const char* op, const char* arg, const Ten
 
 // Checks q, k, v, the weights and positions; fills everything but strides of q/k/v.
 inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& positions,
-                             double base_frequency, bool allow_double) {
+                             const Tensor& q_weight, const Tensor& k_weight, const Tensor& positions, double eps,
+                             double base_frequency, std::optional<ScalarType> rope_dtype, bool allow_double) {
   VITOPS_CHECK(q.dim() == 4, "vitops.", op, ": `q` must have shape [B, L, H, hd], got ", shape_str(q));
   VITOPS_CHECK(k.dim() == 4, "vitops.", op, ": `k` must have shape [B, L, KV, hd], got ", shape_str(k));
   VITOPS_CHECK(v.dim() == 4, "vitops.", op, ": `v` must have shape [B, L, KV, hd], got ", shape_str(v));
@@ -108,14 +112,22 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
                "vitops.", op, ": `positions` must be an int32, int64 or floating tensor, got ",
                dtype_name(positions.scalar_type()));
   for (int i = 0; i < 3; ++i) g.position_strides[i] = positions.stride(i);
-  VITOPS_CHECK(base_frequency > 0, "vitops.", op, ": `base_frequency` must be positive, got ", base_frequency);
+  VITOPS_CHECK(std::isfinite(base_frequency) && base_frequency > 0, "vitops.", op,
+               ": `base_frequency` must be a positive finite number, got ", base_frequency);
+  VITOPS_CHECK(std::isfinite(eps) && eps >= 0, "vitops.", op, ": `eps` must be a finite number >= 0, got ", eps);
+  const ScalarType table_dtype = rope_dtype.value_or(q.scalar_type());
+  VITOPS_CHECK(is_float_dtype(table_dtype), "vitops.", op,
+               ": `rope_dtype` must be None or a floating dtype (float32, float64, bfloat16, float16), got ",
+               dtype_name(table_dtype));
+  rope_math::value_kind_of(table_dtype, &g.rope_kind);
   g.chunks = make_chunk_layout(op, g.head_dim, positions.size(2));
   return g;
 }
 
 // Checks the attention-layout gradients of the backward against the forward geometry.
 inline void check_grads(const char* op, const Geometry& g, const Tensor* grads[kNumHeadTensors],
-                        ScalarType dtype) {
+                        const Tensor& like) {
+  const ScalarType dtype = like.scalar_type();
   const char* names[kNumHeadTensors] = {"grad_q", "grad_k", "grad_v"};
   for (int t = 0; t < kNumHeadTensors; ++t) {
     const Tensor& gr = *grads[t];
@@ -125,6 +137,7 @@ inline void check_grads(const char* op, const Geometry& g, const Tensor* grads[k
                  ", ", g.head_dim, "], got ", shape_str(gr));
     VITOPS_CHECK(gr.scalar_type() == dtype, "vitops.", op, ": `", names[t], "` must have the dtype of `q` (",
                  dtype_name(dtype), "), got ", dtype_name(gr.scalar_type()));
+    check_same_device(op, "q", like, names[t], gr);
   }
 }
 

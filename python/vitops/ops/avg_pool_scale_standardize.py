@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import allows_double, check_same_device, dtype_name, fail_unless, shape_str
+from .avg_pool_by_positions import check_backward as _check_pool_backward
+from .avg_pool_by_positions import check_forward as _check_pool_forward
+
 _op = torch.ops.vitops.avg_pool_scale_standardize.default
 _backward_op = torch.ops.vitops._avg_pool_scale_standardize_backward.default
 
@@ -35,20 +39,37 @@ def avg_pool_scale_standardize(
     return _op(x, positions_xy, length, float(scale), std_bias, std_scale)
 
 
+def _check_std_buffer(op, arg, t, like_name, like, dim):
+    fail_unless(t.dim() == 1 and t.shape[0] == dim, lambda: (
+        f"vitops.{op}: `{arg}` must have shape [D] = [{dim}], got {shape_str(t)}"))
+    allow_double = allows_double(like)
+    fail_unless(t.dtype in (torch.float32, torch.bfloat16, torch.float16) or (allow_double and t.dtype == torch.float64),
+                lambda: (f"vitops.{op}: `{arg}` must be a float32, bfloat16 or float16"
+                         f"{' or float64' if allow_double else ''} tensor, got {dtype_name(t.dtype)}"))
+    check_same_device(op, like_name, like, arg, t)
+
+
+# The pooling op's checks, then the standardize buffers (csrc/ops/avg_pool_scale_standardize/*.h).
 @torch.library.register_fake("vitops::avg_pool_scale_standardize")
 def _fake(x, positions_xy, length, scale, std_bias=None, std_scale=None):
-    torch._check(x.dim() == 3, lambda: f"vitops.avg_pool_scale_standardize: `x` must be [B, L, D], got {x.shape}")
-    torch._check(
-        (std_bias is None) == (std_scale is None),
-        lambda: "vitops.avg_pool_scale_standardize: `std_bias` and `std_scale` must be given together",
-    )
+    op = "avg_pool_scale_standardize"
+    _check_pool_forward(op, x, positions_xy, length)
+    fail_unless((std_bias is None) == (std_scale is None), lambda: (
+        f"vitops.{op}: `std_bias` and `std_scale` must be given together (both or neither)"))
     b, _, d = x.shape
+    if std_bias is not None:
+        _check_std_buffer(op, "std_bias", std_bias, "x", x, d)
+        _check_std_buffer(op, "std_scale", std_scale, "x", x, d)
     return x.new_empty((b, length, d)), x.new_empty((b, length), dtype=torch.bool)
 
 
 @torch.library.register_fake("vitops::_avg_pool_scale_standardize_backward")
 def _backward_fake(grad_output, positions_xy, length, seq_len, scale, std_scale):
+    op = "_avg_pool_scale_standardize_backward"
+    _check_pool_backward(op, grad_output, positions_xy, length, seq_len)
     b, _, d = grad_output.shape
+    if std_scale is not None:
+        _check_std_buffer(op, "std_scale", std_scale, "grad_output", grad_output, d)
     return grad_output.new_empty((b, seq_len, d))
 
 

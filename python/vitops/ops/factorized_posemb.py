@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_float, check_index, check_same_device, fail_unless, shape_str
+
 _op = torch.ops.vitops.factorized_posemb.default
 _backward_op = torch.ops.vitops._factorized_posemb_backward.default
 
@@ -56,25 +58,51 @@ def factorized_posemb(
     return _op(posemb, positions_xy, _table_dim(posemb, layout))
 
 
+def _check_table_dim(op, table_dim):
+    fail_unless(table_dim in (0, 1), lambda: (
+        f"vitops.{op}: `table_dim` must be 0 ([2, N_pos, D], HF) or 1 ([N_pos, 2, D], MaxText), got {table_dim}"))
+
+
+def _check_positions(op, positions_xy):
+    fail_unless(positions_xy.dim() >= 1 and positions_xy.shape[-1] == 2, lambda: (
+        f"vitops.{op}: `positions_xy` must have shape [..., 2] ((x, y) per patch), got {shape_str(positions_xy)}"))
+    check_index(op, "positions_xy", positions_xy)
+
+
+# The checks of csrc/ops/factorized_posemb/factorized_posemb.h, in the same order.
 @torch.library.register_fake("vitops::factorized_posemb")
 def _fake(posemb, positions_xy, table_dim):
-    torch._check(table_dim in (0, 1), lambda: f"vitops.factorized_posemb: `table_dim` must be 0 or 1, got {table_dim}")
-    torch._check(posemb.dim() == 3 and posemb.shape[table_dim] == 2,
-                 lambda: f"vitops.factorized_posemb: `posemb` must have size 2 on dim table_dim={table_dim}, "
-                 f"got shape {tuple(posemb.shape)}")
-    torch._check(positions_xy.dim() >= 1 and positions_xy.shape[-1] == 2,
-                 lambda: "vitops.factorized_posemb: `positions_xy` must have shape [..., 2]")
-    torch._check(posemb.device == positions_xy.device,
-                 lambda: "vitops.factorized_posemb: `posemb` and `positions_xy` must be on the same device")
+    op = "factorized_posemb"
+    _check_table_dim(op, table_dim)
+    fail_unless(posemb.dim() == 3, lambda: (
+        "vitops.factorized_posemb: `posemb` must be [2, N_pos, D] (table_dim=0) or [N_pos, 2, D] (table_dim=1), "
+        f"got {shape_str(posemb)}"))
+    fail_unless(posemb.shape[table_dim] == 2, lambda: (
+        f"vitops.factorized_posemb: `posemb` must have size 2 (x and y tables) on dim table_dim={table_dim}, "
+        f"got shape {shape_str(posemb)}"))
+    check_float(op, "posemb", posemb)
+    _check_positions(op, positions_xy)
+    check_same_device(op, "posemb", posemb, "positions_xy", positions_xy)
     return posemb.new_empty((*positions_xy.shape[:-1], posemb.shape[2]))
 
 
 @torch.library.register_fake("vitops::_factorized_posemb_backward")
 def _backward_fake(grad_output, positions_xy, num_positions, table_dim):
-    torch._check(table_dim in (0, 1),
-                 lambda: f"vitops._factorized_posemb_backward: `table_dim` must be 0 or 1, got {table_dim}")
-    torch._check(grad_output.device == positions_xy.device,
-                 lambda: "vitops._factorized_posemb_backward: `grad_output` and `positions_xy` must be on the same device")
+    op = "_factorized_posemb_backward"
+    _check_table_dim(op, table_dim)
+    _check_positions(op, positions_xy)
+    check_float(op, "grad_output", grad_output)
+    check_same_device(op, "grad_output", grad_output, "positions_xy", positions_xy)
+    fail_unless(num_positions >= 0, lambda: (
+        f"vitops._factorized_posemb_backward: `num_positions` must be >= 0, got {num_positions}"))
+    shape_ok = grad_output.dim() == positions_xy.dim() and all(
+        a == b for a, b in zip(grad_output.shape[:-1], positions_xy.shape[:-1]))
+    fail_unless(shape_ok, lambda: (
+        "vitops._factorized_posemb_backward: `grad_output` must be [..., D] over the patches of `positions_xy` "
+        f"{shape_str(positions_xy)}, got {shape_str(grad_output)}"))
+    if grad_output.device.type == "cuda":  # the CUDA kernel's uint32 sort keys
+        fail_unless(num_positions < 2**30, lambda: (
+            f"vitops._factorized_posemb_backward: `num_positions` ({num_positions}) must be below 2^30 on CUDA"))
     d = grad_output.shape[-1]
     shape = (2, num_positions, d) if table_dim == 0 else (num_positions, 2, d)
     return grad_output.new_empty(shape)

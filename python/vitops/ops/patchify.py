@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import (
+    MAX_PATCH_SIZE,
+    check_float,
+    check_nonnegative,
+    checked_mul,
+    checked_product,
+    fail_unless,
+    shape_str,
+)
+
 _op = torch.ops.vitops.patchify.default
 _backward_op = torch.ops.vitops._patchify_backward.default
 
@@ -22,22 +32,53 @@ def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch
     return _op(images, patch_size)
 
 
+def _check_patch_size(op, patch_size):
+    fail_unless(patch_size > 0, lambda: f"vitops.{op}: `patch_size` must be a positive int, got {patch_size}")
+    fail_unless(patch_size <= MAX_PATCH_SIZE, lambda: (
+        f"vitops.{op}: `patch_size` ({patch_size}) is too large: patch_size * patch_size must fit in int64"))
+
+
 @torch.library.register_fake("vitops::patchify")
 def _patchify_fake(images, patch_size):
-    torch._check(images.dim() >= 3, lambda: f"vitops.patchify: `images` must be [..., H, W, C], got {images.shape}")
+    # csrc/ops/patchify/patchify.h check_forward, in the same order
+    fail_unless(images.dim() >= 3, lambda: (
+        f"vitops.patchify: `images` must have shape [..., H, W, C] (at least 3 dims), got {shape_str(images)}"))
+    check_float("patchify", "images", images)
+    _check_patch_size("patchify", patch_size)
     *lead, h, w, c = images.shape
-    torch._check(h % patch_size == 0 and w % patch_size == 0,
-                 lambda: f"vitops.patchify: H and W ({h}, {w}) must be divisible by patch_size {patch_size}")
+    fail_unless((h % patch_size == 0) & (w % patch_size == 0), lambda: (
+        f"vitops.patchify: image height and width ({h}, {w}) must be divisible by `patch_size` ({patch_size}); "
+        f"`images` has shape {shape_str(images)}"))
+    patch_dim = checked_mul("patchify", "the patch width patch_size**2 * C", patch_size * patch_size, c)
+    checked_product("patchify", "the batch size (product of the leading dims)", lead)
     n = (h // patch_size) * (w // patch_size)
-    patches = images.new_empty((*lead, n, patch_size * patch_size * c))
+    patches = images.new_empty((*lead, n, patch_dim))
     positions = images.new_empty((*lead, n, 2), dtype=torch.int64)
     return patches, positions
 
 
 @torch.library.register_fake("vitops::_patchify_backward")
 def _patchify_backward_fake(grad_patches, height, width, patch_size):
-    *lead, _, pd = grad_patches.shape
-    return grad_patches.new_empty((*lead, height, width, pd // (patch_size * patch_size)))
+    op = "_patchify_backward"
+    fail_unless(grad_patches.dim() >= 2, lambda: (
+        f"vitops._patchify_backward: `grad_patches` must have shape [..., N, p*p*C], got {shape_str(grad_patches)}"))
+    check_float(op, "grad_patches", grad_patches)
+    check_nonnegative(op, "height", height)
+    check_nonnegative(op, "width", width)
+    _check_patch_size(op, patch_size)
+    fail_unless((height % patch_size == 0) & (width % patch_size == 0), lambda: (
+        f"vitops._patchify_backward: `height` ({height}) and `width` ({width}) must be multiples of "
+        f"`patch_size` ({patch_size})"))
+    *lead, n, pd = grad_patches.shape
+    num_patches = checked_mul(op, "the patch count (height / p) * (width / p)", height // patch_size,
+                              width // patch_size)
+    fail_unless((pd % (patch_size * patch_size) == 0) & (n == num_patches), lambda: (
+        f"vitops._patchify_backward: `grad_patches` shape {shape_str(grad_patches)} does not match a "
+        f"{height}x{width} image with patch_size {patch_size} (expected [..., {num_patches}, patch_size**2 * C])"))
+    c = pd // (patch_size * patch_size)
+    checked_product(op, "the batch size (product of the leading dims)", lead)
+    checked_product(op, "the image size (leading dims) * H * W * C", [*lead, height, width, c])
+    return grad_patches.new_empty((*lead, height, width, c))
 
 
 def _setup_context(ctx, inputs, output):

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import (
+    allows_double,
+    check_float,
+    check_same_device,
+    dtype_name,
+    fail_unless,
+    is_concrete,
+    is_finite_number,
+    shape_str,
+)
+
 _op = torch.ops.vitops.qkv_norm_rope.default
 _backward_op = torch.ops.vitops._qkv_norm_rope_backward.default
 
@@ -18,6 +29,7 @@ def qkv_norm_rope(
     *,
     eps: float = 1e-6,
     base_frequency: float = 100.0,
+    rope_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HF ``Gemma4VisionAttention``'s q_norm/k_norm/v_norm + ``apply_multidimensional_rope`` + transpose.
 
@@ -28,6 +40,9 @@ def qkv_norm_rope(
       positions: [B, L, ndim] (int32/int64/float) positions; Gemma 4 uses ndim = 2 (x, y).
       eps: RMSNorm epsilon.
       base_frequency: RoPE base (theta).
+      rope_dtype: the dtype cos/sin are rounded to before the rotation (default: q's dtype). HF's
+        rotary embedding casts them to the dtype of the hidden states it is given: under autocast
+        that is the float32 residual stream while q is bfloat16, so the tower passes float32 there.
 
     Returns:
       (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd]) in q's dtype: the shapes
@@ -37,7 +52,7 @@ def qkv_norm_rope(
       is rounded to the input dtype (as HF), then q and k are rotated with cos/sin rounded to the
       input dtype, in float32, rounded once. v is only normalised (no weight).
     """
-    rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency))
+    rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency), rope_dtype)
     return tuple(t.transpose(1, 2) for t in rows)
 
 
@@ -46,15 +61,85 @@ def _attention_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.new_empty(t.shape, dtype=dtype)
 
 
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_POSITION_DTYPES = (torch.int32, torch.int64) + _FLOATS
+_MAX_CUDA_HEAD_DIM = 512
+
+
+def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype):
+    """csrc/ops/qkv_norm_rope/qkv_norm_rope.h check_inputs, in the same order."""
+    fail_unless(q.dim() == 4, lambda: f"vitops.{op}: `q` must have shape [B, L, H, hd], got {shape_str(q)}")
+    fail_unless(k.dim() == 4, lambda: f"vitops.{op}: `k` must have shape [B, L, KV, hd], got {shape_str(k)}")
+    fail_unless(v.dim() == 4, lambda: f"vitops.{op}: `v` must have shape [B, L, KV, hd], got {shape_str(v)}")
+    check_float(op, "q", q)
+    fail_unless(k.dtype == q.dtype and v.dtype == q.dtype, lambda: (
+        f"vitops.{op}: `q`, `k` and `v` must have the same dtype, got {dtype_name(q.dtype)}, {dtype_name(k.dtype)} "
+        f"and {dtype_name(v.dtype)}"))
+    fail_unless(k.shape[0] == q.shape[0] and k.shape[1] == q.shape[1] and k.shape[3] == q.shape[3], lambda: (
+        f"vitops.{op}: `k` shape {shape_str(k)} does not match `q` shape {shape_str(q)} "
+        "(same B, L and head dim expected)"))
+    fail_unless(tuple(v.shape) == tuple(k.shape), lambda: (
+        f"vitops.{op}: `v` shape {shape_str(v)} must equal `k` shape {shape_str(k)}"))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        fail_unless(t.shape[3] <= 1 or t.stride(3) == 1, lambda: (
+            f"vitops.{op}: `{name}` must have a contiguous head dim (stride 1 in its last dim), got stride "
+            f"{t.stride(3)}"))
+    for name, t in (("k", k), ("v", v), ("q_weight", q_weight), ("k_weight", k_weight), ("positions", positions)):
+        check_same_device(op, "q", q, name, t)
+    allow_double = allows_double(q)
+    hd = q.shape[3]
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        fail_unless(w.dim() == 1 and w.shape[0] == hd, lambda: (
+            f"vitops.{op}: `{name}` must have shape [hd] = [{hd}], got {shape_str(w)}"))
+        fail_unless(w.dtype in _FLOATS and (allow_double or w.dtype != torch.float64), lambda: (
+            f"vitops.{op}: `{name}` must be a float32, bfloat16 or float16{' or float64' if allow_double else ''} "
+            f"tensor, got {dtype_name(w.dtype)}"))
+    fail_unless(positions.dim() == 3 and positions.shape[0] == q.shape[0] and positions.shape[1] == q.shape[1],
+                lambda: (f"vitops.{op}: `positions` must have shape [B, L, ndim] = [{q.shape[0]}, {q.shape[1]}, "
+                         f"ndim], got {shape_str(positions)}"))
+    fail_unless(positions.dtype in _POSITION_DTYPES and (allow_double or positions.dtype != torch.float64), lambda: (
+        f"vitops.{op}: `positions` must be an int32, int64 or floating tensor, got {dtype_name(positions.dtype)}"))
+    fail_unless(is_finite_number(base_frequency) and base_frequency > 0, lambda: (
+        f"vitops.{op}: `base_frequency` must be a positive finite number, got {base_frequency}"))
+    fail_unless(is_finite_number(eps) and eps >= 0, lambda: f"vitops.{op}: `eps` must be a finite number >= 0, got {eps}")
+    table_dtype = q.dtype if rope_dtype is None else rope_dtype
+    fail_unless(table_dtype in _FLOATS, lambda: (
+        f"vitops.{op}: `rope_dtype` must be None or a floating dtype (float32, float64, bfloat16, float16), got "
+        f"{dtype_name(table_dtype)}"))
+    ndim = positions.shape[2]
+    fail_unless(ndim >= 1, lambda: (
+        f"vitops.{op}: `positions` must have at least one axis in its last dim, got {ndim}"))
+    if is_concrete(hd, ndim):
+        fail_unless(2 * (hd // 2 // ndim) > 0, lambda: (
+            f"vitops.{op}: head dim {hd} of `q` leaves no channels to rotate for {ndim} position axes "
+            "(need at least 2 per axis)"))
+        fail_unless(hd % 2 == 0, lambda: f"vitops.{op}: the head dim of `q` must be even for RoPE, got {hd}")
+    if q.device.type == "cuda":
+        fail_unless(hd <= _MAX_CUDA_HEAD_DIM, lambda: (
+            f"vitops.{op}: the CUDA kernel supports head dims up to {_MAX_CUDA_HEAD_DIM}, got {hd} "
+            "(the head dim of `q`)"))
+
+
 @torch.library.register_fake("vitops::qkv_norm_rope")
-def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency):
-    torch._check(q.dim() == 4, lambda: f"vitops.qkv_norm_rope: `q` must be [B, L, H, hd], got {q.shape}")
-    torch._check(k.dim() == 4 and v.dim() == 4, lambda: "vitops.qkv_norm_rope: `k` and `v` must be [B, L, KV, hd]")
+def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype=None):
+    _check_inputs("qkv_norm_rope", q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype)
     return _attention_layout(q, q.dtype), _attention_layout(k, q.dtype), _attention_layout(v, q.dtype)
 
 
 @torch.library.register_fake("vitops::_qkv_norm_rope_backward")
-def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, positions, eps, base_frequency):
+def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, positions, eps, base_frequency,
+                   rope_dtype=None):
+    op = "_qkv_norm_rope_backward"
+    _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype)
+    b, seq_len, _, hd = q.shape
+    for name, g, heads in (("grad_q", grad_q, q.shape[2]), ("grad_k", grad_k, k.shape[2]),
+                           ("grad_v", grad_v, v.shape[2])):
+        fail_unless(g.dim() == 4 and g.shape[0] == b and g.shape[1] == heads and g.shape[2] == seq_len
+                    and g.shape[3] == hd, lambda: (
+            f"vitops.{op}: `{name}` must have shape [{b}, {heads}, {seq_len}, {hd}], got {shape_str(g)}"))
+        fail_unless(g.dtype == q.dtype, lambda: (
+            f"vitops.{op}: `{name}` must have the dtype of `q` ({dtype_name(q.dtype)}), got {dtype_name(g.dtype)}"))
+        check_same_device(op, "q", q, name, g)
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape, dtype=q.dtype),
@@ -65,15 +150,15 @@ def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, position
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_weight, k_weight, positions, eps, base_frequency = inputs
+    q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype = inputs
     ctx.save_for_backward(q, k, v, q_weight, k_weight, positions)
-    ctx.args = (eps, base_frequency)
+    ctx.args = (eps, base_frequency, rope_dtype)
 
 
 def _backward(ctx, grad_q, grad_k, grad_v):
     q, k, v, q_weight, k_weight, positions = ctx.saved_tensors
     if not any(ctx.needs_input_grad[:5]):
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     # The backward kernels take the gradients as [B, N, L, hd] (any strides): transpose views of the
     # gradients of the op's [B, L, N, hd] outputs.
     grads = [None if g is None else g.transpose(1, 2) for g in (grad_q, grad_k, grad_v)]
@@ -81,7 +166,7 @@ def _backward(ctx, grad_q, grad_k, grad_v):
         if g is None:  # an output that did not reach the loss
             grads[i] = t.new_zeros((t.shape[0], t.shape[2], t.shape[1], t.shape[3]))
     out = _backward_op(*grads, q, k, v, q_weight, k_weight, positions, *ctx.args)
-    return tuple(g if need else None for g, need in zip(out, ctx.needs_input_grad[:5])) + (None, None, None)
+    return tuple(g if need else None for g, need in zip(out, ctx.needs_input_grad[:5])) + (None, None, None, None)
 
 
 torch.library.register_autograd("vitops::qkv_norm_rope", _backward, setup_context=_setup_context)

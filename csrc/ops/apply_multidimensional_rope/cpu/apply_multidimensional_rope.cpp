@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "../apply_multidimensional_rope.h"
@@ -20,7 +21,8 @@ acc_t load_position(const void* positions, ScalarType dtype, int64_t i) {
     case ScalarType::Int: return static_cast<acc_t>(static_cast<const int32_t*>(positions)[i]);
     case ScalarType::Long: return static_cast<acc_t>(static_cast<const int64_t*>(positions)[i]);
     case ScalarType::Float: return static_cast<acc_t>(static_cast<const float*>(positions)[i]);
-    default: return static_cast<acc_t>(static_cast<const double*>(positions)[i]);
+    case ScalarType::Double: return static_cast<acc_t>(static_cast<const double*>(positions)[i]);
+    default: return std::numeric_limits<acc_t>::quiet_NaN();  // unreachable: check_and_plan admits only these
   }
 }
 
@@ -49,8 +51,8 @@ inline void rotate_head(const in_t* src, out_t* dst, const acc* cos_table, const
 }
 
 template <typename scalar_t>
-void rotate_rows(const scalar_t* in, const RowAddressing& addressing, const Tensor& positions, scalar_t* out,
-                 const Geometry& g, double base_frequency, double scale_factor, bool transpose) {
+void rotate_rows(const char* op, const scalar_t* in, const RowAddressing& addressing, const Tensor& positions,
+                 scalar_t* out, const Geometry& g, double base_frequency, double scale_factor, bool transpose) {
   using acc = acc_t<scalar_t>;
   const std::vector<acc> inv_freq = inverse_frequencies<acc>(g, base_frequency);
   const acc scale = static_cast<acc>(scale_factor);
@@ -62,21 +64,21 @@ void rotate_rows(const scalar_t* in, const RowAddressing& addressing, const Tens
   const int64_t passthrough = hd - g.rotated;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * hd));
 
-  // Integer positions: cos/sin once per distinct value (bit-identical to the per-row evaluation).
+  // Validates the positions (every angle finite, else a clear error) and finds the integer range;
+  // integer positions then get cos/sin once per distinct value (bit-identical to the per-row
+  // evaluation).
+  const bool integer = pos_dtype == ScalarType::Int || pos_dtype == ScalarType::Long;
+  const cpu::PositionRange range = cpu::scan_positions<acc>(
+      op, g.rows * g.position_axes, integer,
+      [&](int64_t i) {
+        return pos_dtype == ScalarType::Int ? int64_t{static_cast<const int32_t*>(pos)[i]}
+                                            : static_cast<const int64_t*>(pos)[i];
+      },
+      [&](int64_t i) { return load_position<acc>(pos, pos_dtype, i); }, inv_freq, scale);
   cpu::AngleTable<acc> table;
-  bool tabulated = false;
-  const int64_t num_positions = g.rows * g.position_axes;
-  if ((pos_dtype == ScalarType::Int || pos_dtype == ScalarType::Long) && num_positions > 0) {
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    for (int64_t i = 0; i < num_positions; ++i) {
-      const int64_t v = pos_dtype == ScalarType::Int ? static_cast<const int32_t*>(pos)[i]
-                                                     : static_cast<const int64_t*>(pos)[i];
-      lo = std::min(lo, v);
-      hi = std::max(hi, v);
-    }
-    tabulated = table.build(lo, hi, inv_freq, scale,
-                            [](acc v) { return static_cast<acc>(static_cast<scalar_t>(v)); });
-  }
+  const bool tabulated =
+      integer && range.lo <= range.hi &&
+      table.build(range.lo, range.hi, inv_freq, scale, [](acc v) { return static_cast<acc>(static_cast<scalar_t>(v)); });
 
   std::vector<int64_t> chunk_of_freq(F);  // position axis of every frequency, hoisted out of the rows
   for (int64_t k = 0, i = 0; k < F; ++k) locate_freq(k, chunk_half, g.num_chunks, chunk_of_freq[k], i);
@@ -126,14 +128,14 @@ void rotate_rows(const scalar_t* in, const RowAddressing& addressing, const Tens
 
 Tensor run(const char* op, const char* what, const Tensor& inputs, const Tensor& positions, double base_frequency,
            std::optional<double> rotary_fraction, double scale_factor, bool transpose) {
-  const Geometry g = check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction, /*allow_double=*/true);
+  const Geometry g = check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction, scale_factor, /*allow_double=*/true);
   Tensor out = new_empty(inputs, sizes_of(inputs), inputs.scalar_type());
   if (out.numel() == 0) return out;
   RowAddressing addressing;
   const Tensor src = readable_view(inputs, addressing);
   const Tensor pos = as_contiguous(positions);
   VITOPS_DISPATCH_FLOATING(inputs.scalar_type(), "apply_multidimensional_rope_cpu", [&] {
-    rotate_rows<scalar_t>(src.const_data_ptr<scalar_t>(), addressing, pos, out.mutable_data_ptr<scalar_t>(), g,
+    rotate_rows<scalar_t>(op, src.const_data_ptr<scalar_t>(), addressing, pos, out.mutable_data_ptr<scalar_t>(), g,
                           base_frequency, scale_factor, transpose);
   });
   return out;

@@ -72,7 +72,8 @@ __device__ __forceinline__ float load_position(const void* positions, int kind, 
     case kPosInt32: return static_cast<float>(static_cast<const int32_t*>(positions)[i]);
     case kPosInt64: return static_cast<float>(static_cast<const int64_t*>(positions)[i]);
     case kPosFloat32: return static_cast<const float*>(positions)[i];
-    default: return static_cast<float>(static_cast<const double*>(positions)[i]);
+    case kPosFloat64: return static_cast<float>(static_cast<const double*>(positions)[i]);
+    default: return __int_as_float(0x7fc00000);  // unreachable (position_kind admits only these): NaN
   }
 }
 
@@ -173,12 +174,15 @@ bool vectorizable(int vec, const Geometry& g, const RowAddressing& rows, const v
   return ok;
 }
 
-int position_kind(ScalarType t) {
+int position_kind(const char* op, ScalarType t) {
   switch (t) {
     case ScalarType::Int: return kPosInt32;
     case ScalarType::Long: return kPosInt64;
     case ScalarType::Float: return kPosFloat32;
-    default: return kPosFloat64;
+    case ScalarType::Double: return kPosFloat64;
+    default:
+      VITOPS_CHECK(false, "vitops.", op, ": `positions` must be int32, int64, float32 or float64, got ", dtype_name(t));
+      return kPosFloat64;
   }
 }
 
@@ -191,10 +195,11 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
                                                                     : 1;
   const int64_t F = g.num_freqs();
   const int64_t units_row = g.heads * ((F + (g.head_dim - g.rotated)) / vec);
-  VITOPS_CHECK(units_row < INT_MAX && g.heads * g.head_dim < INT_MAX, "vitops.", op, ": H * hd = ",
+  VITOPS_CHECK(units_row < INT_MAX - kThreads && g.heads * g.head_dim < INT_MAX, "vitops.", op, ": H * hd = ",
                g.heads * g.head_dim, " is too large for the CUDA kernel");
   int64_t tile_rows = std::min<int64_t>({int64_t{kMaxTileRows}, ceil_div(kTargetUnitsPerBlock, units_row), g.rows});
-  tile_rows = std::max<int64_t>(1, std::min<int64_t>(tile_rows, INT_MAX / units_row));
+  // The sweep index t = threadIdx.x + i * blockDim.x is an int: keep t + blockDim.x below INT_MAX too.
+  tile_rows = std::max<int64_t>(1, std::min<int64_t>(tile_rows, (INT_MAX - kThreads) / units_row));
   auto shared_bytes = [&](int64_t t) {
     return row_offset_slots(static_cast<int>(t)) * static_cast<int64_t>(sizeof(int64_t)) +
            t * static_cast<int64_t>(2 * sizeof(float) * F);
@@ -213,7 +218,7 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
   args.rotated = static_cast<int>(g.rotated);
   args.position_axes = static_cast<int>(g.position_axes);
   args.tile_rows = static_cast<int>(tile_rows);
-  args.position_kind = position_kind(positions.scalar_type());
+  args.position_kind = position_kind(op, positions.scalar_type());
   args.base_frequency = static_cast<float>(base_frequency);
   args.scale = static_cast<float>(scale_factor);
   args.sin_sign = transpose ? -1.0f : 1.0f;
@@ -243,7 +248,7 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
 
 Tensor run(const char* op, const char* what, const Tensor& inputs, const Tensor& positions, double base_frequency,
            std::optional<double> rotary_fraction, double scale_factor, bool transpose) {
-  const Geometry g = check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction, /*allow_double=*/false);
+  const Geometry g = check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction, scale_factor, /*allow_double=*/false);
   CudaDeviceGuard guard(inputs.get_device());
   Tensor out = new_empty(inputs, sizes_of(inputs), inputs.scalar_type());
   if (out.numel() == 0) return out;

@@ -23,9 +23,10 @@ template <typename index_t>
 std::vector<int64_t> compute_slots(const Tensor& positions_contig, const Geometry& g, const char* op) {
   const index_t* pos = positions_contig.const_data_ptr<index_t>();
   const int64_t L = g.seq_len;
-  std::vector<int64_t> slots(g.batch * L);
+  std::vector<int64_t> slots = scratch_vector<int64_t>(op, "patch slots", checked_mul(op, "B * L", g.batch, L));
   // First offending patch per image (L when none), plus what was wrong with it.
-  std::vector<int64_t> bad_patch(g.batch, L), bad_kind(g.batch, kSkip);
+  std::vector<int64_t> bad_patch = scratch_vector<int64_t>(op, "per-image errors", g.batch, L);
+  std::vector<int64_t> bad_kind = scratch_vector<int64_t>(op, "per-image errors", g.batch, kSkip);
   torch::stable::parallel_for(0, g.batch, image_grain(L), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const index_t* p = pos + b * L * 2;
@@ -64,7 +65,7 @@ inline std::vector<int64_t> slots_for(const Tensor& positions, const Geometry& g
 inline Tensor unit_stride_rows(const Tensor& t) { return t.stride(2) == 1 ? t : torch::stable::contiguous(t); }
 
 template <typename scalar_t>
-void pool_forward(const Tensor& x, const std::vector<int64_t>& slots, const Geometry& g, Tensor& out,
+void pool_forward(const char* op, const Tensor& x, const std::vector<int64_t>& slots, const Geometry& g, Tensor& out,
                   Tensor& mask, const Epilogue& epilogue) {
   using acc = acc_t<scalar_t>;
   const int64_t B = g.batch, L = g.seq_len, D = g.dim, S = g.length;
@@ -72,7 +73,9 @@ void pool_forward(const Tensor& x, const std::vector<int64_t>& slots, const Geom
   const acc weight = acc(1) / acc(g.kernel * g.kernel);
   // Stable counting sort of each image's patches by slot: slot s of image b owns
   // order[b*L + begin[b*(S+1)+s] .. begin[b*(S+1)+s+1]), in increasing patch order.
-  std::vector<int64_t> begin(B * (S + 1), 0), order(B * L);
+  std::vector<int64_t> begin =
+      scratch_vector<int64_t>(op, "slot offsets", checked_mul(op, "B * (length + 1)", B, S + 1), 0);
+  std::vector<int64_t> order = scratch_vector<int64_t>(op, "patch order", B * L);  // B * L checked by compute_slots
   torch::stable::parallel_for(0, B, image_grain(L), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t* start = begin.data() + b * (S + 1);
@@ -87,7 +90,7 @@ void pool_forward(const Tensor& x, const std::vector<int64_t>& slots, const Geom
   });
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t xs_b = x.stride(0), xs_l = x.stride(1);
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   bool* mp = mask.mutable_data_ptr<bool>();
   // Enough rows per task to amortise scheduling when D is small.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1));
@@ -101,7 +104,7 @@ void pool_forward(const Tensor& x, const std::vector<int64_t>& slots, const Geom
         const scalar_t* row = xp + b * xs_b + order[b * L + i] * xs_l;
         for (int64_t d = 0; d < D; ++d) sum[d] += widen(row[d]) * weight;
       }
-      scalar_t* dst = op + r * D;
+      scalar_t* dst = out_data + r * D;
       if (epilogue.active) {
         for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>(finish_pooled<scalar_t>(sum[d], epilogue, d));
       } else {

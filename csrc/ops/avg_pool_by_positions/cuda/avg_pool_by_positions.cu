@@ -6,7 +6,7 @@ namespace vitops::avg_pool_by_positions {
 namespace {
 
 std::tuple<Tensor, Tensor> avg_pool_by_positions_cuda(const Tensor& x, const Tensor& positions_xy, int64_t length) {
-  const Geometry g = check_forward(x, positions_xy, length, /*allow_double=*/false);
+  const Geometry g = check_forward("avg_pool_by_positions", x, positions_xy, length, /*allow_double=*/false);
   CudaDeviceGuard guard(x.get_device());
   Tensor out = new_empty(x, {g.batch, g.length, g.dim}, x.scalar_type());
   Tensor mask = new_empty(x, {g.batch, g.length}, ScalarType::Bool);
@@ -20,7 +20,7 @@ std::tuple<Tensor, Tensor> avg_pool_by_positions_cuda(const Tensor& x, const Ten
 
 Tensor avg_pool_by_positions_backward_cuda(const Tensor& grad_output, const Tensor& positions_xy, int64_t length,
                                            int64_t seq_len) {
-  const Geometry g = check_backward(grad_output, positions_xy, length, seq_len, /*allow_double=*/false);
+  const Geometry g = check_backward("_avg_pool_by_positions_backward", grad_output, positions_xy, length, seq_len, /*allow_double=*/false);
   CudaDeviceGuard guard(grad_output.get_device());
   Tensor grad_x = new_empty(grad_output, {g.batch, g.seq_len, g.dim}, grad_output.scalar_type());
   if (grad_x.numel() == 0) return grad_x;

@@ -21,7 +21,7 @@ std::tuple<Tensor, Tensor> avg_pool_scale_standardize_cpu(const Tensor& x, const
   const pooling::Epilogue epilogue = make_epilogue(g, scale, std_bias, std_scale);
   const Tensor src = pooling::cpu::unit_stride_rows(x);
   VITOPS_DISPATCH_FLOATING(x.scalar_type(), "avg_pool_scale_standardize_cpu",
-                           [&] { pooling::cpu::pool_forward<scalar_t>(src, slots, pg, out, mask, epilogue); });
+                           [&] { pooling::cpu::pool_forward<scalar_t>(op, src, slots, pg, out, mask, epilogue); });
   return {out, mask};
 }
 

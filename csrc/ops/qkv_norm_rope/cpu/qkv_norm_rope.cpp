@@ -17,7 +17,7 @@ namespace {
 using rope_math::ChannelRole;
 using rope_math::load_as;
 using rope_math::mul_rounded;
-using rope_math::round_to;
+using rope_math::ValueKind;
 
 // Rows per weight-gradient partial; fixed so the summation order is independent of threading.
 constexpr int64_t kRowsPerChunk = 32;
@@ -57,26 +57,31 @@ RowTables<acc> make_tables(const Geometry& g, const Tensor& q_weight, const Tens
   return t;
 }
 
-// Integer positions: tabulate cos/sin (rounded to scalar_t) once per distinct value.
-template <typename scalar_t, typename acc>
-void tabulate_angles(const Geometry& g, const void* positions, RowTables<acc>& t) {
-  if (g.position_kind != rope_math::ValueKind::Int32 && g.position_kind != rope_math::ValueKind::Int64) return;
-  int64_t lo = INT64_MAX, hi = INT64_MIN;
-  for (int64_t b = 0; b < g.batch; ++b)
-    for (int64_t l = 0; l < g.seq_len; ++l)
-      for (int64_t a = 0; a < g.chunks.ndim; ++a) {
-        const int64_t at = b * g.position_strides[0] + l * g.position_strides[1] + a * g.position_strides[2];
-        const int64_t v = g.position_kind == rope_math::ValueKind::Int32 ? static_cast<const int32_t*>(positions)[at]
-                                                                         : static_cast<const int64_t*>(positions)[at];
-        lo = std::min(lo, v);
-        hi = std::max(hi, v);
-      }
-  if (lo > hi) return;
-  t.tabulated = t.angles.build(lo, hi, t.inverse_frequency, acc(1), [](acc v) { return round_to<scalar_t>(v); });
+// Validates the positions (every angle finite, else a clear error) and, for integer positions,
+// tabulates cos/sin (rounded to the table dtype) once per distinct value.
+template <typename acc>
+void scan_and_tabulate(const char* op, const Geometry& g, const void* positions, RowTables<acc>& t) {
+  const int64_t ndim = g.chunks.ndim;
+  auto offset = [&](int64_t i) {  // flat index over [B, L, ndim] -> element offset
+    const int64_t a = i % ndim, bl = i / ndim, l = bl % g.seq_len, b = bl / g.seq_len;
+    return b * g.position_strides[0] + l * g.position_strides[1] + a * g.position_strides[2];
+  };
+  const bool integer = g.position_kind == ValueKind::Int32 || g.position_kind == ValueKind::Int64;
+  const cpu::PositionRange range = cpu::scan_positions<acc>(
+      op, g.rows() * ndim, integer,
+      [&](int64_t i) {
+        return g.position_kind == ValueKind::Int32 ? int64_t{static_cast<const int32_t*>(positions)[offset(i)]}
+                                                   : static_cast<const int64_t*>(positions)[offset(i)];
+      },
+      [&](int64_t i) { return load_as<acc>(positions, g.position_kind, offset(i)); }, t.inverse_frequency, acc(1));
+  if (!integer || range.lo > range.hi) return;
+  const ValueKind kind = g.rope_kind;
+  t.tabulated = t.angles.build(range.lo, range.hi, t.inverse_frequency, acc(1),
+                               [kind](acc v) { return rope_math::round_as(kind, v); });
 }
 
-// cos/sin (rounded to scalar_t) of row (b, l) into cos/sin[hd/2].
-template <typename scalar_t, typename acc>
+// cos/sin (rounded to the table dtype) of row (b, l) into cos/sin[hd/2].
+template <typename acc>
 void fill_row_tables(const Geometry& g, const void* positions, int64_t b, int64_t l, const RowTables<acc>& t,
                      acc* cos, acc* sin) {
   const int64_t row_offset = b * g.position_strides[0] + l * g.position_strides[1];
@@ -94,8 +99,8 @@ void fill_row_tables(const Geometry& g, const void* positions, int64_t b, int64_
     const int64_t axis = t.axis_of_freq[k];
     const acc pos = load_as<acc>(positions, g.position_kind, row_offset + axis * g.position_strides[2]);
     const acc angle = pos * t.inverse_frequency[k];
-    cos[k] = round_to<scalar_t>(rope_math::math_cos(angle));
-    sin[k] = round_to<scalar_t>(rope_math::math_sin(angle));
+    cos[k] = rope_math::round_as(g.rope_kind, rope_math::math_cos(angle));
+    sin[k] = rope_math::round_as(g.rope_kind, rope_math::math_sin(angle));
   }
 }
 
@@ -141,18 +146,18 @@ void rotate_row(const rope_math::ChunkLayout& layout, const acc* n, const acc* c
 }
 
 template <typename scalar_t>
-void forward_impl(const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const out[kNumHeadTensors],
+void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const out[kNumHeadTensors],
                   const Tensor& q_weight, const Tensor& k_weight, const void* positions, double eps, double base) {
   using acc = acc_t<scalar_t>;
   RowTables<acc> t = make_tables<acc>(g, q_weight, k_weight, base);
-  tabulate_angles<scalar_t>(g, positions, t);
+  scan_and_tabulate(op, g, positions, t);
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   torch::stable::parallel_for(0, g.rows(), /*grain_size=*/4, [&](int64_t begin, int64_t end) {
     std::vector<acc> cos(hd / 2), sin(hd / 2), x(hd), n(hd), rotated(hd);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / L, l = row % L;
-      fill_row_tables<scalar_t>(g, positions, b, l, t, cos.data(), sin.data());
+      fill_row_tables(g, positions, b, l, t, cos.data(), sin.data());
       for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
         const HeadStrides& s = in.strides[tensor];
         const int64_t heads = g.heads[tensor];
@@ -183,12 +188,12 @@ void forward_impl(const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const
 }
 
 template <typename scalar_t>
-void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<scalar_t>& grad,
+void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<scalar_t>& grad,
                    scalar_t* const grad_in[kNumHeadTensors], const Tensor& q_weight, const Tensor& k_weight,
                    const void* positions, double eps, double base, Tensor grad_weight[kNumWeights]) {
   using acc = acc_t<scalar_t>;
   RowTables<acc> t = make_tables<acc>(g, q_weight, k_weight, base);
-  tabulate_angles<scalar_t>(g, positions, t);
+  scan_and_tabulate(op, g, positions, t);
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   const int64_t num_chunks = (g.rows() + kRowsPerChunk - 1) / kRowsPerChunk;
@@ -201,7 +206,7 @@ void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<s
       const int64_t row_end = std::min(g.rows(), (chunk + 1) * kRowsPerChunk);
       for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
         const int64_t b = row / L, l = row % L;
-        fill_row_tables<scalar_t>(g, positions, b, l, t, cos.data(), sin.data());
+        fill_row_tables(g, positions, b, l, t, cos.data(), sin.data());
         for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
           const HeadStrides& s = in.strides[tensor];
           const HeadStrides& gs = grad.strides[tensor];
@@ -245,9 +250,11 @@ void backward_impl(const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<s
 
 std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& q_weight, const Tensor& k_weight,
-                                                     const Tensor& positions, double eps, double base_frequency) {
+                                                     const Tensor& positions, double eps, double base_frequency,
+                                                     std::optional<ScalarType> rope_dtype) {
   const char* op = "qkv_norm_rope";
-  Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, base_frequency, /*allow_double=*/true);
+  Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+                            /*allow_double=*/true);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor outs[kNumHeadTensors];
   for (int t = 0; t < kNumHeadTensors; ++t) outs[t] = allocate_attention_output(q, g, t);
@@ -260,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
         io.strides[t] = head_strides(*inputs[t], /*seq_major=*/true);
         out_ptrs[t] = outs[t].mutable_data_ptr<scalar_t>();
       }
-      forward_impl<scalar_t>(g, io, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps, base_frequency);
+      forward_impl<scalar_t>(op, g, io, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps, base_frequency);
     });
   }
   return {outs[0], outs[1], outs[2]};
@@ -269,11 +276,12 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
     const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& q, const Tensor& k,
     const Tensor& v, const Tensor& q_weight, const Tensor& k_weight, const Tensor& positions, double eps,
-    double base_frequency) {
+    double base_frequency, std::optional<ScalarType> rope_dtype) {
   const char* op = "_qkv_norm_rope_backward";
-  Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, base_frequency, /*allow_double=*/true);
+  Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+                            /*allow_double=*/true);
   const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
-  check_grads(op, g, raw_grads, q.scalar_type());
+  check_grads(op, g, raw_grads, q);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor grads[kNumHeadTensors], grad_in[kNumHeadTensors];
   for (int t = 0; t < kNumHeadTensors; ++t) {
@@ -294,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
         gio.strides[t] = head_strides(grads[t], /*seq_major=*/false);
         out_ptrs[t] = grad_in[t].mutable_data_ptr<scalar_t>();
       }
-      backward_impl<scalar_t>(g, io, gio, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps,
+      backward_impl<scalar_t>(op, g, io, gio, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps,
                               base_frequency, grad_weight);
     });
   }

@@ -52,6 +52,7 @@ struct Params {
   int64_t batch, seq_len, head_dim;
   int64_t heads[kNumHeadTensors];
   ChunkLayout chunks;
+  ValueKind rope_kind;  // dtype the cos/sin tables are rounded to
   float eps;
   // Computed on the host with the CPU kernel's function (HF builds inv_freq on the CPU too):
   // device powf may differ from it in the last bits. 1 KiB of the kernel parameter space.
@@ -91,7 +92,6 @@ __device__ __forceinline__ float load_row(const scalar_t* src, bool vectorized, 
 }
 
 // (b, l, cos/sin tables) of every row in the tile starting at `row0`.
-template <typename scalar_t>
 __device__ void fill_tile_tables(const Params& p, int64_t row0, const float* inverse_frequency, float* cos_tab,
                                  float* sin_tab) {
   const int64_t half = p.head_dim / 2;
@@ -103,9 +103,10 @@ __device__ void fill_tile_tables(const Params& p, int64_t row0, const float* inv
     const int64_t axis = p.chunks.axis_of_table_entry(k);
     const float pos = load_as<float>(p.positions, p.position_kind,
                                      b * p.position_strides[0] + l * p.position_strides[1] + axis * p.position_strides[2]);
+    // A non-finite angle (a NaN/inf or huge position: the CPU kernel raises) gives NaN rows here.
     const float angle = pos * inverse_frequency[k];
-    cos_tab[idx] = round_to<scalar_t>(cosf(angle));
-    sin_tab[idx] = round_to<scalar_t>(sinf(angle));
+    cos_tab[idx] = rope_math::round_as(p.rope_kind, cosf(angle));
+    sin_tab[idx] = rope_math::round_as(p.rope_kind, sinf(angle));
   }
 }
 
@@ -133,8 +134,10 @@ __device__ __forceinline__ void split_head(const Params& p, int64_t h, int* tens
   }
 }
 
+// Params (~1.4 KB) stays in the kernel parameter space: __grid_constant__ lets the lambdas below take
+// its address without the compiler copying it to per-thread local memory.
 template <typename scalar_t>
-__global__ void forward_kernel(const Params p) {
+__global__ void forward_kernel(const __grid_constant__ Params p) {
   VITOPS_DYNAMIC_SHARED(float, smem);
   const int64_t hd = p.head_dim, half = hd / 2;
   float* inverse_frequency = smem;                        // [hd/2]
@@ -152,7 +155,7 @@ __global__ void forward_kernel(const Params p) {
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile;
     __syncthreads();  // previous tile's tables are no longer read (and block constants are ready)
-    fill_tile_tables<scalar_t>(p, row0, inverse_frequency, cos_tab, sin_tab);
+    fill_tile_tables(p, row0, inverse_frequency, cos_tab, sin_tab);
     __syncthreads();
     const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
     for (int64_t item = warp; item < tile_rows * total_heads; item += kForwardWarps) {
@@ -205,7 +208,7 @@ __global__ void forward_kernel(const Params p) {
 }
 
 template <typename scalar_t>
-__global__ void backward_kernel(const Params p) {
+__global__ void backward_kernel(const __grid_constant__ Params p) {
   VITOPS_DYNAMIC_SHARED(float, smem);
   const int64_t hd = p.head_dim, half = hd / 2;
   float* inverse_frequency = smem;                                 // [hd/2]
@@ -228,7 +231,7 @@ __global__ void backward_kernel(const Params p) {
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile;
     __syncthreads();
-    fill_tile_tables<scalar_t>(p, row0, inverse_frequency, cos_tab, sin_tab);
+    fill_tile_tables(p, row0, inverse_frequency, cos_tab, sin_tab);
     __syncthreads();
     const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
     for (int64_t item = warp; item < tile_rows * total_heads; item += kBackwardWarps) {
@@ -343,6 +346,7 @@ Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], con
   p.seq_len = g.seq_len;
   p.head_dim = g.head_dim;
   p.chunks = g.chunks;
+  p.rope_kind = g.rope_kind;
   p.eps = static_cast<float>(eps);
   for (int64_t k = 0; k < g.head_dim / 2; ++k)
     p.inverse_frequency[k] = rope_math::inverse_frequency<float>(g.chunks, k, static_cast<float>(base));
@@ -376,9 +380,11 @@ void launch_backward(const Params& p, unsigned blocks, cudaStream_t stream) {
 
 std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                       const Tensor& q_weight, const Tensor& k_weight,
-                                                      const Tensor& positions, double eps, double base_frequency) {
+                                                      const Tensor& positions, double eps, double base_frequency,
+                                                      std::optional<ScalarType> rope_dtype) {
   const char* op = "qkv_norm_rope";
-  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, base_frequency, /*allow_double=*/false);
+  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+                                  /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
@@ -402,12 +408,13 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
     const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& q, const Tensor& k,
     const Tensor& v, const Tensor& q_weight, const Tensor& k_weight, const Tensor& positions, double eps,
-    double base_frequency) {
+    double base_frequency, std::optional<ScalarType> rope_dtype) {
   const char* op = "_qkv_norm_rope_backward";
-  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, base_frequency, /*allow_double=*/false);
+  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+                                  /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
-  check_grads(op, g, raw_grads, q.scalar_type());
+  check_grads(op, g, raw_grads, q);
   CudaDeviceGuard guard(q.get_device());
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor grads[kNumHeadTensors], grad_in[kNumHeadTensors];
