@@ -276,6 +276,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(_HERE, "results"), help="directory for JSON and PNG")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing contenders")
+    p.add_argument("--keep-going", action="store_true",
+                   help="exit 0 even when cases or contenders failed (they are still reported)")
     return p.parse_args(argv)
 
 
@@ -283,8 +285,28 @@ def _csv(s):
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+class BenchmarkError(SystemExit):
+    """The benchmark could not measure what it was asked to (exit status 1, after writing results)."""
+
+
+def _require_vitops() -> None:
+    """A vitops that cannot be imported is an error of the run, not a row of "n/i"."""
+    import workloads
+
+    if workloads.vitops is not None:
+        return
+    raise BenchmarkError(
+        "benchmarks/run.py: vitops cannot be imported: " + str(workloads._VITOPS_ERROR).splitlines()[0] + "\n"
+        "  Set up with `bash tools/setup.sh` and run `.venv/bin/python benchmarks/run.py ...` (the installed build);\n"
+        "  PYTHONPATH=python only works after a developer build (tools/dev_build.sh) put the compiled\n"
+        "  libraries next to the sources. Use --contenders eager,compile to measure HF alone."
+    )
+
+
 def main(argv=None) -> dict:
     opts = parse_args(argv)
+    if "vitops" in _csv(opts.contenders):
+        _require_vitops()
     smoke = opts.smoke
     opts.reps = opts.reps or (3 if smoke else 15)
     opts.warmup = opts.warmup or (1 if smoke else 3)
@@ -375,8 +397,17 @@ def main(argv=None) -> dict:
         broken = [c for c in cases if c.get("error")]
         for c in broken:
             print(f"ERROR {c['op']} {c['shape_label']} {c['dtype']} {c['mode']}: {c['error']}")
+        failed = [(c, name) for c in cases for name, v in c.get("contenders", {}).items()
+                  if v.get("status") == "error"]
+        for c, name in failed:
+            print(f"ERROR {name} on {c['op']} {c['shape_label']} {c['dtype']} {c['mode']}: "
+                  f"{c['contenders'][name].get('reason')}")
         print(f"\nwrote {json_path}" + (f" and {png}" if png else " (no PNG: matplotlib not installed)"))
-        results[device] = dict(json=json_path, png=png, doc=doc)
+        results[device] = dict(json=json_path, png=png, doc=doc, errors=len(broken) + len(failed))
+    errors = sum(r["errors"] for r in results.values())
+    if errors and not opts.keep_going:
+        raise BenchmarkError(f"benchmarks/run.py: {errors} case(s) or contender(s) failed (see ERROR lines above "
+                             "and the JSON); results were written")
     return results
 
 

@@ -48,11 +48,50 @@ def test_smoke_run_writes_json(tmp_path):
             assert c["status"] == "ok", c
             assert c["median_s"] > 0 and len(c["samples_s"]) == 2
             assert "pct_of_copy" in c and "peak_mem_bytes" in c
+        # both ops exist and have CPU kernels: vitops must have been measured
         v = case["contenders"]["vitops"]
-        assert v["status"] in ("ok", "not implemented", "error")
-        if v["status"] == "ok":
-            assert set(case["speedup"]) == {"eager", "compile"}
+        assert v["status"] == "ok", v
+        assert set(case["speedup"]) == {"eager", "compile"}
     assert modes == {"fwd", "fwdbwd"}
+
+
+def test_unimportable_vitops_is_an_error(tmp_path):
+    """`PYTHONPATH=python` over a source tree without compiled libraries: the run fails, it does not
+    report every vitops row as "not implemented"."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    (src / "vitops").mkdir(parents=True)
+    (src / "vitops" / "__init__.py").write_text("raise ImportError('the compiled library is missing')\n")
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--smoke", "--devices", "cpu",
+                           "--ops", "g4_posemb", "--no-progress", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "vitops cannot be imported" in proc.stderr and "tools/setup.sh" in proc.stderr
+
+
+def test_a_failing_vitops_contender_fails_the_run(tmp_path, monkeypatch):
+    run = _load_run()
+    import workloads
+
+    wl = next(w for w in workloads.WORKLOADS if w.op == "g4_posemb")
+    real_build = wl.build
+
+    def broken(shape, device, dtype):
+        setup = real_build(shape, device, dtype)
+        import dataclasses
+
+        def boom(*args):
+            raise RuntimeError("planted failure")
+
+        return dataclasses.replace(setup, vitops=lambda: boom)
+
+    monkeypatch.setattr(wl, "build", broken)
+    with pytest.raises(SystemExit, match="failed"):
+        run.main(["--smoke", "--devices", "cpu", "--dtypes", "fp32", "--ops", "g4_posemb", "--modes", "fwd",
+                  "--reps", "2", "--no-progress", "--out", str(tmp_path)])
 
 
 def test_registry_covers_w1_to_w8():

@@ -237,8 +237,6 @@ KH_ARGS = dict(image_size=24, patch_size=4, num_heads=4, hidden_dim=48, num_laye
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(image_size=20), "divisible by patch_size \\* pool_size"),
-    (dict(position_embedding_size=5), "position_embedding_size"),
     (dict(head_dim=18), "head_dim must be divisible by 4"),
     (dict(num_key_value_heads=3), "divisible by num_key_value_heads"),
     (dict(dtype="int8"), "dtype must be"),
@@ -247,7 +245,8 @@ KH_ARGS = dict(image_size=24, patch_size=4, num_heads=4, hidden_dim=48, num_laye
     (dict(num_layers=0), "num_layers"),
     (dict(patch_size=2.0), "patch_size"),
     (dict(dropout=1.5), "dropout"),
-    (dict(layer_norm_epsilon=0), "layer_norm_epsilon"),
+    (dict(layer_norm_epsilon=-1e-6), "layer_norm_epsilon"),
+    (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon"),
     (dict(rope_max_wavelength=-1), "rope_max_wavelength"),
 ])
 def test_keras_hub_argument_errors(changes, match):
@@ -285,3 +284,205 @@ def test_keras_hub_output_shape_and_parity():
         kh({"pixel_values": pv})
     with pytest.raises(ValueError, match="patch_dim"):
         kh({"pixel_values": pv.view(2, 2, 36, -1)[..., :10], "pixel_position_ids": inputs["pixel_position_ids"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# KerasHub-style encoder: what KerasHub accepts, its config round trip, training
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("image_size, patch_size, pool_size, pos", [
+    (896, 16, 3, 10240),  # every released checkpoint as KerasHub's HF converter builds it (896 % 48 != 0)
+    (20, 4, 3, 40),
+    (33, 5, 2, 3),  # image_size nominal; a table smaller than image_size // patch_size
+    (7, 16, 4, 1024),  # image_size smaller than a patch: no tokens per nominal image
+])
+def test_keras_hub_accepts_what_keras_hub_accepts(image_size, patch_size, pool_size, pos):
+    enc = keras_hub.Gemma4VisionEncoder(image_size=image_size, patch_size=patch_size, num_heads=2, hidden_dim=16,
+                                        num_layers=1, intermediate_dim=32, head_dim=8, output_dim=12,
+                                        pool_size=pool_size, position_embedding_size=pos)
+    assert enc.num_vision_tokens_per_image == (image_size // patch_size // pool_size) ** 2
+    assert enc.config.pooling_kernel_size == pool_size and enc.config.position_embedding_size == pos
+
+
+def test_keras_hub_get_config_round_trip_and_attributes():
+    args = dict(KH_ARGS, num_key_value_heads=None, pool_size=3, position_embedding_size=50, rope_max_wavelength=37.0,
+                layer_norm_epsilon=1e-5, dropout=0.25, use_clipped_linears=False, standardize=True)
+    enc = keras_hub.Gemma4VisionEncoder(**args)
+    config = enc.get_config()
+    # KerasHub's 16 keys, num_key_value_heads resolved, values as given
+    assert list(config) == ["image_size", "patch_size", "num_heads", "hidden_dim", "num_layers", "intermediate_dim",
+                            "head_dim", "output_dim", "num_key_value_heads", "pool_size", "position_embedding_size",
+                            "rope_max_wavelength", "layer_norm_epsilon", "dropout", "use_clipped_linears",
+                            "standardize"]
+    assert config == {**args, "num_key_value_heads": args["num_heads"]}
+    for name, value in config.items():
+        assert getattr(enc, name) == value
+    again = keras_hub.Gemma4VisionEncoder.from_config(config)
+    assert again.get_config() == config and again.config == enc.config
+    assert set(again.state_dict()) == set(enc.state_dict())
+
+
+@requires_ops
+def test_keras_hub_training_applies_dropout():
+    enc = keras_hub.Gemma4VisionEncoder(**dict(KH_ARGS, dropout=0.3))
+    pv, pp = image_batch(SMALL["e2b-like"], GRIDS)
+    inputs = {"pixel_values": pv.view(1, 3, 36, -1), "pixel_position_ids": pp.view(1, 3, 36, 2)}
+    enc.eval()
+    with torch.no_grad():
+        a, b = enc(inputs), enc(inputs)
+        c, d = enc(inputs, training=True), enc(inputs, training=True)
+        enc.train()
+        e, f = enc(inputs), enc(inputs)
+        g = enc(inputs, training=False)
+    assert torch.equal(a, b) and torch.equal(a, g)  # eval and training=False: deterministic
+    assert not torch.equal(c, d) and not torch.equal(e, f)  # training=True / train(): dropout
+    assert not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# MaxText modules: dropout in train mode, VisionExit's unpooled case, positions forms
+# ---------------------------------------------------------------------------------------------
+@requires_ops
+@pytest.mark.parametrize("field", ["attention_dropout", "dropout_rate", "residual_dropout"])
+def test_tower_dropout_train_mode_differs_eval_does_not(field):
+    cfg = SMALL["e2b-like"].replace(**{field: 0.4})
+    tower = Gemma4VisionEncoderLayer(cfg)
+    pv, pp = image_batch(cfg, GRIDS)
+    with torch.no_grad():
+        tower.eval()
+        e1, _ = tower(pv, image_position_ids=pp)
+        e2, _ = tower(pv, image_position_ids=pp)
+        explicit1, _ = tower(pv, False, image_position_ids=pp)  # MaxText: deterministic=False drops
+        explicit2, _ = tower(pv, False, image_position_ids=pp)
+        tower.train()
+        t1, _ = tower(pv, image_position_ids=pp)
+        t2, _ = tower(pv, image_position_ids=pp)
+        kept, _ = tower(pv, True, image_position_ids=pp)  # deterministic=True: no dropout in train mode
+        images = torch.rand(2, 12, 24, 3)
+        r1, r2 = tower(images), tower(images)
+    assert torch.equal(e1, e2) and torch.equal(kept, e1)
+    assert not torch.equal(t1, t2) and not torch.equal(explicit1, explicit2)
+    assert not torch.equal(r1, r2)
+    # a zero rate never drops, in train mode too
+    plain = Gemma4VisionEncoderLayer(SMALL["e2b-like"]).train()
+    with torch.no_grad():
+        assert torch.equal(plain(pv, image_position_ids=pp)[0], plain(pv, image_position_ids=pp)[0])
+
+
+def test_mlp_dropout_shares_its_mask_along_the_sequence():
+    """MaxText's MlpBlock dropout has broadcast_dims=(-2,): one mask for every position."""
+    cfg = SMALL["e2b-like"].replace(dropout_rate=0.5)
+    x = torch.ones(2, 7, cfg.intermediate_size)
+    y = g4.broadcast_dropout(x, 0.5, True)
+    assert torch.equal(y, y[:, :1].expand_as(y)) and not torch.equal(y[0], y[1])
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+    assert torch.equal(g4.broadcast_dropout(x, 0.5, False), x)
+
+
+@requires_ops
+@pytest.mark.parametrize("k", [2, 3])
+def test_vision_exit_keeps_input_order_when_nothing_is_pooled(k):
+    """length == L with a pooling kernel k != 1: HF and MaxText return the patches unpooled in input
+    order (scaled, padding zeroed), not reordered by position."""
+    exit_ = g4.VisionExit(16, pooling_kernel_size=k)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 9, 16, generator=g)
+    _, pos = image_batch(SMALL["e2b-like"], [(3, 3), (3, 1)], length=9)
+    perm = torch.randperm(9, generator=g)
+    pos = pos[:, perm]  # patches in an order that differs from their positions' order
+    ((out, mask),) = exit_(x, positions_xy=pos, output_length_overrides=(9,))
+    padding = (pos == -1).all(-1)
+    assert torch.equal(mask, ~padding)
+    torch.testing.assert_close(out, (x * 4.0).masked_fill(padding.unsqueeze(-1), 0.0))
+
+
+@requires_ops
+def test_vision_exit_default_positions_are_a_row_major_grid():
+    """No positions: MaxText's square grid, x = column and y = row, against the reference pooling."""
+    exit_ = g4.VisionExit(8, output_length=4, pooling_kernel_size=2)
+    x = torch.randn(3, 16, 8)
+    ((out, mask),) = exit_(x)
+    _, pos = vitops.reference.patchify(torch.zeros(4, 4, 1), 1)  # (x, y) of a 4 x 4 grid, row-major
+    ref, ref_mask = vitops.reference.avg_pool_scale_standardize(x, pos.expand(3, 16, 2), 4, 8**0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(mask, ref_mask)
+    # the swapped grid would pool other patches together: the test can tell them apart
+    swapped, _ = vitops.reference.avg_pool_scale_standardize(x, pos.flip(-1).expand(3, 16, 2), 4, 8**0.5)
+    assert (swapped - ref).abs().max() > 0.1
+
+
+@requires_ops
+def test_tower_accepts_shared_positions_and_rejects_bad_ones():
+    cfg = SMALL["e2b-like"]
+    tower = Gemma4VisionEncoderLayer(cfg).eval()
+    pv, pp = image_batch(cfg, [(6, 6), (6, 6)])
+    with torch.no_grad():
+        out, mask = tower(pv, image_position_ids=pp)
+        shared, shared_mask = tower(pv, image_position_ids=pp[0])  # [L, 2] for every image
+        torch.testing.assert_close(shared, out, rtol=0, atol=0)
+        assert torch.equal(shared_mask, mask)
+        for bad in (pp[:1], pp[..., :1], pp[:, :5], pp.unsqueeze(0)):
+            with pytest.raises(ValueError, match="image_position_ids must be"):
+                tower(pv, image_position_ids=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(dynamic=True): one graph for every batch size after the first
+# ---------------------------------------------------------------------------------------------
+def _count_compiles(call, batch_sizes):
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    counts = []
+    with torch.no_grad():
+        for b in batch_sizes:
+            call(counter, b)
+            counts.append(counter.frame_count)
+    return counts
+
+
+@requires_ops
+@pytest.mark.parametrize("first", [1, 2, 3])
+@pytest.mark.parametrize("path", ["padded", "images"])
+@pytest.mark.parametrize("how", ["module.compile", "torch.compile+mark_static_axes"])
+def test_compile_dynamic_first_batch_is_general(first, path, how):
+    """A first batch of 2 (padded: the size of the (x, y) axis) or 3 (images: the channels) used to be
+    duck-shaped with that axis, so every other batch size recompiled. Now the first graph serves every
+    batch size >= 2; torch always compiles size 1 apart (its 0/1 specialisation)."""
+    cfg = SMALL["e2b-like"]
+    tower = Gemma4VisionEncoderLayer(cfg).eval()
+    grids = [(3, 6), (6, 6), (6, 3), (3, 3), (6, 6)]
+    state = {}
+
+    def call(counter, b):
+        if "fn" not in state:
+            if how == "module.compile":
+                tower.compile(fullgraph=True, dynamic=True, backend=counter)
+                state["fn"] = tower
+            else:
+                state["fn"] = torch.compile(tower, fullgraph=True, dynamic=True, backend=counter)
+        if path == "padded":
+            pv, pp = image_batch(cfg, grids[:b])
+            if how != "module.compile":
+                g4.mark_static_axes(pv, pp)
+            out, mask = state["fn"](pv, image_position_ids=pp)
+            ref, ref_mask = Gemma4VisionEncoderLayer.forward(tower, pv, image_position_ids=pp)
+            assert torch.equal(mask, ref_mask)
+        else:
+            images = torch.rand(b, 12, 24, 3)
+            if how != "module.compile":
+                g4.mark_static_axes(images)
+            out = state["fn"](images)
+            ref = Gemma4VisionEncoderLayer.forward(tower, images)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    sizes = [first] + [b for b in (2, 3, 4, 5) if b != first]
+    counts = _count_compiles(call, sizes)
+    assert counts == [1] * len(sizes) if first > 1 else counts == [1] + [2] * (len(sizes) - 1), (sizes, counts)
+
+
+def test_processor_outputs_keep_their_fixed_axes_static():
+    from vitops.preprocess import Gemma4ImageProcessor
+
+    batch = Gemma4ImageProcessor(max_soft_tokens=70)([torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8)] * 2)
+    for t in (batch.pixel_values, batch.pixel_position_ids, batch.to("cpu").pixel_position_ids):
+        assert t._dynamo_static_indices == {t.dim() - 1}

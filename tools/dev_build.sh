@@ -7,9 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+# An absolute path: CMake resolves Python_EXECUTABLE from the build directory.
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; *) PY=$(command -v "$PY") ;; esac
 NAME=${1:-default}
 BUILD=build/dev-$NAME
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$PY" \
   -DVITOPS_CUDA="${VITOPS_CUDA:-AUTO}" -DVITOPS_CUDA_EMULATION="${VITOPS_CUDA_EMULATION:-ON}" >/dev/null
 cmake --build "$BUILD" -j "${BUILD_JOBS:-2}"
 cp -f "$BUILD"/_C*.so "$BUILD"/_build_info.py python/vitops/

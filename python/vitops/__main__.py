@@ -29,6 +29,10 @@ def main(argv=None) -> int:
     sub.add_parser("selfcheck", help="run every op against its reference and print a table")
     sub.add_parser("info", help="print build information as JSON")
     args = parser.parse_args(argv)
+    if args.command == "encode":
+        problem = _demo.check_arguments(args)
+        if problem:
+            parser.exit(2, f"python -m vitops: error: {problem}\n")
 
     import vitops
 
@@ -40,7 +44,10 @@ def main(argv=None) -> int:
 
         print(json.dumps(vitops.build_info()))
         return 0 if _selfcheck.run() else 1
-    return _demo.run(args)
+    try:
+        return _demo.run(args)
+    except _demo.UserError as e:
+        parser.exit(2, f"python -m vitops: error: {e}\n")
 
 
 if __name__ == "__main__":

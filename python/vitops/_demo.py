@@ -29,6 +29,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-projector", action="store_true", help="stop at the vision tower's output")
 
 
+class UserError(Exception):
+    """A problem with the command line or its files, reported as one line by ``python -m vitops``."""
+
+
+def check_arguments(args) -> str | None:
+    """What is wrong with the arguments before anything is built, or None."""
+    if args.image is not None:
+        if not os.path.exists(args.image):
+            return f"--image {args.image}: no such file"
+        if not os.path.isfile(args.image) or not os.access(args.image, os.R_OK):
+            return f"--image {args.image}: not a readable file"
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        return f"--checkpoint {args.checkpoint}: no such file or directory"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return f"--device {args.device}: not a torch device (e.g. cpu, cuda, cuda:1)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            return f"--device {args.device}: CUDA is not available ({why}); use --device cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    elif device.type != "cpu":
+        return f"--device {args.device}: vitops runs on cpu or cuda"
+    return None
+
+
 def _hf_config(checkpoint: str | None):
     if checkpoint and os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, "config.json")):
         from transformers import AutoConfig
@@ -53,7 +81,12 @@ def build(args):
     if not args.no_projector and config.text_hidden_size is not None:
         projector = Gemma4VisionProjector(config, device=args.device, dtype=dtype).eval()
     if args.checkpoint:
-        load_hf_state_dict((tower, projector), args.checkpoint)
+        from .hf import CheckpointMismatchError
+
+        try:
+            load_hf_state_dict((tower, projector), args.checkpoint)
+        except (CheckpointMismatchError, FileNotFoundError, OSError) as e:
+            raise UserError(f"--checkpoint {args.checkpoint}: {e}") from e
     return config, tower, projector
 
 
@@ -62,9 +95,13 @@ def run(args) -> int:
 
     config, tower, projector = build(args)
     if args.image:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        image, source = Image.open(args.image), args.image
+        try:
+            image, source = Image.open(args.image), args.image
+            image.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"--image {args.image}: not an image PIL can read ({e})") from e
     else:
         image, source = demo_image(), "bundled demo image"
     processor = Gemma4ImageProcessor(patch_size=config.patch_size, pooling_kernel_size=config.pooling_kernel_size,

@@ -40,6 +40,8 @@ __all__ = [
     "read_checkpoint",
 ]
 
+DEFAULT_VISION_PREFIX = "model.vision_tower."
+DEFAULT_EMBEDDER_PREFIX = "model.embed_vision."
 _TOWER_ANCHOR = "patch_embedder.input_proj.weight"
 _EMBED_ANCHOR = "embedding_projection.weight"
 _CLIP = ("input_min", "input_max", "output_min", "output_max")
@@ -189,6 +191,25 @@ def read_checkpoint(checkpoint) -> Mapping[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+_HF_SUFFIXES = [re.compile("^(?P<prefix>.*?)" + rx.pattern[1:]) for rx, _ in _HF_TO_OURS]
+
+
+def _detect_tower_prefix(keys: list[str]) -> str | None:
+    """The text before the tower's keys: from the patch embedder's key, or (when that key is the
+    one missing) the prefix most of the other tower keys share."""
+    found = _detect_prefix(keys, _TOWER_ANCHOR, "vision tower")
+    if found is not None:
+        return found
+    counts: dict[str, int] = {}
+    for k in keys:
+        for rx in _HF_SUFFIXES:
+            m = rx.match(k)
+            if m:
+                counts[m.group("prefix")] = counts.get(m.group("prefix"), 0) + 1
+                break
+    return max(counts, key=counts.get) if counts else None
+
+
 def _detect_prefix(keys: list[str], anchor: str, what: str, prefer: str | None = None) -> str | None:
     found = sorted({k[: -len(anchor)] for k in keys if k.endswith(anchor)})
     if prefer is not None and len(found) > 1:
@@ -230,7 +251,7 @@ def load_hf_state_dict(target, checkpoint, *, strict: bool = True, vision_prefix
     keys = list(sd.keys())
     parts = _parts(target)
     kinds = {k for k, _ in parts}
-    tp = vision_prefix if vision_prefix is not None else _detect_prefix(keys, _TOWER_ANCHOR, "vision tower")
+    tp = vision_prefix if vision_prefix is not None else _detect_tower_prefix(keys)
     ep = embedder_prefix if embedder_prefix is not None else _detect_prefix(keys, _EMBED_ANCHOR, "embedder", "vision")
 
     mapped: dict[str, dict[str, tuple[str, Any]]] = {"tower": {}, "projector": {}}
@@ -255,7 +276,12 @@ def load_hf_state_dict(target, checkpoint, *, strict: bool = True, vision_prefix
     missing, mismatched, loads = [], [], []
     for kind, module in parts:
         src = mapped[kind]
-        prefix = (tp or "") if kind == "tower" else (ep or "")
+        # Missing keys are reported in full: under the detected prefix, else under the prefix of a
+        # Gemma4ForConditionalGeneration checkpoint (nothing of that part was found at all).
+        if kind == "tower":
+            prefix = tp if tp is not None else DEFAULT_VISION_PREFIX
+        else:
+            prefix = ep if ep is not None else DEFAULT_EMBEDDER_PREFIX
         expected = module.state_dict()
         sub = {}
         for name, tensor in expected.items():
@@ -282,8 +308,31 @@ def load_hf_state_dict(target, checkpoint, *, strict: bool = True, vision_prefix
     if strict and (report.missing or report.unexpected or report.mismatched):
         raise CheckpointMismatchError(_describe(target, report, tp, ep))
     for module, sub in loads:
-        module.load_state_dict(sub, strict=False)
+        _load_into(module, sub)
     return report
+
+
+def _load_into(module: torch.nn.Module, sub: dict[str, torch.Tensor]) -> None:
+    """Copies ``sub`` into ``module`` (values cast to the module's dtypes). Tensors of a module built
+    on the meta device have no storage to copy into: those are replaced by the checkpoint's values
+    (on the checkpoint's device, in the module's dtype), and any that the checkpoint does not
+    provide is an error rather than a silent meta tensor."""
+    current = module.state_dict(keep_vars=True)
+    meta = {name for name, t in current.items() if t.is_meta}
+    if not meta:
+        module.load_state_dict(sub, strict=False)
+        return
+    left = sorted(meta - set(sub))
+    if left:
+        raise CheckpointMismatchError(
+            f"{type(module).__name__} is on the meta device and the checkpoint does not provide "
+            f"{len(left)} of its tensors, which would stay without data: {left[:20]}")
+    cast = {name: value.to(current[name].dtype) if name in current else value for name, value in sub.items()}
+    module.load_state_dict(cast, strict=False, assign=True)
+    # assign=True keeps the checkpoint's requires_grad (False for plain tensors): parameters stay
+    # trainable as they would be after a regular load
+    for p in module.parameters():
+        p.requires_grad_(True)
 
 
 def _describe(target, report: LoadReport, tp, ep) -> str:
@@ -295,8 +344,15 @@ def _describe(target, report: LoadReport, tp, ep) -> str:
         return f"\n  {title} ({len(items)}):\n{shown}{more}"
 
     names = ", ".join(type(m).__name__ for _, m in _parts(target))
+    kinds = {k for k, _ in _parts(target)}
+    notes = ""
+    if tp is None and "tower" in kinds:
+        notes += f"\n  no vision tower key was found (keys are shown under {DEFAULT_VISION_PREFIX!r})"
+    if ep is None and "projector" in kinds:
+        notes += f"\n  no vision embedder key was found (keys are shown under {DEFAULT_EMBEDDER_PREFIX!r})"
     return (
         f"HF Gemma 4 vision checkpoint does not match {names} (vision prefix {tp!r}, embedder prefix {ep!r})"
+        + notes
         + block("missing keys", report.missing)
         + block("unexpected keys", report.unexpected)
         + block("shape mismatches", report.mismatched)
@@ -307,8 +363,8 @@ def _describe(target, report: LoadReport, tp, ep) -> str:
 # ---------------------------------------------------------------------------------------------
 # Export and construction
 # ---------------------------------------------------------------------------------------------
-def to_hf_state_dict(target, *, vision_prefix: str = "model.vision_tower.",
-                     embedder_prefix: str = "model.embed_vision.") -> dict[str, torch.Tensor]:
+def to_hf_state_dict(target, *, vision_prefix: str = DEFAULT_VISION_PREFIX,
+                     embedder_prefix: str = DEFAULT_EMBEDDER_PREFIX) -> dict[str, torch.Tensor]:
     """HF-named, HF-layout state dict of ``target`` (the inverse of :func:`load_hf_state_dict`)."""
     out = {}
     for kind, module in _parts(target):

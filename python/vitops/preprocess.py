@@ -124,6 +124,13 @@ class Gemma4Preprocessed:
     patch_grid_hw: list[tuple[int, int]] = field(default_factory=list)
     resized_hw: list[tuple[int, int]] = field(default_factory=list)
 
+    def __post_init__(self):
+        # The (x, y) and patch axes are fixed sizes: kept out of torch.compile(dynamic=True)'s
+        # duck shaping, which would tie them to a batch (or sequence) of the same size.
+        from .models.gemma4_vision import mark_static_axes
+
+        mark_static_axes(self.pixel_values, self.pixel_position_ids)
+
     def __getitem__(self, key: str) -> Any:
         if key == "image_position_ids":
             return self.pixel_position_ids

@@ -15,13 +15,19 @@ import torch
 
 from . import _loader
 
-# VITOPS_CUDA_EMULATOR_LIB picks another build (tools/emulated_asan.sh: an AddressSanitizer one).
+# VITOPS_CUDA_EMULATOR_LIB picks another build (tools/asan.sh: an AddressSanitizer one).
 _EMULATOR = os.environ.get("VITOPS_CUDA_EMULATOR_LIB") or _loader.library_path("_vitops_cuda_emu.so")
 _loaded = False
 
 
 def cuda_emulator_path() -> str:
     return _EMULATOR
+
+
+def cuda_emulator_built() -> bool:
+    """Whether this vitops was configured with VITOPS_CUDA_EMULATION=ON (so the library must exist)."""
+    info = _loader._built_info()
+    return bool(getattr(info, "with_cuda_emulation", False))
 
 
 def load_cuda_emulator() -> bool:

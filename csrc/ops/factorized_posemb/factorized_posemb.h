@@ -84,14 +84,17 @@ inline PatchCount check_backward(const Tensor& grad_output, const Tensor& positi
 }
 
 // Calls f(index_t{}) with index_t = int32_t or int64_t. A plain function rather than
-// VITOPS_DISPATCH_INDEX so it can nest inside a floating-type dispatch macro.
+// VITOPS_DISPATCH_INDEX so it can nest inside a floating-type dispatch macro. Any other dtype
+// raises (callers check first; this keeps a new caller from reading other data as int64).
 template <typename F>
 inline void with_index_type(ScalarType t, const F& f) {
   if (t == ScalarType::Int) {
     f(int32_t{});
-  } else {
-    f(int64_t{});
+    return;
   }
+  VITOPS_CHECK(t == ScalarType::Long, "vitops.factorized_posemb: index tensors must be int32 or int64, got ",
+               dtype_name(t));
+  f(int64_t{});
 }
 
 // Shape of grad_posemb in the layout selected by table_dim.

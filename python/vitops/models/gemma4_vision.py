@@ -48,6 +48,7 @@ __all__ = [
     "Gemma4EncoderBlock",
     "Gemma4VisionEncoderLayer",
     "Gemma4VisionProjector",
+    "mark_static_axes",
     "rms_norm",
     "strip_padding",
     # functional ops, re-exported like MaxText's module does
@@ -90,7 +91,13 @@ class Gemma4VisionConfig:
     output_length: int | None = None
     text_hidden_size: int | None = None
     hidden_activation: str = "gelu_pytorch_tanh"
+    # Dropout, active in training only (see _dropout_active): on the attention probabilities (HF's
+    # attention_dropout, KerasHub's dropout), on the MLP's gated hidden activations with one mask
+    # shared along the sequence (MaxText's dropout_rate), and on the attention and MLP branches
+    # after their post-norms (KerasHub's dropout).
     attention_dropout: float = 0.0
+    dropout_rate: float = 0.0
+    residual_dropout: float = 0.0
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -118,8 +125,10 @@ class Gemma4VisionConfig:
             raise ValueError(f"Gemma4VisionConfig.output_length must be None or a positive int, got {self.output_length!r}")
         if self.text_hidden_size is not None and self.text_hidden_size <= 0:
             raise ValueError(f"Gemma4VisionConfig.text_hidden_size must be positive, got {self.text_hidden_size!r}")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"Gemma4VisionConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        for name in ("attention_dropout", "dropout_rate", "residual_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+                raise ValueError(f"Gemma4VisionConfig.{name} must be in [0, 1), got {v!r}")
 
     @property
     def patch_dim(self) -> int:
@@ -259,18 +268,42 @@ class ClippedLinear(nn.Linear):
         return super().extra_repr() + (", clipped" if self.use_clipped_linears else "")
 
 
+def _dropout_active(module: nn.Module, deterministic: bool | None) -> bool:
+    """MaxText's ``deterministic`` when given (False: apply dropout), else PyTorch's train mode."""
+    return module.training if deterministic is None else not deterministic
+
+
+def _dropout(x: torch.Tensor, rate: float, active: bool) -> torch.Tensor:
+    return F.dropout(x, rate, training=True) if active and rate > 0.0 else x
+
+
+def broadcast_dropout(x: torch.Tensor, rate: float, active: bool, broadcast_dim: int = -2) -> torch.Tensor:
+    """Inverted dropout with one mask shared along ``broadcast_dim`` (MaxText's
+    ``Dropout(broadcast_dims=(-2,))``: the same channels dropped at every sequence position)."""
+    if not active or rate == 0.0:
+        return x
+    shape = list(x.shape)
+    shape[broadcast_dim] = 1
+    keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
 class MlpBlock(nn.Module):
-    """Gated tanh-GELU MLP ``wo(gelu_tanh(wi_0(x)) * wi_1(x))`` (MaxText names: wi_0 = gate, wi_1 = up)."""
+    """Gated tanh-GELU MLP ``wo(gelu_tanh(wi_0(x)) * wi_1(x))`` (MaxText names: wi_0 = gate, wi_1 = up);
+    in training, MaxText's ``dropout_rate`` drops gated activations (one mask along the sequence)."""
 
     def __init__(self, config: Gemma4VisionConfig, *, device=None, dtype=None):
         super().__init__()
         d, i, clip = config.hidden_size, config.intermediate_size, config.use_clipped_linears
+        self.dropout_rate = config.dropout_rate
         self.wi_0 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
         self.wi_1 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
         self.wo = ClippedLinear(i, d, clip, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        h = broadcast_dropout(h, self.dropout_rate, _dropout_active(self, deterministic))
+        return self.wo(h)
 
 
 def _default_positions(batch: int, seq_len: int, device) -> torch.Tensor:
@@ -282,9 +315,38 @@ def _default_positions(batch: int, seq_len: int, device) -> torch.Tensor:
     return torch.stack([idx % width, idx // width], dim=-1).expand(batch, seq_len, 2)
 
 
+def _positions_for(positions_xy: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """``[B*N, L, 2]`` positions for patches ``[B, (N,) L, P]``: positions shaped like the patches'
+    leading dims, or ``[L, 2]`` shared by every image (broadcast, no copy)."""
+    if positions_xy.dim() == 2:
+        positions_xy = positions_xy.expand(*patches.shape[:-1], positions_xy.shape[-1])
+    if (positions_xy.dim() != patches.dim() or positions_xy.shape[:-1] != patches.shape[:-1]
+            or positions_xy.shape[-1] != 2):
+        raise ValueError(
+            f"Gemma4VisionEncoderLayer: image_position_ids must be [L, 2] or [..., L, 2] matching the patches "
+            f"{tuple(patches.shape)} (one (x, y) per patch), got shape {tuple(positions_xy.shape)}")
+    return positions_xy.reshape(-1, *positions_xy.shape[-2:])
+
+
 def _padding(positions_xy: torch.Tensor) -> torch.Tensor:
     """True for padding patches: both coordinates are -1 (HF / processor convention)."""
     return (positions_xy == -1).all(dim=-1)
+
+
+def mark_static_axes(inputs: torch.Tensor | None = None, image_position_ids: torch.Tensor | None = None) -> None:
+    """Marks the fixed-size axes of the tower's inputs static for ``torch.compile(dynamic=True)``:
+    the (x, y) axis of the positions and the last axis of the images (3 channels) or patches (3p^2).
+
+    Under ``dynamic=True`` dynamo gives input dims of equal size one symbol ("duck shaping") and
+    guards that they stay equal: a first batch of 2 ties the batch size to the (x, y) axis, a first
+    raw-image batch of 3 to the channel axis, and the next batch size recompiles. Marked axes stay
+    out of that. :class:`vitops.preprocess.Gemma4ImageProcessor` marks its outputs, and
+    :meth:`Gemma4VisionEncoderLayer.compile` marks every call's inputs; call this on inputs from
+    elsewhere before passing them to ``torch.compile(tower, dynamic=True)``. (A batch of 1 is still
+    compiled apart: torch specialises size-1 dims.)"""
+    for t in (inputs, image_position_ids):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static(t, t.dim() - 1)
 
 
 def strip_padding(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -333,7 +395,9 @@ class VisionEntry(nn.Module):
             patches = 2 * (patches - 0.5)
         x = self.input_projection(patches.to(self.input_projection.weight.dtype))
         pos_embed = factorized_posemb(self.pos_emb_param, positions_xy, layout="maxtext")
-        return x + pos_embed.to(x.dtype), positions_xy
+        # No cast (HF's `hidden_states + position_embeddings`): under autocast the projection is
+        # bfloat16 and the float32 table makes the residual stream float32, as in HF.
+        return x + pos_embed, positions_xy
 
 
 class VisionExit(nn.Module):
@@ -370,11 +434,12 @@ class VisionExit(nn.Module):
             length = x.shape[1] // (k * k)
         std_bias = self.std_bias if self.standardize else None
         std_scale = self.std_scale if self.standardize else None
-        if length != x.shape[1] or k != 1:
+        if length != x.shape[1]:
             # One fused op: pooling (padding never read), rounding to x's dtype, x sqrt(D) and
             # standardize in float32, as newest HF.
             return avg_pool_scale_standardize(x, positions_xy, length, self.root_d_model, std_bias, std_scale)
-        # k == 1: nothing to pool (HF and MaxText skip the pooling and keep the patch order).
+        # As many slots as patches: nothing to pool, whatever pooling_kernel_size says. HF and MaxText
+        # then skip the pooling and keep the patches in input order.
         padding = _padding(positions_xy)
         # Zero padded rows (HF): their attention outputs are garbage, possibly non-finite.
         x = x.masked_fill(padding.unsqueeze(-1), 0.0)
@@ -436,16 +501,18 @@ class Gemma4Attention(nn.Module):
         self.value_norm = RMSNorm(c.head_dim, c.rms_norm_eps, with_scale=False, **kw)
         self.rotary_embedding = Gemma4VisionRotaryEmbedding(base_frequency=c.rope_theta)
 
-    def norm_and_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def norm_and_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                      rope_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q/k RMSNorm + 2-D RoPE and v RMSNorm in one fused op. Takes ``[B, L, heads, hd]`` views
-        of the projections (no copies) and returns the attention layout ``[B, heads, L, hd]``."""
+        of the projections (no copies) and returns the attention layout ``[B, heads, L, hd]``;
+        ``rope_dtype`` is the dtype cos/sin are rounded to (default: the projections')."""
         return qkv_norm_rope(query, key, value, self.query_norm.scale, self.key_norm.scale, positions,
-                             eps=self.query_norm.eps, base_frequency=self.rotary_embedding.base_frequency)
+                             eps=self.query_norm.eps, base_frequency=self.rotary_embedding.base_frequency,
+                             rope_dtype=rope_dtype)
 
     def forward(self, inputs_q: torch.Tensor, inputs_kv: torch.Tensor | None = None,
                 inputs_positions: torch.Tensor | None = None, *, decoder_segment_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, deterministic: bool = True
+                attention_mask: torch.Tensor | None = None, deterministic: bool | None = None
                 ) -> tuple[torch.Tensor, None]:
         """``inputs_q [B, L, D]``, ``inputs_positions [B, L, 2]`` (x, y). Either ``attention_mask``
         ``[B, L]`` (True = valid key; padded queries still attend, their outputs are discarded
@@ -459,7 +526,9 @@ class Gemma4Attention(nn.Module):
         q = self.query(inputs_q).view(b, length, self.num_query_heads, self.head_dim)
         k = self.key(inputs_q).view(b, length, self.num_kv_heads, self.head_dim)
         v = self.value(inputs_q).view(b, length, self.num_kv_heads, self.head_dim)
-        q, k, v = self.norm_and_rope(q, k, v, inputs_positions)
+        # cos/sin in the dtype of the attention's input (the residual stream), as HF's rotary embedding
+        # gets the hidden states: float32 under autocast while q, k, v are bfloat16 there.
+        q, k, v = self.norm_and_rope(q, k, v, inputs_positions, rope_dtype=inputs_q.dtype)
 
         mask = None
         if attention_mask is not None:
@@ -470,7 +539,7 @@ class Gemma4Attention(nn.Module):
             mask = seg if mask is None else mask & seg
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask,
-            dropout_p=self.dropout_rate if (self.training and not deterministic) else 0.0,
+            dropout_p=self.dropout_rate if _dropout_active(self, deterministic) else 0.0,
             scale=1.0, enable_gqa=self.num_query_heads != self.num_kv_heads,
         )
         out = out.transpose(1, 2).reshape(b, length, self.num_query_heads * self.head_dim)
@@ -490,14 +559,17 @@ class Gemma4EncoderBlock(nn.Module):
         self.pre_ffw_norm = RMSNorm(d, eps, **kw)
         self.mlp = MlpBlock(config, **kw)
         self.post_ffw_norm = RMSNorm(d, eps, **kw)
+        self.residual_dropout = config.residual_dropout
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, deterministic: bool = True,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, deterministic: bool | None = None,
                 decoder_segment_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
+        active = _dropout_active(self, deterministic)
         h, _ = self.attention(self.pre_attention_norm(x), inputs_positions=positions, attention_mask=attention_mask,
-                              decoder_segment_ids=decoder_segment_ids, deterministic=deterministic)
-        x = x + self.post_attention_norm(h)
-        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), deterministic=deterministic))
+                              decoder_segment_ids=decoder_segment_ids, deterministic=not active)
+        x = x + _dropout(self.post_attention_norm(h), self.residual_dropout, active)
+        h = self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), deterministic=not active))
+        return x + _dropout(h, self.residual_dropout, active)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,33 +608,54 @@ class Gemma4VisionEncoderLayer(nn.Module):
     def std_scale(self) -> torch.Tensor | None:
         return getattr(self.vision_exit, "std_scale", None)
 
-    def encode(self, patches: torch.Tensor, positions_xy: torch.Tensor | None = None, *, masked: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, patches: torch.Tensor, positions_xy: torch.Tensor | None = None, *, masked: bool = True,
+               deterministic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Entry + blocks: ``(hidden [B, L, D], positions_xy)``. ``masked=False`` drops the
         key-padding mask (valid only when nothing is padded; saves the masked attention path)."""
         x, positions_xy = self.vision_entry(patches, positions_xy)
         attention_mask = ~_padding(positions_xy) if masked else None
         for layer in self.layers:
-            x = layer(x, positions_xy, attention_mask=attention_mask)
+            x = layer(x, positions_xy, deterministic, attention_mask=attention_mask)
         return x, positions_xy
 
-    def forward(self, inputs: torch.Tensor, deterministic: bool = True, image_position_ids: torch.Tensor | None = None,
-                *, output_length: int | None = None):
+    def forward(self, inputs: torch.Tensor, deterministic: bool | None = None,
+                image_position_ids: torch.Tensor | None = None, *, output_length: int | None = None):
+        """``deterministic``: MaxText's flag (False applies dropout); None follows ``self.training``."""
         length = output_length if output_length is not None else self.config.output_length
         if image_position_ids is None:
             # MaxText contract (A): raw images, full grids, no padding -> no attention mask.
+            if inputs.dim() not in (4, 5):
+                raise ValueError(f"Gemma4VisionEncoderLayer: images must be [B, H, W, 3] or [B, N, H, W, 3], got "
+                                 f"shape {tuple(inputs.shape)} (pass image_position_ids for pre-patchified input)")
             images = inputs if inputs.dim() == 5 else inputs.unsqueeze(1)
             b, n = images.shape[:2]
-            x, pos = self.encode(images.flatten(0, 1), None, masked=False)
+            x, pos = self.encode(images.flatten(0, 1), None, masked=False, deterministic=deterministic)
             out, _ = self.vision_exit.pool_scale_standardize(x, pos, length)
             return out.unflatten(0, (b, n))
-        # Contract (B): pre-patchified, padded patches [B, (N,) L, 3p^2] + positions [B, (N,) L, 2].
+        # Contract (B): pre-patchified, padded patches [B, (N,) L, 3p^2] + positions [B, (N,) L, 2], or
+        # positions [L, 2] shared by every image.
+        if inputs.dim() < 3:
+            raise ValueError(f"Gemma4VisionEncoderLayer: patches must be [B, (N,) L, 3p^2], got shape "
+                             f"{tuple(inputs.shape)}")
         lead = inputs.shape[:-2]
         patches = inputs.reshape(-1, *inputs.shape[-2:])
-        pos = image_position_ids.reshape(-1, *image_position_ids.shape[-2:])
-        x, pos = self.encode(patches, pos)
+        pos = _positions_for(image_position_ids, inputs)
+        x, pos = self.encode(patches, pos, deterministic=deterministic)
         out, mask = self.vision_exit.pool_scale_standardize(x, pos, length)
         return out.reshape(*lead, *out.shape[1:]), mask.reshape(*lead, mask.shape[-1])
+
+    def compile(self, *args, **kwargs) -> None:
+        """``nn.Module.compile`` (compile this module in place), with :func:`mark_static_axes` applied
+        to every call's inputs outside the compiled region, so that ``dynamic=True`` compiles one
+        graph for every batch size (but 1)."""
+        super().compile(*args, **kwargs)
+        compiled = self._compiled_call_impl
+
+        def call(inputs, *rest, **kw):
+            mark_static_axes(inputs, kw.get("image_position_ids", rest[1] if len(rest) > 1 else None))
+            return compiled(inputs, *rest, **kw)
+
+        self._compiled_call_impl = call
 
     def forward_flat(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor) -> torch.Tensor:
         """HF ``Gemma4VisionModel`` output: ``[sum_i n_i, D]`` with padding slots removed (syncs)."""

@@ -36,6 +36,14 @@ def fail_unless(cond, message) -> None:
     torch._check(cond, message)
 
 
+def static_equals(size, expected: int) -> bool:
+    """``size == expected`` for a concrete size; True for a symbolic one. For the fixed-size axes of an
+    op (the (x, y) axis of positions): under torch.compile(dynamic=True) dynamo gives equal sizes one
+    symbol ("duck shaping"), so a first batch of 2 shares its symbol with that axis and checking the
+    axis would specialise the batch size too. The real kernel checks such axes at run time."""
+    return size == expected if is_concrete(size) else True
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -14,6 +14,7 @@ from ._checks import (
     fail_unless,
     is_concrete,
     shape_str,
+    static_equals,
 )
 
 _op = torch.ops.vitops.avg_pool_by_positions.default
@@ -59,7 +60,7 @@ def check_kernel_size(op, seq_len, length):
 def check_positions(op, positions, batch, seq_len):
     check_index(op, "positions_xy", positions)
     fail_unless(positions.dim() == 3 and positions.shape[0] == batch and positions.shape[1] == seq_len
-                and positions.shape[2] == 2, lambda: (
+                and static_equals(positions.shape[2], 2), lambda: (
         f"vitops.{op}: `positions_xy` must have shape [B, L, 2] = [{batch}, {seq_len}, 2], got {shape_str(positions)}"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float, check_index, check_same_device, fail_unless, shape_str
+from ._checks import check_float, check_index, check_same_device, fail_unless, shape_str, static_equals
 
 _op = torch.ops.vitops.factorized_posemb.default
 _backward_op = torch.ops.vitops._factorized_posemb_backward.default
@@ -64,7 +64,7 @@ def _check_table_dim(op, table_dim):
 
 
 def _check_positions(op, positions_xy):
-    fail_unless(positions_xy.dim() >= 1 and positions_xy.shape[-1] == 2, lambda: (
+    fail_unless(positions_xy.dim() >= 1 and static_equals(positions_xy.shape[-1], 2), lambda: (
         f"vitops.{op}: `positions_xy` must have shape [..., 2] ((x, y) per patch), got {shape_str(positions_xy)}"))
     check_index(op, "positions_xy", positions_xy)
 

@@ -114,7 +114,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       const float angle = (p * inv_freq) * args.scale;
       float s, c;
-      sincosf(angle, &s, &c);  // the precise version: no fast-math intrinsics
+      // The precise version (no fast-math intrinsics). A non-finite angle (NaN/inf or huge positions,
+      // which the CPU kernel rejects) gives NaN cos/sin and so NaN rows, never a bad access.
+      sincosf(angle, &s, &c);
       // Rounded to the input dtype before use, as HF's cos.to(x.dtype) / sin.to(x.dtype).
       cos_s[t] = static_cast<float>(static_cast<scalar_t>(c));
       sin_s[t] = args.sin_sign * static_cast<float>(static_cast<scalar_t>(s));

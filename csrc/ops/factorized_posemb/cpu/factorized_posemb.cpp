@@ -123,14 +123,19 @@ Tensor factorized_posemb_backward_cpu(const Tensor& grad_output, const Tensor& p
   const int64_t D = grad_output.size(grad_output.dim() - 1);
   Tensor out = new_empty(grad_output, table_sizes(num_positions, D, table_dim), grad_output.scalar_type());
   const Tensor pos = as_contiguous(positions_xy);
-  std::vector<int64_t> bucket_start, patch_of;
   with_index_type(pos.scalar_type(), [&](auto index_tag) {
     using index_t = decltype(index_tag);
     const index_t* p = pc.num_patches > 0 ? pos.const_data_ptr<index_t>() : nullptr;
     check_coordinates(p, pc.num_patches, num_positions, "_factorized_posemb_backward");
+  });
+  // An empty table gradient (D = 0 or N_pos = 0) needs no buckets; otherwise 2 * N_pos rows exist.
+  if (out.numel() == 0) return out;
+  std::vector<int64_t> bucket_start, patch_of;
+  with_index_type(pos.scalar_type(), [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    const index_t* p = pc.num_patches > 0 ? pos.const_data_ptr<index_t>() : nullptr;
     bucket_by_row(p, pc.num_patches, num_positions, bucket_start, patch_of);
   });
-  if (out.numel() == 0) return out;
   const Tensor grad = as_contiguous(grad_output);
   VITOPS_DISPATCH_FLOATING(grad.scalar_type(), "factorized_posemb_backward_cpu", [&] {
     backward_rows<scalar_t>(pc.num_patches > 0 ? grad.const_data_ptr<scalar_t>() : nullptr,

@@ -19,6 +19,8 @@
 #include <cub/device/device_radix_sort.cuh>  // the emulator provides its own SortPairs
 #endif
 
+#include <climits>
+
 #include "../factorized_posemb.h"
 #include "vitops/cuda_utils.cuh"
 
@@ -230,6 +232,12 @@ Tensor factorized_posemb_backward_cuda(const Tensor& grad_output, const Tensor& 
                                                                           num_positions, keys_ptr, patches_ptr);
     });
     VITOPS_CUDA_CHECK_LAUNCH();
+#if !defined(VITOPS_CUDA_EMULATION) && CUB_VERSION < 200100
+    // CUB before 2.1 takes num_items as int: larger counts would be narrowed (and sort garbage).
+    VITOPS_CHECK(num_entries <= INT_MAX, "vitops._factorized_posemb_backward: ", pc.num_patches,
+                 " patches are more than this CUB version (", CUB_VERSION, ") can sort on CUDA (at most ",
+                 INT_MAX / 2, ")");
+#endif
     // Only the bits that can be set by keys up to the sentinel 2 * N_pos take part in the sort.
     int end_bit = 1;
     while (end_bit < 32 && (uint64_t(1) << end_bit) <= uint64_t(2 * num_positions)) ++end_bit;

@@ -120,18 +120,16 @@ __device__ void fill_block_constants(const Params& p, float* inverse_frequency, 
   }
 }
 
-// Which tensor and head an item index within a row selects.
-__device__ __forceinline__ void split_head(const Params& p, int64_t h, int* tensor, int64_t* head) {
-  if (h < p.heads[0]) {
-    *tensor = 0;
-    *head = h;
-  } else if (h < p.heads[0] + p.heads[1]) {
-    *tensor = 1;
-    *head = h - p.heads[0];
-  } else {
-    *tensor = 2;
-    *head = h - p.heads[0] - p.heads[1];
-  }
+// Which tensor (0 = q, 1 = k, 2 = v) and head an item index within a row selects.
+struct HeadItem {
+  int tensor;
+  int64_t head;
+};
+
+__device__ __forceinline__ HeadItem split_head(const Params& p, int64_t h) {
+  if (h < p.heads[0]) return {0, h};
+  if (h < p.heads[0] + p.heads[1]) return {1, h - p.heads[0]};
+  return {2, h - p.heads[0] - p.heads[1]};
 }
 
 // Params (~1.4 KB) stays in the kernel parameter space: __grid_constant__ lets the lambdas below take
@@ -160,9 +158,9 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
     const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
     for (int64_t item = warp; item < tile_rows * total_heads; item += kForwardWarps) {
       const int64_t r = item / total_heads;
-      int tensor;
-      int64_t head;
-      split_head(p, item - r * total_heads, &tensor, &head);
+      const HeadItem which = split_head(p, item - r * total_heads);
+      const int tensor = which.tensor;
+      const int64_t head = which.head;
       const int64_t row = row0 + r, b = row / p.seq_len, l = row - b * p.seq_len;
       const HeadStrides& s = p.in_strides[tensor];
       const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
@@ -236,9 +234,9 @@ __global__ void backward_kernel(const __grid_constant__ Params p) {
     const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
     for (int64_t item = warp; item < tile_rows * total_heads; item += kBackwardWarps) {
       const int64_t r = item / total_heads;
-      int tensor;
-      int64_t head;
-      split_head(p, item - r * total_heads, &tensor, &head);
+      const HeadItem which = split_head(p, item - r * total_heads);
+      const int tensor = which.tensor;
+      const int64_t head = which.head;
       const int64_t row = row0 + r, b = row / p.seq_len, l = row - b * p.seq_len;
       const HeadStrides& s = p.in_strides[tensor];
       const HeadStrides& gs = p.grad_strides[tensor];

@@ -1,0 +1,635 @@
+"""Seeded fuzz cases for every vitops op (forward and backward), shared by tests/test_fuzz.py and
+the subprocess worker tests/fuzz_worker.py.
+
+A case is ``(op, kind, seed)``; ``make_case`` rebuilds it deterministically in any process:
+
+* ``valid``: random shapes (empty, odd, padded), dtypes, strided views, scalar arguments; the op
+  must match ``vitops.reference`` (forward, and backward through autograd in float32/float64),
+  and its fake kernel must give the same output metadata.
+* ``invalid``: one mutation of a valid case (wrong rank / dtype / device, bad scalars, negative or
+  int64-limit sizes, expanded tensors of huge size, positions out of range or non-finite). The op
+  must raise ``RuntimeError`` with a ``vitops.<op>:`` message naming an argument in backticks;
+  a ``meta`` mutation (metadata only) must also be rejected by the fake kernel. Run in a
+  subprocess, so that a crash or a hang fails the test instead of killing pytest.
+
+``namespace="vitops_emu"`` runs the CUDA kernels under the CPU emulator (CUDA rules: no float64,
+invalid positions poison or skip instead of raising).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Any, Callable
+
+import torch
+
+import vitops
+from vitops import reference
+
+OPS = (
+    "patchify",
+    "factorized_posemb",
+    "apply_multidimensional_rope",
+    "avg_pool_by_positions",
+    "avg_pool_scale_standardize",
+    "qkv_norm_rope",
+)
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+BAD_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.bool, torch.complex64, torch.float8_e4m3fn)
+
+
+@dataclasses.dataclass
+class Case:
+    op: str  # the schema name (forward op or _<op>_backward)
+    args: list  # positional arguments of torch.ops.<namespace>.<op>
+    # "match": compare with the reference; "raise": a clear vitops RuntimeError; "returns": must
+    # not raise (extreme but valid sizes); "no_crash": a result or a clear error (CUDA rules for bad
+    # values); "raise_or_match": either a clear error that the fake kernel agrees with, or a result
+    # equal to the reference (mutations whose validity depends on the op, e.g. one more dim);
+    # "like_reference": bad values (positions out of range, non-finite): a clear error where the
+    # reference raises, else the reference's result.
+    expect: str
+    reference: Callable[[], Any] | None = None  # the reference's outputs, same structure as the op's
+    meta_invalid: bool = False  # invalid from metadata alone: the fake kernel must raise too
+    grad_check: Callable[[Callable], None] | None = None  # backward check (valid cases)
+    tolerance: dict | None = None
+    describe: str = ""
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return {
+        torch.float64: dict(rtol=1e-10, atol=1e-10),
+        torch.float32: dict(rtol=2e-5, atol=2e-5),
+        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+    }[dtype]
+
+
+def _dtypes(namespace: str):
+    return [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if namespace == "vitops" else [])
+
+
+def _randn(rng: random.Random, shape, dtype, scale=1.0):
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _strided(rng: random.Random, t: torch.Tensor) -> torch.Tensor:
+    """Same values, sometimes as a non-contiguous view (every other element of one dim, or a view
+    with a storage offset)."""
+    if t.dim() == 0 or rng.random() < 0.5:
+        return t
+    dim = rng.randrange(t.dim())
+    shape = list(t.shape)
+    shape[dim] *= 2
+    buf = torch.zeros(shape, dtype=t.dtype)
+    idx = [slice(None)] * t.dim()
+    idx[dim] = slice(1, None, 2) if shape[dim] else slice(None)
+    view = buf[tuple(idx)]
+    view.copy_(t)
+    return view
+
+
+def _rand_dims(rng, n, lo=0, hi=3):
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# valid cases per op
+# ---------------------------------------------------------------------------------------------
+def _patchify(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    p = rng.randint(1, 5)
+    lead = _rand_dims(rng, rng.randint(0, 2), 0, 3)
+    h, w, c = p * rng.randint(0, 4), p * rng.randint(0, 4), rng.randint(1, 4)
+    images = _strided(rng, _randn(rng, (*lead, h, w, c), dtype))
+    return dict(images=images, patch_size=p)
+
+
+def _posemb(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    n, d = rng.randint(1, 9), rng.randint(0, 9)
+    table_dim = rng.randint(0, 1)
+    table = _randn(rng, (2, n, d) if table_dim == 0 else (n, 2, d), dtype)
+    if rng.random() < 0.3:  # the other layout's transpose view
+        table = _randn(rng, (n, 2, d) if table_dim == 0 else (2, n, d), dtype).transpose(0, 1)
+    lead = _rand_dims(rng, rng.randint(1, 2), 0, 5)
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    pos = torch.randint(-1, n, (*lead, 2), generator=g).to(rng.choice([torch.int32, torch.int64]))
+    return dict(posemb=table, positions_xy=_strided(rng, pos), table_dim=table_dim)
+
+
+def _rope(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    for _ in range(100):
+        lead = _rand_dims(rng, rng.randint(0, 2), 0, 3)
+        length, heads = rng.randint(0, 6), rng.randint(1, 4)
+        hd = 2 * rng.randint(1, 12)
+        one_d = rng.random() < 0.3
+        ndim = 1 if one_d else rng.randint(1, 3)
+        fraction = rng.choice([None, None, 0.5, 0.25, 1.0, 0.0, 0.75])
+        try:  # the reference's geometry rules decide whether this is a valid case
+            if one_d:
+                rot = hd if fraction is None else int(fraction * hd)
+                if rot % 2:
+                    continue
+            else:
+                widths = reference.rope_chunks(hd, ndim, fraction)
+                if any(w % 2 for w in widths):
+                    continue
+        except ValueError:
+            continue
+        break
+    pos_dtype = rng.choice([torch.int32, torch.int64, torch.float32, torch.float64])
+    if namespace == "vitops_emu" and pos_dtype == torch.float64:
+        pos_dtype = torch.float32
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    pshape = (*lead, length) if one_d else (*lead, length, ndim)
+    pos = torch.randint(-3, 60, pshape, generator=g)
+    pos = pos.to(pos_dtype) if pos_dtype in (torch.int32, torch.int64) else (pos + torch.rand(pshape, generator=g)).to(pos_dtype)
+    inputs = _strided(rng, _randn(rng, (*lead, length, heads, hd), dtype))
+    return dict(inputs=inputs, positions=pos, base_frequency=rng.choice([100.0, 10000.0, 37.5, 1.5]),
+                rotary_fraction=fraction, scale_factor=rng.choice([1.0, 1.0, 0.5, 2.0]))
+
+
+def _pool_inputs(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    k = rng.randint(1, 3)
+    length = rng.randint(1, 6)
+    seq_len = k * k * length
+    b, d = rng.randint(0, 3), rng.randint(0, 9)
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    positions = torch.full((b, seq_len, 2), -1, dtype=torch.int64)
+    for i in range(b):
+        # an image of (rows x cols) pooled cells, rows * cols <= length, patches shuffled, rest padding
+        cols = rng.randint(1, length)
+        rows = rng.randint(0, length // cols)
+        pts = [(x, y) for y in range(rows * k) for x in range(cols * k)]
+        rng.shuffle(pts)
+        slots = rng.sample(range(seq_len), len(pts))
+        for (x, y), s in zip(pts, slots):
+            positions[i, s] = torch.tensor([x, y])
+    positions = positions.to(rng.choice([torch.int32, torch.int64]))
+    x = _strided(rng, _randn(rng, (b, seq_len, d), dtype, scale=3.0))
+    return dict(x=x, positions_xy=_strided(rng, positions), length=length)
+
+
+def _exit(rng, namespace):
+    kw = _pool_inputs(rng, namespace)
+    d = kw["x"].shape[2]
+    kw["scale"] = rng.choice([1.0, math.sqrt(max(d, 1)), 0.5])
+    if rng.random() < 0.5:
+        sdt = rng.choice([torch.float32, torch.bfloat16])
+        kw["std_bias"] = _strided(rng, _randn(rng, (d,), sdt))
+        kw["std_scale"] = _strided(rng, _randn(rng, (d,), sdt, 0.3) + 1)
+    else:
+        kw["std_bias"] = kw["std_scale"] = None
+    return kw
+
+
+def _qkv(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    b, length = rng.randint(0, 2), rng.randint(0, 6)
+    kv = rng.randint(1, 3)
+    h = kv * rng.randint(1, 2)
+    ndim = rng.randint(1, 3)
+    hd = 2 * ndim * rng.randint(1, 6) + 2 * rng.randint(0, 1)
+    buf = _randn(rng, (b, length, (h + 2 * kv) * hd + rng.randint(0, 3)), dtype, 2.0)
+    q = buf[..., : h * hd].unflatten(-1, (h, hd))
+    k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+    v = buf[..., (h + kv) * hd : (h + 2 * kv) * hd].unflatten(-1, (kv, hd))
+    wdt = rng.choice([torch.float32, torch.bfloat16, dtype])
+    qw, kw = (_randn(rng, (hd,), torch.float32, 0.3) + 1).to(wdt), (_randn(rng, (hd,), torch.float32, 0.3) + 1).to(wdt)
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    pos = torch.randint(-1, 40, (b, length, ndim), generator=g)
+    pos = pos.to(rng.choice([torch.int32, torch.int64, torch.float32]))
+    rope_dtype = rng.choice([None, None, torch.float32, dtype])
+    return dict(q=q, k=k, v=v, q_weight=qw, k_weight=kw, positions=pos, eps=rng.choice([1e-6, 1e-5, 0.0]),
+                base_frequency=rng.choice([100.0, 10000.0, 7.0]), rope_dtype=rope_dtype)
+
+
+GENERATORS = {
+    "patchify": _patchify,
+    "factorized_posemb": _posemb,
+    "apply_multidimensional_rope": _rope,
+    "avg_pool_by_positions": _pool_inputs,
+    "avg_pool_scale_standardize": _exit,
+    "qkv_norm_rope": _qkv,
+}
+
+# argument order of each forward schema
+SCHEMA_ARGS = {
+    "patchify": ["images", "patch_size"],
+    "factorized_posemb": ["posemb", "positions_xy", "table_dim"],
+    "apply_multidimensional_rope": ["inputs", "positions", "base_frequency", "rotary_fraction", "scale_factor"],
+    "avg_pool_by_positions": ["x", "positions_xy", "length"],
+    "avg_pool_scale_standardize": ["x", "positions_xy", "length", "scale", "std_bias", "std_scale"],
+    "qkv_norm_rope": ["q", "k", "v", "q_weight", "k_weight", "positions", "eps", "base_frequency", "rope_dtype"],
+}
+DIFFERENTIABLE = {
+    "patchify": ["images"],
+    "factorized_posemb": ["posemb"],
+    "apply_multidimensional_rope": ["inputs"],
+    "avg_pool_by_positions": ["x"],
+    "avg_pool_scale_standardize": ["x"],
+    "qkv_norm_rope": ["q", "k", "v", "q_weight", "k_weight"],
+}
+
+
+def reference_call(op: str, kw: dict):
+    """The reference's outputs in the raw op's output layout."""
+    if op == "patchify":
+        return reference.patchify(kw["images"], kw["patch_size"])
+    if op == "factorized_posemb":
+        return reference.factorized_posemb(kw["posemb"], kw["positions_xy"], kw["table_dim"])
+    if op == "apply_multidimensional_rope":
+        return reference.apply_multidimensional_rope(
+            kw["inputs"], kw["positions"], base_frequency=kw["base_frequency"],
+            rotary_fraction=kw["rotary_fraction"], scale_factor=kw["scale_factor"])
+    if op == "avg_pool_by_positions":
+        return reference.avg_pool_by_positions(kw["x"], kw["positions_xy"], kw["length"])
+    if op == "avg_pool_scale_standardize":
+        return reference.avg_pool_scale_standardize(kw["x"], kw["positions_xy"], kw["length"], kw["scale"],
+                                                    kw["std_bias"], kw["std_scale"])
+    if op == "qkv_norm_rope":
+        outs = reference.qkv_norm_rope(kw["q"], kw["k"], kw["v"], kw["q_weight"], kw["k_weight"], kw["positions"],
+                                       eps=kw["eps"], base_frequency=kw["base_frequency"],
+                                       rope_dtype=kw["rope_dtype"])
+        return tuple(o.transpose(1, 2) for o in outs)  # the raw op returns [B, L, N, hd]
+    raise KeyError(op)
+
+
+def op_fn(namespace: str, op: str):
+    return getattr(getattr(torch.ops, namespace), op).default
+
+
+def _args(op, kw):
+    return [kw[name] for name in SCHEMA_ARGS[op]]
+
+
+def valid_case(op: str, seed: int, namespace: str = "vitops") -> tuple[Case, dict]:
+    rng = random.Random(f"{op}/{seed}/{namespace}")
+    kw = GENERATORS[op](rng, namespace)
+    dtype = kw[SCHEMA_ARGS[op][0]].dtype
+    case = Case(op=op, args=_args(op, kw), expect="match", reference=lambda: reference_call(op, kw),
+                tolerance=_tol(dtype), describe=f"valid {op} seed={seed}")
+    return case, kw
+
+
+# ---------------------------------------------------------------------------------------------
+# invalid cases: one mutation of a valid case
+# ---------------------------------------------------------------------------------------------
+def _huge_expanded(shape_with_huge, dtype):
+    """An expanded (stride-0) tensor whose sizes are near int64 limits but which has no storage."""
+    base = torch.empty([1] * len(shape_with_huge), dtype=dtype)
+    return base.expand(*shape_with_huge)
+
+
+def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
+    """(description, new kwargs or a backward-op Case, meta_invalid) candidates for this case."""
+    out = []
+    tensors = [n for n in SCHEMA_ARGS[op] if isinstance(kw[n], torch.Tensor)]
+    first = SCHEMA_ARGS[op][0]
+    for name in tensors:
+        t = kw[name]
+        bad = rng.choice(BAD_DTYPES)
+        out.append((f"{name} dtype {bad}", {**kw, name: torch.zeros(t.shape, dtype=bad)}, True))
+        # one tensor on meta among others on the CPU is a device mismatch; an op whose only tensor
+        # is on meta runs its meta (fake) kernel, which is valid
+        if namespace == "vitops":  # (the emulator's test namespace has no meta kernels)
+            out.append((f"{name} on meta", {**kw, name: t.to("meta")}, True if len(tensors) > 1 else "returns"))
+        out.append((f"{name} one more dim", {**kw, name: t.unsqueeze(0).expand(2, *t.shape)}, "either"))
+        if t.dim() > 0:
+            fewer = t.select(0, 0) if t.shape[0] else t.sum(0).to(t.dtype)
+            out.append((f"{name} one dim fewer", {**kw, name: fewer}, "either"))
+    if namespace == "vitops_emu":
+        out.append(("float64 input on the CUDA kernels", {**kw, first: kw[first].double()}, True))
+    f = float("nan")
+    if op == "patchify":
+        for p in (0, -1, -(2**63), 2**32, 3037000500, INT64_MAX):
+            out.append((f"patch_size {p}", {**kw, "patch_size": p}, True))
+        if kw["patch_size"] > 1:
+            img = kw["images"]
+            out.append(("H not divisible", {**kw, "images": torch.zeros(*img.shape[:-3], kw["patch_size"] + 1,
+                                                                       img.shape[-2], img.shape[-1], dtype=img.dtype)}, True))
+    elif op == "factorized_posemb":
+        for td in (-1, 2, 7):
+            out.append((f"table_dim {td}", {**kw, "table_dim": td}, True))
+        pos = kw["positions_xy"].clone()
+        n = kw["posemb"].shape[1 - kw["table_dim"]]
+        if pos.numel():
+            for bad in (n, -2, INT64_MAX if pos.dtype == torch.int64 else 2**31 - 1, INT64_MIN if pos.dtype == torch.int64 else -(2**31)):
+                p2 = pos.clone()
+                p2.view(-1)[rng.randrange(p2.numel())] = bad
+                out.append((f"coordinate {bad}", {**kw, "positions_xy": p2}, "value"))
+    elif op == "apply_multidimensional_rope":
+        for name, vals in (("base_frequency", (0.0, -1.0, f, float("inf"))), ("scale_factor", (f, float("inf"))),
+                           ("rotary_fraction", (-0.1, 1.5, f))):
+            for v in vals:
+                out.append((f"{name} {v}", {**kw, name: v}, True))
+        pos = kw["positions"]
+        if pos.numel() and kw["inputs"].numel() and pos.dtype.is_floating_point:
+            for bad in (f, float("inf"), -float("inf")):
+                p2 = pos.clone()
+                p2.view(-1)[rng.randrange(p2.numel())] = bad
+                out.append((f"position {bad}", {**kw, "positions": p2}, "value"))
+        if pos.numel() and kw["inputs"].numel() and not pos.dtype.is_floating_point:
+            p2 = pos.clone().long()
+            p2.view(-1)[rng.randrange(p2.numel())] = rng.choice([INT64_MAX, INT64_MIN])
+            # finite angles in float32 (|p| <= 2^63): valid, must match the reference
+            out.append(("int64-limit position (valid)", {**kw, "positions": p2}, None))
+            # the angle overflows float32 (not float64): a clear error on the CPU, NaN rows on CUDA
+            out.append(("huge scale_factor with int64-limit position",
+                        {**kw, "positions": p2, "scale_factor": 1e30}, "value"))
+    elif op in ("avg_pool_by_positions", "avg_pool_scale_standardize"):
+        for length in (0, -1, INT64_MIN, kw["length"] + 1, INT64_MAX):
+            out.append((f"length {length}", {**kw, "length": length}, True))
+        x = kw["x"]
+        for huge in (INT64_MAX, 3037000499**2, 2**62, 2**62 + 1):
+            # L = k^2 * length with k = 3037000499 and 2^31 is valid (B = 0): it must return at once
+            perfect_square = math.isqrt(huge) ** 2 == huge
+            out.append((f"expanded L={huge}", {**kw, "x": _huge_expanded((0, huge, x.shape[2]), x.dtype),
+                                               "positions_xy": _huge_expanded((0, huge, 2), torch.int64),
+                                               "length": 1}, "returns" if perfect_square else True))
+        pos = kw["positions_xy"]
+        if pos.numel():
+            for bad in ([-2, 0], [0, -5], [2**31 - 1, 0], [0, 2**31 - 1]):
+                p2 = pos.clone()
+                p2.view(-1, 2)[rng.randrange(p2.numel() // 2)] = torch.tensor(bad, dtype=p2.dtype)
+                out.append((f"position {bad}", {**kw, "positions_xy": p2}, "value"))
+        if op == "avg_pool_scale_standardize" and kw["std_bias"] is not None:
+            out.append(("std_bias alone", {**kw, "std_scale": None}, True))
+            out.append(("std_scale wrong size", {**kw, "std_scale": torch.ones(x.shape[2] + 1)}, True))
+    elif op == "qkv_norm_rope":
+        for name, vals in (("eps", (-1.0, f, float("inf"))), ("base_frequency", (0.0, -2.0, f, float("inf")))):
+            for v in vals:
+                out.append((f"{name} {v}", {**kw, name: v}, True))
+        out.append(("rope_dtype int64", {**kw, "rope_dtype": torch.int64}, True))
+        q = kw["q"]
+        if q.shape[3] > 1:
+            out.append(("q with a strided head dim", {**kw, "q": torch.zeros(*q.shape[:3], 2 * q.shape[3], dtype=q.dtype)[..., ::2]}, True))
+        out.append(("k_weight wrong size", {**kw, "k_weight": torch.ones(q.shape[3] + 2)}, True))
+        pos = kw["positions"]
+        if pos.numel() and q.numel():
+            p2 = pos.clone().float()
+            p2.view(-1)[rng.randrange(p2.numel())] = rng.choice([f, float("inf")])
+            out.append(("non-finite position", {**kw, "positions": p2}, "value"))
+    return out
+
+
+def _backward_mutations(op: str, kw: dict, rng: random.Random):
+    """Direct calls of the backward op with bad size arguments (sizes the autograd formula never passes)."""
+    out = []
+    if op == "patchify":
+        img = kw["images"]
+        grad = torch.zeros(*img.shape[:-3], 0, 0)
+        for h, w, p in ((-4, 4, 2), (4, -4, 2), (0, 0, 2**32), (0, 0, 0), (INT64_MAX, 1, 1), (2**62, 2**62, 1)):
+            out.append((f"_patchify_backward(height={h}, width={w}, patch_size={p})",
+                        "_patchify_backward", [grad, h, w, p], True))
+    elif op == "factorized_posemb":
+        g = torch.zeros(*kw["positions_xy"].shape[:-1], 3)
+        for n in (-1, INT64_MIN):
+            out.append((f"_factorized_posemb_backward(num_positions={n})", "_factorized_posemb_backward",
+                        [g, kw["positions_xy"], n, kw["table_dim"]], True))
+        g0 = torch.zeros(*kw["positions_xy"].shape[:-1], 0)
+        out.append(("_factorized_posemb_backward(num_positions=2^62, D=0)", "_factorized_posemb_backward",
+                    [g0, kw["positions_xy"], 2**62, kw["table_dim"]], "returns"))
+    elif op in ("avg_pool_by_positions", "avg_pool_scale_standardize"):
+        pos, length = kw["positions_xy"], kw["length"]
+        grad = torch.zeros(pos.shape[0], length, 2)
+        name = f"_{op}_backward"
+        extra = [1.0, None] if op == "avg_pool_scale_standardize" else []
+        for seq_len in (-1, INT64_MIN, INT64_MAX):
+            out.append((f"{name}(seq_len={seq_len})", name, [grad, pos, length, seq_len, *extra], True))
+    elif op == "apply_multidimensional_rope":
+        out.append(("_apply_multidimensional_rope_backward(base_frequency=nan)", "_apply_multidimensional_rope_backward",
+                    [kw["inputs"], kw["positions"], float("nan"), kw["rotary_fraction"], kw["scale_factor"]], True))
+    elif op == "qkv_norm_rope":
+        q, k, v = kw["q"], kw["k"], kw["v"]
+        gq = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
+        gk = torch.zeros(k.shape[0], k.shape[2], k.shape[1], k.shape[3], dtype=q.dtype)
+        args = [gq, gk, gk.clone(), q, k, v, kw["q_weight"], kw["k_weight"], kw["positions"], kw["eps"],
+                kw["base_frequency"], kw["rope_dtype"]]
+        bad = list(args)
+        bad[1] = gk.to("meta")
+        out.append(("_qkv_norm_rope_backward(grad_k on meta)", "_qkv_norm_rope_backward", bad, True))
+        bad = list(args)
+        bad[0] = torch.zeros(gq.shape[0], gq.shape[1], gq.shape[2] + 1, gq.shape[3], dtype=q.dtype)
+        out.append(("_qkv_norm_rope_backward(grad_q wrong L)", "_qkv_norm_rope_backward", bad, True))
+    return out
+
+
+def invalid_case(op: str, seed: int, namespace: str = "vitops") -> Case:
+    rng = random.Random(f"invalid/{op}/{seed}/{namespace}")
+    _, kw = valid_case(op, seed, namespace)
+    candidates = [("fwd",) + m for m in _mutations(op, kw, rng, namespace)]
+    if namespace == "vitops":
+        candidates += [("bwd",) + m for m in _backward_mutations(op, kw, rng)]
+    kind, *rest = rng.choice(candidates)
+    if kind == "bwd":
+        describe, target, args, flag = rest
+        expect = "returns" if flag == "returns" else "raise"
+        return Case(op=target, args=args, expect=expect, meta_invalid=flag is True,
+                    describe=f"invalid {op} seed={seed}: {describe}")
+    describe, new_kw, flag = rest
+    args = _args(op, new_kw)
+    tolerance = _tol(new_kw[SCHEMA_ARGS[op][0]].dtype) if new_kw[SCHEMA_ARGS[op][0]].dtype in _TOLERANT else None
+    name = f"invalid {op} seed={seed}: {describe}"
+    if flag is None:  # looks extreme but is valid: must match the reference
+        return Case(op=op, args=args, expect="match", reference=lambda: reference_call(op, new_kw),
+                    tolerance=tolerance, describe=name)
+    if flag == "either":
+        return Case(op=op, args=args, expect="raise_or_match", reference=lambda: reference_call(op, new_kw),
+                    tolerance=tolerance, meta_invalid=True, describe=name)
+    if flag == "returns":
+        return Case(op=op, args=args, expect="returns", describe=name)
+    if flag == "value":  # bad tensor values: the reference decides (CUDA rules: no crash)
+        if namespace == "vitops_emu":
+            return Case(op=op, args=args, expect="no_crash", describe=name)
+        return Case(op=op, args=args, expect="like_reference", reference=lambda: reference_call(op, new_kw),
+                    tolerance=tolerance, describe=name)
+    return Case(op=op, args=args, expect="raise", meta_invalid=True, describe=name)
+
+
+_TOLERANT = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# checking one case (run by the worker, or in-process for valid cases)
+# ---------------------------------------------------------------------------------------------
+def _flat(x):
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def _compare(out, ref, tolerance) -> str | None:
+    outs, refs = _flat(out), _flat(ref)
+    if len(outs) != len(refs):
+        return f"{len(outs)} outputs, reference has {len(refs)}"
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        if o.shape != r.shape or o.dtype != r.dtype:
+            return f"output {i}: {o.dtype}{list(o.shape)} vs reference {r.dtype}{list(r.shape)}"
+        try:
+            if o.dtype in (torch.bool, torch.int64, torch.int32):
+                torch.testing.assert_close(o, r, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(o, r, equal_nan=True, **tolerance)
+        except AssertionError as e:
+            return f"output {i}: {str(e)[:300]}"
+    return None
+
+
+def _names_an_argument(message: str, op: str) -> bool:
+    base = op.lstrip("_").removesuffix("_backward")
+    return message.startswith(f"vitops.{op}:") or message.startswith(f"vitops.{base}") or (
+        message.startswith("vitops.") and "`" in message)
+
+
+def fake_call(namespace: str, op: str, args: list):
+    """Run the op's fake kernel on FakeTensor versions of the arguments."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fargs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode:
+        return op_fn(namespace, op)(*fargs)
+
+
+def _fake_agrees(namespace: str, case: Case, real_error: Exception | None, out=None) -> str | None:
+    """The fake kernel must reject what the real kernel rejects (metadata mutations) and give the
+    real outputs' metadata where the real kernel succeeds."""
+    if namespace != "vitops":
+        return None
+    try:
+        fake = fake_call(namespace, case.op, case.args)
+    except RuntimeError as fe:
+        if real_error is None:
+            return f"the fake kernel rejects an input the real kernel accepts: {str(fe)[:200]}"
+        return None
+    except Exception as fe:  # noqa: BLE001
+        return f"fake kernel raised {type(fe).__name__} (not RuntimeError): {str(fe)[:200]}"
+    if real_error is not None:
+        if case.meta_invalid:
+            return f"the fake kernel accepted an input the real kernel rejects ({str(real_error)[:200]})"
+        return None
+    for i, (f, o) in enumerate(zip(_flat(fake), _flat(out))):
+        if f.shape != o.shape or f.dtype != o.dtype or f.device != o.device:
+            return f"fake output {i}: {f.dtype}{list(f.shape)} vs real {o.dtype}{list(o.shape)}"
+    return None
+
+
+def run_case(case: Case, namespace: str) -> str | None:
+    """None when the case behaves as required, else a description of what went wrong."""
+    fn = op_fn(namespace, case.op)
+    if case.expect == "like_reference":
+        try:
+            case.reference()
+            case.expect = "match"
+        except (ValueError, RuntimeError):
+            case.expect = "raise"
+    try:
+        out = fn(*case.args)
+    except Exception as e:  # noqa: BLE001 - every error is inspected below
+        clear = isinstance(e, RuntimeError) and _names_an_argument(str(e), case.op)
+        if case.expect in ("match", "returns"):
+            return f"raised {type(e).__name__}: {str(e)[:300]}"
+        if not clear:
+            return f"unclear error ({type(e).__name__}): {str(e)[:300]}"
+        if case.expect == "no_crash":
+            return None
+        return _fake_agrees(namespace, case, e) if case.meta_invalid else None
+    if case.expect == "raise":
+        return f"returned instead of raising (outputs {[tuple(o.shape) for o in _flat(out)]})"
+    if case.expect == "no_crash":
+        return None
+    if case.expect in ("match", "raise_or_match"):
+        try:
+            ref = case.reference()
+        except Exception as e:  # noqa: BLE001
+            return f"the op returned but the reference rejects the input: {type(e).__name__}: {str(e)[:200]}"
+        err = _compare(out, ref, case.tolerance)
+        if err:
+            return err
+    return _fake_agrees(namespace, case, None, out)
+
+
+BACKWARD_OP = {op: f"_{op}_backward" for op in OPS}
+
+
+def backward_args(op: str, kw: dict, outputs: list) -> list:
+    """Arguments of the raw backward op for upstream gradients shaped like the forward outputs."""
+    g = torch.Generator().manual_seed(99)
+    grads = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outputs]
+    if op == "patchify":
+        img = kw["images"]
+        return [grads[0], img.shape[-3], img.shape[-2], kw["patch_size"]]
+    if op == "factorized_posemb":
+        return [grads[0], kw["positions_xy"], kw["posemb"].shape[1 - kw["table_dim"]], kw["table_dim"]]
+    if op == "apply_multidimensional_rope":
+        return [grads[0], kw["positions"], kw["base_frequency"], kw["rotary_fraction"], kw["scale_factor"]]
+    if op == "avg_pool_by_positions":
+        return [grads[0], kw["positions_xy"], kw["length"], kw["x"].shape[1]]
+    if op == "avg_pool_scale_standardize":
+        return [grads[0], kw["positions_xy"], kw["length"], kw["x"].shape[1], kw["scale"], kw["std_scale"]]
+    if op == "qkv_norm_rope":
+        gq, gk, gv = (t.transpose(1, 2) for t in grads[:3])  # [B, N, L, hd] views, as autograd passes
+        return [gq, gk, gv, kw["q"], kw["k"], kw["v"], kw["q_weight"], kw["k_weight"], kw["positions"], kw["eps"],
+                kw["base_frequency"], kw["rope_dtype"]]
+    raise KeyError(op)
+
+
+def check_emulated_backward(op: str, kw: dict) -> str | None:
+    """The emulated CUDA backward kernel against the CPU backward kernel on the same arguments."""
+    outs = [o for o in _flat(op_fn("vitops", op)(*_args(op, kw))) if o.is_floating_point()]
+    args = backward_args(op, kw, outs)
+    cpu = op_fn("vitops", BACKWARD_OP[op])(*args)
+    emu = op_fn("vitops_emu", BACKWARD_OP[op])(*args)
+    return _compare(emu, cpu, _tol(kw[SCHEMA_ARGS[op][0]].dtype))
+
+
+def check_backward(op: str, kw: dict, namespace: str = "vitops") -> str | None:
+    """Gradients of the op (its registered autograd) against the reference's, float32/float64 only."""
+    if kw[SCHEMA_ARGS[op][0]].dtype not in (torch.float32, torch.float64):
+        return None  # low-precision gradients: the dedicated tests compare them with float64 runs
+    names = [n for n in DIFFERENTIABLE[op] if kw[n].dtype in (torch.float32, torch.float64)]
+    if not names:
+        return None
+    fn = op_fn(namespace, op)
+
+    def run(f, use_ref):
+        leaves = {}
+        call_kw = dict(kw)
+        if op == "qkv_norm_rope":
+            # q, k, v are views of one buffer: differentiate each as its own leaf
+            for n in ("q", "k", "v", "q_weight", "k_weight"):
+                leaves[n] = kw[n].detach().clone().requires_grad_(kw[n].dtype in (torch.float32, torch.float64))
+                call_kw[n] = leaves[n]
+        else:
+            for n in names:
+                leaves[n] = kw[n].detach().clone().requires_grad_(True)
+                call_kw[n] = leaves[n]
+        outs = reference_call(op, call_kw) if use_ref else fn(*_args(op, call_kw))
+        outs = [o for o in _flat(outs) if o.is_floating_point()]
+        g = torch.Generator().manual_seed(1234)
+        loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+        if not loss.requires_grad:
+            return {}
+        req = [leaves[n] for n in leaves if leaves[n].requires_grad]
+        grads = torch.autograd.grad(loss, req, allow_unused=True)
+        return {n: gr for n, gr in zip([n for n in leaves if leaves[n].requires_grad], grads)}
+
+    ours, ref = run(fn, False), run(None, True)
+    for n, g in ref.items():
+        o = ours.get(n)
+        if (g is None) != (o is None):
+            if g is None and o is not None and not o.any():
+                continue
+            return f"grad of {n}: one side is None"
+        if g is None:
+            continue
+        err = _compare(o, g, _tol(g.dtype))
+        if err:
+            return f"grad of {n}: {err}"
+    return None
