@@ -138,12 +138,13 @@ def test_compile_fullgraph(device, dynamic):
         x = randn(len(grids), seq_len, 16, device=device, requires_grad=True)
         ref_x = x.detach().clone().requires_grad_()
         out, mask = compiled(x, pos, length)
-        ref_out, ref_mask = f(ref_x, pos, length)
-        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        ref_out, ref_mask = reference.avg_pool_by_positions(ref_x, pos, length)  # the oracle, not vitops eager
+        torch.testing.assert_close(out, ref_out * 2)
         assert torch.equal(mask, ref_mask)
-        out.sum().backward()
-        ref_out.sum().backward()
-        torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        (ref_out * 2).backward(grad)
+        torch.testing.assert_close(x.grad, ref_x.grad)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtypes())

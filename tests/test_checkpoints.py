@@ -94,8 +94,11 @@ def test_round_trip_outputs_bfloat16_and_sharded_dir(tmp_path):
     assert tower.layer_0.attention.query.input_min.dtype == torch.bfloat16
     pv, pp = image_batch(cfg, GRIDS)
     with torch.no_grad():
-        ref = embedder(model(pv, pp).last_hidden_state).float()
-        out = proj(tower.forward_flat(pv, pp)).float()
+        ref_t = model(pv, pp).last_hidden_state
+        out_t = tower.forward_flat(pv, pp)
+        ref, out = embedder(ref_t).float(), proj(out_t).float()
+    # the tower's output too: the projector's RMSNorm would hide a wrong global scale (sqrt(D))
+    assert rel(out_t, ref_t) <= 2e-2
     assert rel(out, ref) <= 2e-2
     kh = keras_hub.Gemma4VisionEncoder(image_size=24, patch_size=4, num_heads=4, hidden_dim=64, num_layers=2,
                                        intermediate_dim=128, head_dim=16, output_dim=48, position_embedding_size=40,
@@ -150,3 +153,57 @@ def test_errors_config_mismatch():
         vhf.load_hf_state_dict(torch.nn.Linear(2, 2), model.state_dict())
     with pytest.raises(FileNotFoundError):
         vhf.load_hf_state_dict(tower, "/nonexistent/model.safetensors")
+
+
+@requires_ops
+def test_from_hf_on_meta_loads_the_checkpoint(tmp_path):
+    """device="meta" skips the random init; the checkpoint's tensors are then assigned (loaded for
+    real), and a checkpoint that lacks some leaves a clear error, never meta tensors."""
+    cfg = SMALL["26b-like-gqa"]
+    model, embedder = make_hf(cfg)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in hf_checkpoint(model, embedder).items()}, str(path))
+    for dtype in (None, torch.bfloat16):
+        tower, proj = vhf.from_hf(model.config, path, device="meta", dtype=dtype, text_hidden_size=cfg.text_hidden_size)
+        for t in [*tower.state_dict().values(), *proj.state_dict().values()]:
+            assert not t.is_meta and t.device.type == "cpu" and t.dtype == (dtype or torch.float32)
+        assert all(p.requires_grad for p in tower.parameters())
+        ref_tower, ref_proj = vhf.from_hf(model.config, path, dtype=dtype, text_hidden_size=cfg.text_hidden_size)
+        assert_same_weights(tower, ref_tower)
+        assert_same_weights(proj, ref_proj)
+    pv, pp = image_batch(cfg, GRIDS)
+    with torch.no_grad():
+        tower, proj = vhf.from_hf(model.config, path, device="meta", text_hidden_size=cfg.text_hidden_size)
+        assert rel(proj(tower.forward_flat(pv, pp)), embedder(model(pv, pp).last_hidden_state)) <= 1e-4
+    partial = {k: v for k, v in hf_checkpoint(model, embedder).items() if "layers.1." not in k}
+    with pytest.raises(vhf.CheckpointMismatchError, match="missing keys"):
+        vhf.from_hf(model.config, partial, device="meta", text_hidden_size=cfg.text_hidden_size)
+    with pytest.raises(vhf.CheckpointMismatchError, match="meta device and the checkpoint does not provide"):
+        vhf.from_hf(model.config, partial, device="meta", strict=False, text_hidden_size=cfg.text_hidden_size)
+    # no checkpoint: meta modules on request (for to_empty / a later load)
+    tower, _ = vhf.from_hf(model.config, None, device="meta", text_hidden_size=cfg.text_hidden_size)
+    assert all(p.is_meta for p in tower.parameters())
+
+
+def test_missing_keys_are_listed_in_full():
+    cfg = SMALL["e2b-like"]
+    model, embedder = make_hf(cfg)
+    # the patch embedder's key (the usual prefix anchor) is the one missing: the prefix still shows
+    sd = hf_checkpoint(model, None)
+    del sd["model.vision_tower.patch_embedder.input_proj.weight"]
+    tower, proj = fresh(cfg)
+    with pytest.raises(vhf.CheckpointMismatchError) as e:
+        vhf.load_hf_state_dict((tower, proj), sd)
+    msg = str(e.value)
+    assert "missing keys (2)" in msg and "model.vision_tower.patch_embedder.input_proj.weight" in msg
+    # no embedder at all: its key under the conditional-generation prefix, and a note saying so
+    assert "model.embed_vision.embedding_projection.weight" in msg and "no vision embedder key was found" in msg
+    # a whole config's worth of missing keys: every one listed (layer indices grouped), none dropped
+    unclipped, _ = make_hf(cfg.replace(use_clipped_linears=False))
+    with pytest.raises(vhf.CheckpointMismatchError) as e:
+        vhf.load_hf_state_dict((tower, proj), unclipped.state_dict())
+    msg = str(e.value)
+    assert "more" not in msg and "encoder.layers.{0-1}.mlp.down_proj.input_max" in msg
+    for name in ("input_min", "input_max", "output_min", "output_max"):
+        for proj_name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            assert f"{proj_name}.{name}" in msg

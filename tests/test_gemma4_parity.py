@@ -33,14 +33,37 @@ requires_ops = pytest.mark.skipif(
 pytestmark = requires_ops
 
 # Small configs covering both released families (and GQA, a head dim that is not a power of 2).
+# Every config field differs from its default in at least one of them, and the numeric ones that
+# the tower passes on (rope_theta, rms_norm_eps, pooling_kernel_size, the dropouts, which eval mode
+# must ignore) in every one where the family allows: a module that ignores a field, or hard-codes
+# its default, fails parity. rms_norm_eps is large enough to move the outputs past the tolerances.
 SMALL = {
     "e2b-like": Gemma4VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, head_dim=16,
                                    patch_size=4, position_embedding_size=40, use_clipped_linears=True,
-                                   standardize=False, text_hidden_size=48),
+                                   standardize=False, text_hidden_size=48, rope_theta=37.0, rms_norm_eps=3e-3,
+                                   attention_dropout=0.2),
     "26b-like-gqa": Gemma4VisionConfig(hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
                                        num_kv_heads=2, head_dim=12, patch_size=4, position_embedding_size=40,
-                                       use_clipped_linears=False, standardize=True, text_hidden_size=40),
+                                       use_clipped_linears=False, standardize=True, text_hidden_size=40,
+                                       rope_theta=10000.0, rms_norm_eps=1e-2, dropout_rate=0.3),
+    # k = 2, clipped and standardized at once, gelu_new, hidden != heads * head_dim, 3 layers
+    "k2-all-fields": Gemma4VisionConfig(hidden_size=40, intermediate_size=72, num_layers=3, num_heads=3,
+                                        num_kv_heads=1, head_dim=20, patch_size=3, pooling_kernel_size=2,
+                                        position_embedding_size=17, use_clipped_linears=True, standardize=True,
+                                        text_hidden_size=24, rope_theta=7.5, rms_norm_eps=2e-2,
+                                        hidden_activation="gelu_new", attention_dropout=0.1, dropout_rate=0.1,
+                                        residual_dropout=0.1),
 }
+
+
+def grids_for(cfg: Gemma4VisionConfig):
+    """Mixed resolutions in multiples of the pooling kernel: a (k, 2k), a (2k, 2k) and a (2k, k) grid."""
+    k = cfg.pooling_kernel_size
+    return [(k, 2 * k), (2 * k, 2 * k), (2 * k, k)]
+
+
+def num_tokens(cfg, grids) -> int:
+    return sum(r * c for r, c in grids) // cfg.pooling_kernel_size**2
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,7 +178,7 @@ def test_modules_float32(name):
     cfg = SMALL[name]
     model, embedder = make_hf(cfg)
     tower, proj = make_ours(cfg, model, embedder)
-    pv, pp = image_batch(cfg, GRIDS)
+    pv, pp = image_batch(cfg, grids_for(cfg))
     padding = (pp == -1).all(-1)
     with torch.no_grad():
         # patch embedder
@@ -200,11 +223,12 @@ def test_tower_float32(name, attn):
     cfg = SMALL[name]
     model, embedder = make_hf(cfg, attn=attn)
     tower, proj = make_ours(cfg, model, embedder)
-    pv, pp = image_batch(cfg, GRIDS)
+    grids = grids_for(cfg)
+    pv, pp = image_batch(cfg, grids)
     with torch.no_grad():
         ref = model(pv, pp).last_hidden_state
         out = tower.forward_flat(pv, pp)
-        assert out.shape == ref.shape == (sum(r * c for r, c in GRIDS) // 9, cfg.hidden_size)
+        assert out.shape == ref.shape == (num_tokens(cfg, grids), cfg.hidden_size)
         err = rel(out, ref)
         report(f"{name} float32 tower (HF {attn})", err)
         assert err <= 1e-4
@@ -214,7 +238,37 @@ def test_tower_float32(name, attn):
         # the padded form agrees with the flat one
         padded, mask = tower(pv, image_position_ids=pp)
         assert torch.equal(padded[mask], out)
-        assert mask.sum(-1).tolist() == [r * c // 9 for r, c in GRIDS]
+        assert mask.sum(-1).tolist() == [r * c // cfg.pooling_kernel_size**2 for r, c in grids]
+
+
+def _weights_loss(tower_out, proj_out, seed=1):
+    """A loss on the tower's output AND the projector's: the projector's RMSNorm hides any global
+    scale of the tower output (a wrong sqrt(D), say), so gradients of the projector loss alone
+    would not see it."""
+    g = torch.Generator().manual_seed(seed)
+    w_t = torch.randn(tower_out.shape, generator=g, dtype=torch.float64)
+    w_p = torch.randn(proj_out.shape, generator=g, dtype=torch.float64)
+    return (tower_out.double() * w_t).sum() + (proj_out.double() * w_p).sum()
+
+
+def _grads_by_hf_name(tower, proj, model, embedder):
+    """(ours, HF) gradients of every parameter, keyed by HF name (t. = tower, p. = embedder)."""
+    ours_grads = {k: v.grad for k, v in [*tower.named_parameters(prefix="t"), *proj.named_parameters(prefix="p")]}
+    to_hf = vhf.to_hf_state_dict((tower, proj), vision_prefix="t.", embedder_prefix="p.")
+    hf_params = {**{"t." + k: v for k, v in model.named_parameters()},
+                 **{"p." + k: v for k, v in embedder.named_parameters()}}
+    # map our parameter names to HF names through the exporter's key order
+    ours_names = [*("t." + k for k in tower.state_dict()), *("p." + k for k in proj.state_dict())]
+    pairs = {}
+    for ours_name, hf_name in zip(ours_names, to_hf):
+        if ours_name not in ours_grads:
+            continue  # buffers
+        g = ours_grads[ours_name]
+        if ours_name.endswith("pos_emb_param"):
+            g = g.transpose(0, 1)
+        pairs[hf_name] = (g, hf_params[hf_name].grad)
+    assert len(pairs) == len(ours_grads)
+    return pairs
 
 
 @pytest.mark.parametrize("name", list(SMALL))
@@ -222,54 +276,67 @@ def test_gradients_float32(name):
     cfg = SMALL[name]
     model, embedder = make_hf(cfg)
     tower, proj = make_ours(cfg, model, embedder)
-    pv, pp = image_batch(cfg, GRIDS)
+    pv, pp = image_batch(cfg, grids_for(cfg))
     pv_ref = pv.clone().requires_grad_(True)
     pv_ours = pv.clone().requires_grad_(True)
-    ref = embedder(model(pv_ref, pp).last_hidden_state)
-    out = proj(tower.forward_flat(pv_ours, pp))
-    w = torch.randn_like(ref)
-    (ref * w).sum().backward()
-    (out * w).sum().backward()
+    ref_t = model(pv_ref, pp).last_hidden_state
+    out_t = tower.forward_flat(pv_ours, pp)
+    _weights_loss(ref_t, embedder(ref_t)).backward()
+    _weights_loss(out_t, proj(out_t)).backward()
     errs = {"pixel_values": rel(pv_ours.grad, pv_ref.grad)}
-    ours_grads = {k: v.grad for k, v in [*tower.named_parameters(prefix="t"), *proj.named_parameters(prefix="p")]}
-    to_hf = vhf.to_hf_state_dict((tower, proj), vision_prefix="t.", embedder_prefix="p.")
-    hf_params = {**{"t." + k: v for k, v in model.named_parameters()},
-                 **{"p." + k: v for k, v in embedder.named_parameters()}}
-    # map our parameter names to HF names through the exporter's key order
-    ours_names = [*("t." + k for k in tower.state_dict()), *("p." + k for k in proj.state_dict())]
-    for ours_name, hf_name in zip(ours_names, to_hf):
-        if ours_name not in ours_grads:
-            continue  # buffers
-        g = ours_grads[ours_name]
-        if ours_name.endswith("pos_emb_param"):
-            g = g.transpose(0, 1)
-        errs[hf_name] = rel(g, hf_params[hf_name].grad)
+    errs.update({k: rel(ours, hf) for k, (ours, hf) in _grads_by_hf_name(tower, proj, model, embedder).items()})
     worst = max(errs, key=errs.get)
     report(f"{name} float32 gradients (worst: {worst})", errs[worst])
-    assert len(errs) == 1 + len(ours_grads)
     assert errs[worst] <= 1e-4, errs
 
 
 # ---------------------------------------------------------------------------------------------
 # bfloat16 / float16: no worse than HF's own error in that dtype, both measured against a float64
-# HF run of the same (dtype-representable) weights. One seed is noisy (per-seed ratios ours/HF of
-# 0.8-1.3 were seen), so the bound is on the mean over seeds.
+# HF run of the same (dtype-representable) weights, for the tower's output and after the projector.
+# One seed is noisy (per-seed ratios ours/HF of 0.8-1.3 were seen), so the bound is on the mean
+# over seeds.
 # ---------------------------------------------------------------------------------------------
 LOW_PRECISION_SEEDS = range(6)
 
 
-def _low_precision_errors(cfg, dtype, seed):
+def _low_precision_errors(cfg, dtype, seed, autocast=False):
+    """{"tower": (HF error, ours), "projector": (HF error, ours)} against float64 HF. ``autocast``:
+    float32 modules run under torch.autocast("cpu", dtype) instead of modules cast to dtype."""
     model, embedder = make_hf(cfg, round_to=dtype, seed=seed)
-    pv, pp = image_batch(cfg, GRIDS, seed=seed)
+    pv, pp = image_batch(cfg, grids_for(cfg), seed=seed)
     with torch.no_grad():
-        ref = embedder.double()(model.double()(pv.double(), pp).last_hidden_state)
-        model.to(dtype), embedder.to(dtype)
-        hf_low = embedder(model(pv, pp).last_hidden_state)
-        tower, proj = make_ours(cfg, model, embedder, dtype=dtype)
-        out = proj(tower.forward_flat(pv, pp))
-    assert out.dtype == dtype and hf_low.dtype == dtype
-    assert torch.isfinite(out).all()
-    return rel(hf_low, ref), rel(out, ref)
+        ref_t = model.double()(pv.double(), pp).last_hidden_state
+        ref_p = embedder.double()(ref_t)
+        if autocast:
+            model.float(), embedder.float()
+            tower, proj = make_ours(cfg, model, embedder)
+            with torch.autocast("cpu", dtype=dtype):
+                hf_t = model(pv, pp).last_hidden_state
+                hf_p = embedder(hf_t)
+                out_t = tower.forward_flat(pv, pp)
+                out_p = proj(out_t)
+            # the dtype flow of HF under autocast: float32 residual stream, bf16 projection
+            assert out_t.dtype == hf_t.dtype == torch.float32 and out_p.dtype == hf_p.dtype == dtype
+        else:
+            model.to(dtype), embedder.to(dtype)
+            hf_t = model(pv, pp).last_hidden_state
+            hf_p = embedder(hf_t)
+            tower, proj = make_ours(cfg, model, embedder, dtype=dtype)
+            out_t = tower.forward_flat(pv, pp)
+            out_p = proj(out_t)
+            assert out_p.dtype == dtype and hf_p.dtype == dtype
+    assert torch.isfinite(out_p).all() and torch.isfinite(out_t).all()
+    return {"tower": (rel(hf_t, ref_t), rel(out_t, ref_t)), "tower+projector": (rel(hf_p, ref_p), rel(out_p, ref_p))}
+
+
+def _check_low_precision(name, label, errs):
+    for part in ("tower", "tower+projector"):
+        pairs = [e[part] for e in errs]
+        hf_mean = sum(p[0] for p in pairs) / len(pairs)
+        ours_mean = sum(p[1] for p in pairs) / len(pairs)
+        report(f"{name} {label} {part} vs HF float64, mean of {len(pairs)} seeds (HF: {hf_mean:.3e})", ours_mean)
+        assert ours_mean <= 1.1 * hf_mean, (part, pairs)
+        assert all(ours <= 1.5 * hf for hf, ours in pairs), (part, pairs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
@@ -277,28 +344,34 @@ def _low_precision_errors(cfg, dtype, seed):
 def test_tower_low_precision(name, dtype):
     cfg = SMALL[name]
     errs = [_low_precision_errors(cfg, dtype, seed) for seed in LOW_PRECISION_SEEDS]
-    hf_mean = sum(e[0] for e in errs) / len(errs)
-    ours_mean = sum(e[1] for e in errs) / len(errs)
-    report(f"{name} {str(dtype)[6:]} tower+projector vs HF float64, mean of {len(errs)} seeds "
-           f"(HF {str(dtype)[6:]}: {hf_mean:.3e})", ours_mean)
-    assert ours_mean <= 1.1 * hf_mean, errs
-    assert all(ours <= 1.5 * hf for hf, ours in errs), errs
+    _check_low_precision(name, str(dtype)[6:], errs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_tower_autocast(name, dtype):
+    """float32 modules under torch.autocast("cpu", dtype): HF's dtype flow (float32 residual stream
+    and cos/sin, low-precision matmuls), so no further from a float64 run than HF is."""
+    cfg = SMALL[name]
+    errs = [_low_precision_errors(cfg, dtype, seed, autocast=True) for seed in LOW_PRECISION_SEEDS]
+    _check_low_precision(name, f"autocast {str(dtype)[6:]}", errs)
 
 
 @pytest.mark.parametrize("name", list(SMALL))
 def test_gradients_bfloat16(name):
     """Input and weight gradients in bfloat16, against float64 HF gradients: ours no worse than HF's
-    own bfloat16 gradients (summed over tensors, per-tensor within 2x)."""
+    own bfloat16 gradients (summed over tensors, per-tensor within 2x). The loss reads the tower's
+    output and the projector's."""
     cfg = SMALL[name]
     model, embedder = make_hf(cfg, round_to=torch.bfloat16)
-    pv, pp = image_batch(cfg, GRIDS)
-    w = torch.randn(sum(r * c for r, c in GRIDS) // 9, cfg.text_hidden_size, dtype=torch.float64)
+    pv, pp = image_batch(cfg, grids_for(cfg))
 
     def hf_grads(dtype):
         model.to(dtype), embedder.to(dtype)
         model.zero_grad(), embedder.zero_grad()
         x = pv.to(dtype).requires_grad_(True)
-        (embedder(model(x, pp).last_hidden_state).double() * w).sum().backward()
+        t = model(x, pp).last_hidden_state
+        _weights_loss(t, embedder(t)).backward()
         named = {"t." + k: v.grad for k, v in model.named_parameters()}
         named.update({"p." + k: v.grad for k, v in embedder.named_parameters()})
         named["pixel_values"] = x.grad
@@ -308,15 +381,10 @@ def test_gradients_bfloat16(name):
     hf_low = hf_grads(torch.bfloat16)
     tower, proj = make_ours(cfg, model, embedder, dtype=torch.bfloat16)
     x = pv.to(torch.bfloat16).requires_grad_(True)
-    (proj(tower.forward_flat(x, pp)).double() * w).sum().backward()
+    t = tower.forward_flat(x, pp)
+    _weights_loss(t, proj(t)).backward()
     ours = {"pixel_values": x.grad}
-    to_hf = vhf.to_hf_state_dict((tower, proj), vision_prefix="t.", embedder_prefix="p.")
-    params = dict([*tower.named_parameters(prefix="t"), *proj.named_parameters(prefix="p")])
-    ours_names = [*("t." + k for k in tower.state_dict()), *("p." + k for k in proj.state_dict())]
-    for ours_name, hf_name in zip(ours_names, to_hf):
-        if ours_name in params:
-            g = params[ours_name].grad
-            ours[hf_name] = g.transpose(0, 1) if ours_name.endswith("pos_emb_param") else g
+    ours.update({k: g for k, (g, _) in _grads_by_hf_name(tower, proj, model, embedder).items()})
     assert set(ours) == set(ref), set(ours) ^ set(ref)
     errs = {k: (rel(hf_low[k], ref[k]), rel(ours[k], ref[k])) for k in ref}
     total_hf = sum(e[0] for e in errs.values())

@@ -167,6 +167,13 @@ def test_compile_fullgraph(device, dynamic):
         qo, ko, vo = qkv_norm_rope(q, k, v, qw, kw, pos)
         return torch.nn.functional.scaled_dot_product_attention(qo, ko, vo, enable_gqa=True, scale=1.0)
 
+    def f_ref(buf, qw, kw, pos):  # the oracle: the reference op in place of vitops
+        q = buf[..., : h * hd].unflatten(-1, (h, hd))
+        k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+        v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+        qo, ko, vo = reference.qkv_norm_rope(q, k, v, qw, kw, pos)
+        return torch.nn.functional.scaled_dot_product_attention(qo, ko, vo, enable_gqa=True, scale=1.0)
+
     compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
     qw, kw = random_weights(hd, device)
     for b, length in [(2, 6), (3, 9)]:
@@ -175,12 +182,12 @@ def test_compile_fullgraph(device, dynamic):
         args = [buf.clone().requires_grad_(), qw.clone().requires_grad_(), kw.clone().requires_grad_()]
         ref_args = [t.detach().clone().requires_grad_() for t in args]
         out = compiled(*args, pos)
-        ref = f(*ref_args, pos)
+        ref = f_ref(*ref_args, pos)
         torch.testing.assert_close(out, ref)
         out.square().sum().backward()
         ref.square().sum().backward()
         for a, r in zip(args, ref_args):
-            torch.testing.assert_close(a.grad, r.grad)
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtypes())

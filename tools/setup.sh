@@ -31,9 +31,16 @@ if [ "$have_torch" != "${TORCH_VERSION%%+*}" ]; then
   echo "== installing torch==$TORCH_VERSION"
   "$VPY" -m pip install -q "torch==$TORCH_VERSION"
 fi
+# torchvision is what HF's fast (torch-backend) image processors import; its release must match
+# torch's, so it is installed where the pair is known (the tests that need it skip elsewhere, and
+# fail under CI=true).
+case "${TORCH_VERSION%%+*}" in
+  2.14.1) TORCHVISION="torchvision==0.29.1" ;;
+  *) TORCHVISION="" ;;
+esac
 echo "== installing build tools and test dependencies"
 "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy pytest \
-  "transformers==$TRANSFORMERS_VERSION" safetensors pillow
+  "transformers==$TRANSFORMERS_VERSION" safetensors pillow $TORCHVISION
 if [ "${VITOPS_BENCH_DEPS:-0}" = 1 ]; then
   # optional extras of benchmarks/run.py: the PNG plot and the progress bar (it runs without them)
   echo "== installing benchmark extras"

@@ -70,7 +70,10 @@ def build(args):
     from .models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
 
     dtype = getattr(torch, args.dtype)
-    hf_config = _hf_config(args.checkpoint)
+    try:
+        hf_config = _hf_config(args.checkpoint)
+    except Exception as e:  # noqa: BLE001 - an unreadable config.json
+        raise UserError(f"--checkpoint {args.checkpoint}: config.json cannot be read ({type(e).__name__}: {e})") from e
     if hf_config is not None:
         config = Gemma4VisionConfig.from_hf(hf_config)
     else:
@@ -85,8 +88,10 @@ def build(args):
 
         try:
             load_hf_state_dict((tower, projector), args.checkpoint)
-        except (CheckpointMismatchError, FileNotFoundError, OSError) as e:
+        except CheckpointMismatchError as e:
             raise UserError(f"--checkpoint {args.checkpoint}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - any failure to read the user's file (safetensors, torch.load)
+            raise UserError(f"--checkpoint {args.checkpoint}: cannot be read ({type(e).__name__}: {e})") from e
     return config, tower, projector
 
 

@@ -335,13 +335,43 @@ def _load_into(module: torch.nn.Module, sub: dict[str, torch.Tensor]) -> None:
         p.requires_grad_(True)
 
 
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _compress_keys(keys: list[str]) -> list[str]:
+    """Every key, in full, with the keys that differ only in their layer index written once:
+    ``...encoder.layers.{0-3,5}.mlp.down_proj.input_max``. Nothing is dropped (a mismatch of a whole
+    config lists hundreds of keys otherwise)."""
+    groups: dict[str, list[int]] = {}
+    singles = []
+    for k in keys:
+        m = _LAYER_INDEX.search(k.split(": ")[0])
+        if m is None:
+            singles.append(k)
+            continue
+        pattern = k[: m.start()] + ".layers.{}." + k[m.end():]
+        groups.setdefault(pattern, []).append(int(m.group(1)))
+
+    def ranges(ix):
+        ix = sorted(set(ix))
+        out, start = [], ix[0]
+        for a, b in zip(ix, ix[1:] + [None]):
+            if b != a + 1:
+                out.append(str(start) if start == a else f"{start}-{a}")
+                start = b
+        return ",".join(out)
+
+    lines = singles + [p.replace("{}", ix and (str(ix[0]) if len(ix) == 1 else "{" + ranges(ix) + "}"))
+                       for p, ix in groups.items()]
+    return sorted(lines)
+
+
 def _describe(target, report: LoadReport, tp, ep) -> str:
     def block(title, items):
         if not items:
             return ""
-        shown = "\n".join(f"    {x}" for x in items[:50])
-        more = f"\n    ... and {len(items) - 50} more" if len(items) > 50 else ""
-        return f"\n  {title} ({len(items)}):\n{shown}{more}"
+        shown = "\n".join(f"    {x}" for x in _compress_keys(items))
+        return f"\n  {title} ({len(items)}):\n{shown}"
 
     names = ", ".join(type(m).__name__ for _, m in _parts(target))
     kinds = {k for k, _ in _parts(target)}

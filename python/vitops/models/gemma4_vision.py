@@ -58,8 +58,17 @@ __all__ = [
     "avg_pool_by_positions",
 ]
 
-# HF's config name for the only activation the released models use (tanh-approximated GELU).
-_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh")
+# HF's names of the tanh-approximated GELU (the released models use gelu_pytorch_tanh). They are one
+# function, but HF computes the Python variants op by op in the activation dtype, so in bfloat16 they
+# round differently from the fused kernel: each is reproduced as HF writes it.
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_TANH_GELUS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_python_tanh": lambda x: x * 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+}
+_ACTIVATIONS = tuple(_TANH_GELUS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +305,13 @@ class MlpBlock(nn.Module):
         super().__init__()
         d, i, clip = config.hidden_size, config.intermediate_size, config.use_clipped_linears
         self.dropout_rate = config.dropout_rate
+        self.activation = config.hidden_activation
         self.wi_0 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
         self.wi_1 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
         self.wo = ClippedLinear(i, d, clip, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
-        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        h = _TANH_GELUS[self.activation](self.wi_0(x)) * self.wi_1(x)
         h = broadcast_dropout(h, self.dropout_rate, _dropout_active(self, deterministic))
         return self.wo(h)
 

@@ -1,0 +1,37 @@
+"""`python -m vitops`: bad arguments end in one line saying what is wrong and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vitops", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--image", "missing.jpg"], "--image missing.jpg: no such file"),
+    (["--image", __file__], "not an image PIL can read"),
+    (["--checkpoint", "/nonexistent/gemma"], "--checkpoint /nonexistent/gemma: no such file or directory"),
+    (["--device", "tpu"], "--device tpu: not a torch device"),
+    (["--device", "cuda:x"], "not a torch device"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+])
+def test_bad_arguments_give_one_line(args, says):
+    proc = run(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m vitops: error: ") and says in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_that_does_not_match(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")  # an empty (unreadable) safetensors file
+    proc = run("--checkpoint", str(tmp_path / "model.safetensors"), "--preset", "e2b")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("python -m vitops: error: --checkpoint")
