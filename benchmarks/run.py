@@ -149,11 +149,16 @@ def run_case(wl, shape, device, dtype_name, threads, mode, opts) -> dict:
         c["peak_mem_bytes"] = harness.peak_memory_bytes(t.fn, device) if opts.memory else None
         rec["contenders"][t.name] = c
     v = rec["contenders"].get("vitops", {})
-    rec["speedup"] = {}
+    rec["speedup"], rec["speedup_paired"] = {}, {}
     for other in ("eager", "compile"):
         o = rec["contenders"].get(other, {})
         if v.get("status") == "ok" and o.get("status") == "ok":
             rec["speedup"][other] = o["median_s"] / v["median_s"]
+            # Median of the per-repetition ratios: the two run back to back within a repetition, so a
+            # slow phase of a shared machine cancels out of each ratio (the medians of the two
+            # sample lists do not pair them).
+            rec["speedup_paired"][other] = harness.median(
+                [a / b for a, b in zip(o["samples_s"], v["samples_s"])])
     return rec
 
 
@@ -276,6 +281,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(_HERE, "results"), help="directory for JSON and PNG")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing contenders")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory (no first-touch page faults in the timings; "
+                        "see README 'Method'); default: the allocator as configured")
     p.add_argument("--keep-going", action="store_true",
                    help="exit 0 even when cases or contenders failed (they are still reported)")
     return p.parse_args(argv)
@@ -307,6 +315,7 @@ def main(argv=None) -> dict:
     opts = parse_args(argv)
     if "vitops" in _csv(opts.contenders):
         _require_vitops()
+    malloc = harness.keep_freed_memory() if opts.malloc == "keep" else "default"
     smoke = opts.smoke
     opts.reps = opts.reps or (3 if smoke else 15)
     opts.warmup = opts.warmup or (1 if smoke else 3)
@@ -370,7 +379,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(prev_threads)
 
         doc = dict(machine=harness.machine_info(device),
-                   settings=dict(smoke=smoke, reps=opts.reps, warmup=opts.warmup, target_s=opts.target_s,
+                   settings=dict(smoke=smoke, malloc=malloc, reps=opts.reps, warmup=opts.warmup, target_s=opts.target_s,
                                  cuda_iters=opts.cuda_iters, compile_backend=opts.compile_backend,
                                  threads=threads if device == "cpu" else None, dtypes=dtypes, modes=modes,
                                  l2_flush=device == "cuda"),

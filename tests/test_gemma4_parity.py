@@ -417,3 +417,80 @@ def test_released_config_float32(preset, num_layers):
     err = rel(out, ref)
     report(f"{preset} float32 tower+projector, {cfg.num_layers} layers, 280 tokens", err)
     assert err <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the same parity with the CUDA kernels (tools/gpu_check.sh runs these on a GPU machine)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(SMALL))
+def test_tower_cuda_float32_and_gradients(name):
+    cfg = SMALL[name]
+    model, embedder = make_hf(cfg)
+    tower, proj = make_ours(cfg, model, embedder)
+    tower, proj = tower.cuda(), proj.cuda()
+    grids = grids_for(cfg)
+    pv, pp = image_batch(cfg, grids)
+    pv_ref = pv.clone().requires_grad_(True)
+    pv_ours = pv.cuda().requires_grad_(True)
+    ref_t = model(pv_ref, pp).last_hidden_state
+    out_t = tower.forward_flat(pv_ours, pp.cuda())
+    err = rel(out_t.detach().cpu(), ref_t.detach())
+    report(f"{name} cuda float32 tower", err)
+    assert err <= 1e-4
+    padded, mask = tower(pv_ours, image_position_ids=pp.cuda())
+    assert torch.equal(padded[mask], out_t)
+    _weights_loss(ref_t, embedder(ref_t)).backward()
+    _weights_loss(out_t.cpu(), proj(out_t).cpu()).backward()
+    errs = {"pixel_values": rel(pv_ours.grad.cpu(), pv_ref.grad)}
+    errs.update({k: rel(o.cpu(), h) for k, (o, h) in _grads_by_hf_name(tower, proj, model, embedder).items()})
+    worst = max(errs, key=errs.get)
+    report(f"{name} cuda float32 gradients (worst: {worst})", errs[worst])
+    assert errs[worst] <= 1e-3, errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_tower_cuda_low_precision(name, dtype):
+    """Ours on CUDA vs HF on CUDA, both in dtype, against float64 HF on the CPU (mean of 3 seeds)."""
+    cfg = SMALL[name]
+    pairs = []
+    for seed in range(3):
+        model, embedder = make_hf(cfg, round_to=dtype, seed=seed)
+        pv, pp = image_batch(cfg, grids_for(cfg), seed=seed)
+        with torch.no_grad():
+            ref = model.double()(pv.double(), pp).last_hidden_state
+            model.to(device="cuda", dtype=dtype)
+            hf_low = model(pv.cuda(), pp.cuda()).last_hidden_state.cpu()
+            tower, _ = make_ours(cfg, model.cpu(), embedder, dtype=dtype)
+            out = tower.cuda().forward_flat(pv.cuda(), pp.cuda()).cpu()
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        pairs.append((rel(hf_low, ref), rel(out, ref)))
+    hf_mean = sum(p[0] for p in pairs) / len(pairs)
+    ours_mean = sum(p[1] for p in pairs) / len(pairs)
+    report(f"{name} cuda {str(dtype)[6:]} tower vs HF float64 (HF cuda: {hf_mean:.3e})", ours_mean)
+    assert ours_mean <= 1.1 * hf_mean, pairs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["gemma4-e2b", "gemma4-26b-a4b"])
+def test_released_config_cuda_bfloat16(preset):
+    """Full released sizes on the GPU: one 280-token image in bfloat16, ours vs HF's own bfloat16
+    error against float32 HF on the GPU."""
+    cfg = Gemma4VisionConfig.preset(preset)
+    torch.manual_seed(0)
+    model, embedder = make_hf(cfg, round_to=torch.bfloat16)
+    pv, pp = image_batch(cfg, [(42, 60)])
+    pv, pp = pv.cuda(), pp.cuda()
+    with torch.no_grad():
+        model.cuda()
+        ref = model(pv, pp).last_hidden_state
+        model.to(torch.bfloat16)
+        hf_low = model(pv, pp).last_hidden_state
+        tower, _ = make_ours(cfg, model.float().cpu(), embedder, dtype=torch.bfloat16)
+        out = tower.cuda().forward_flat(pv, pp)
+    assert out.shape == (280, cfg.hidden_size)
+    err, hf_err = rel(out.float(), ref), rel(hf_low.float(), ref)
+    report(f"{preset} cuda bfloat16 tower, 280 tokens (HF bf16: {hf_err:.3e})", err)
+    assert err <= 1.25 * hf_err
