@@ -49,7 +49,7 @@ STEPS=(
   "build_info      20  yes  build       import vitops from python/: every op has a CUDA kernel"
   "selfcheck       30  yes  build_info  python -m vitops selfcheck: every op on CPU and CUDA vs its reference"
   "pytest_cuda    100  yes  build_info  pytest -m cuda over tests/ (without compile tests and parity file)"
-  "parity          30  yes  build_info  tests/test_gemma4_parity.py -m cuda (NOTESTS when none exist)"
+  "parity          90  yes  build_info  tests/test_gemma4_parity.py -m cuda: CUDA tower parity (small configs, E2B and 26B-A4B in bf16)"
   "sync            40  yes  build_info  no host sync in the padded tower forward (sync debug mode error)"
   "memcheck        60  yes  build_info  compute-sanitizer memcheck over a subset of the CUDA op tests"
   "racecheck       45  yes  build_info  compute-sanitizer racecheck over the same subset"
