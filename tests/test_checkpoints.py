@@ -97,9 +97,10 @@ def test_round_trip_outputs_bfloat16_and_sharded_dir(tmp_path):
         ref_t = model(pv, pp).last_hidden_state
         out_t = tower.forward_flat(pv, pp)
         ref, out = embedder(ref_t).float(), proj(out_t).float()
-    # the tower's output too: the projector's RMSNorm would hide a wrong global scale (sqrt(D))
-    assert rel(out_t, ref_t) <= 2e-2
-    assert rel(out, ref) <= 2e-2
+    # the tower's output too: the projector's RMSNorm would hide a wrong global scale (sqrt(D)).
+    # Same bf16 weights on both sides: measured 4.8e-3 (tower) and 5.2e-3; a 1 % scale error adds 1e-2.
+    assert rel(out_t, ref_t) <= 8e-3
+    assert rel(out, ref) <= 1e-2
     kh = keras_hub.Gemma4VisionEncoder(image_size=24, patch_size=4, num_heads=4, hidden_dim=64, num_layers=2,
                                        intermediate_dim=128, head_dim=16, output_dim=48, position_embedding_size=40,
                                        dtype="bfloat16")

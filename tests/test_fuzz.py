@@ -55,7 +55,7 @@ def _collect(proc, timeout, cmd):
             started = None
         elif line == "NO_EMULATOR":
             return None
-    where = " ".join(cmd[1:4]) + (f" seed {started} (rerun: {' '.join(cmd[:4])} {started} {started + 1})"
+    where = " ".join(cmd[2:5]) + (f" seed {started} (rerun: {' '.join(cmd[:5])} {started} {started + 1})"
                                   if started is not None else "")
     if timed_out:
         pytest.fail(f"fuzz worker hung (> {timeout:.0f} s) in {where}")

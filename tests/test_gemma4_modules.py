@@ -57,8 +57,9 @@ def test_config_from_hf():
     c = vitops.hf.config_from_hf(HFVision())
     assert c.replace(use_clipped_linears=True, text_hidden_size=1536) == Gemma4VisionConfig.preset("e2b")
     # round trip through the HF config
+    # (dropout_rate / residual_dropout are MaxText's and KerasHub's, not HF config fields)
     assert Gemma4VisionConfig.from_hf(vitops.hf.to_hf_vision_config(SMALL["26b-like-gqa"])) == SMALL[
-        "26b-like-gqa"].replace(text_hidden_size=None)
+        "26b-like-gqa"].replace(text_hidden_size=None, dropout_rate=0.0, residual_dropout=0.0)
     with pytest.raises(ValueError, match="axial"):
         Gemma4VisionConfig.from_hf({"model_type": "gemma4_vision", "hidden_size": 64, "num_attention_heads": 4,
                                     "rope_parameters": {"rope_type": "linear", "rope_theta": 100.0}})
@@ -275,7 +276,8 @@ def test_keras_hub_output_shape_and_parity():
     cfg = SMALL["26b-like-gqa"]
     kh = keras_hub.Gemma4VisionEncoder(image_size=24, patch_size=4, num_heads=4, hidden_dim=48, num_layers=2,
                                        intermediate_dim=80, head_dim=12, output_dim=40, num_key_value_heads=2,
-                                       position_embedding_size=40, use_clipped_linears=False, standardize=True).eval()
+                                       position_embedding_size=40, use_clipped_linears=False, standardize=True,
+                                       rope_max_wavelength=cfg.rope_theta, layer_norm_epsilon=cfg.rms_norm_eps).eval()
     model, embedder = make_hf(cfg)
     vitops.hf.load_hf_state_dict(kh, vitops.hf.to_hf_state_dict(make_ours(cfg, model, embedder)))
     pv, pp = image_batch(cfg, GRIDS + [(6, 6)])  # 4 images -> B=2, I=2
@@ -349,7 +351,8 @@ def test_keras_hub_training_applies_dropout():
 @requires_ops
 @pytest.mark.parametrize("field", ["attention_dropout", "dropout_rate", "residual_dropout"])
 def test_tower_dropout_train_mode_differs_eval_does_not(field):
-    cfg = SMALL["e2b-like"].replace(**{field: 0.4})
+    no_dropout = SMALL["e2b-like"].replace(attention_dropout=0.0, dropout_rate=0.0, residual_dropout=0.0)
+    cfg = no_dropout.replace(**{field: 0.4})
     tower = Gemma4VisionEncoderLayer(cfg)
     pv, pp = image_batch(cfg, GRIDS)
     with torch.no_grad():
@@ -368,7 +371,7 @@ def test_tower_dropout_train_mode_differs_eval_does_not(field):
     assert not torch.equal(t1, t2) and not torch.equal(explicit1, explicit2)
     assert not torch.equal(r1, r2)
     # a zero rate never drops, in train mode too
-    plain = Gemma4VisionEncoderLayer(SMALL["e2b-like"]).train()
+    plain = Gemma4VisionEncoderLayer(no_dropout).train()
     with torch.no_grad():
         assert torch.equal(plain(pv, image_position_ids=pp)[0], plain(pv, image_position_ids=pp)[0])
 
