@@ -310,11 +310,18 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
     if op == "patchify":
         for p in (0, -1, -(2**63), 2**32, 3037000500, INT64_MAX):
             out.append((f"patch_size {p}", {**kw, "patch_size": p}, True))
+        p = kw["patch_size"]
+        out.append(("expanded images of 2^62 patches", {**kw, "images": _huge_expanded(
+            (0, 2**31 * p, 2**31 * p, 3), kw["images"].dtype)}, True))
         if kw["patch_size"] > 1:
             img = kw["images"]
             out.append(("H not divisible", {**kw, "images": torch.zeros(*img.shape[:-3], kw["patch_size"] + 1,
                                                                        img.shape[-2], img.shape[-1], dtype=img.dtype)}, True))
     elif op == "factorized_posemb":
+        d = kw["posemb"].shape[2]
+        huge = _huge_expanded((0, 2**62, 2), kw["positions_xy"].dtype)
+        # the output [0, 2^62, D] has a contiguous layout only for D <= 1
+        out.append(("expanded positions of 2^62 patches", {**kw, "positions_xy": huge}, "returns" if d <= 1 else True))
         for td in (-1, 2, 7):
             out.append((f"table_dim {td}", {**kw, "table_dim": td}, True))
         pos = kw["positions_xy"].clone()
@@ -325,6 +332,10 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
                 p2.view(-1)[rng.randrange(p2.numel())] = bad
                 out.append((f"coordinate {bad}", {**kw, "positions_xy": p2}, "value"))
     elif op == "apply_multidimensional_rope":
+        x = kw["inputs"]
+        out.append(("expanded inputs of 2^62 rows", {**kw, "inputs": _huge_expanded((0, 2**62, 2, 8), x.dtype),
+                                                      "positions": _huge_expanded((0, 2**62), torch.int64),
+                                                      "rotary_fraction": None}, True))
         for name, vals in (("base_frequency", (0.0, -1.0, f, float("inf"))), ("scale_factor", (f, float("inf"))),
                            ("rotary_fraction", (-0.1, 1.5, f))):
             for v in vals:
@@ -367,6 +378,9 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
             for v in vals:
                 out.append((f"{name} {v}", {**kw, name: v}, True))
         out.append(("rope_dtype int64", {**kw, "rope_dtype": torch.int64}, True))
+        big = {n: _huge_expanded((0, 2**62, kw[n].shape[2], kw[n].shape[3]), kw[n].dtype) for n in ("q", "k", "v")}
+        out.append(("expanded q/k/v of 2^62 rows", {**kw, **big, "positions": _huge_expanded(
+            (0, 2**62, kw["positions"].shape[2]), kw["positions"].dtype)}, True))
         q = kw["q"]
         if q.shape[3] > 1:
             out.append(("q with a strided head dim", {**kw, "q": torch.zeros(*q.shape[:3], 2 * q.shape[3], dtype=q.dtype)[..., ::2]}, True))

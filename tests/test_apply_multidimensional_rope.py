@@ -284,3 +284,51 @@ def test_cuda_wide_rotation_computes_frequencies_on_device():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
     cpu = vitops.apply_multidimensional_rope(x.cpu(), pos.cpu(), base_frequency=BASE)
     torch.testing.assert_close(out.cpu(), cpu, rtol=1e-5, atol=2e-5)
+
+
+# Positions near the int64 limits: the CPU angle table used to compute its span hi - lo in int64,
+# which overflowed (heap overflow reads/writes, or zeros for [-2^63, 0]). Every int64 position gives
+# a finite float32 angle, so these are valid and must match the reference, forward and backward.
+EXTREMES = [-(2**63), 2**63 - 1, -(2**62), 2**62, -4, 0, 1, 2**31 - 1, -(2**31), 3 * 2**40]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_int64_limit_positions_match_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    axes = [None, 1, 2][seed % 3]
+    length = 2 + seed
+    shape = (length,) if axes is None else (length, axes)
+    pos = torch.tensor(EXTREMES)[torch.randint(0, len(EXTREMES), shape, generator=g)]
+    x = torch.randn(length, 2, 8, generator=g, requires_grad=True)
+    out = vitops.apply_multidimensional_rope(x, pos, base_frequency=100.0)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = reference.apply_multidimensional_rope(x_ref, pos, base_frequency=100.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    # the row at position 0 is rotated by angle 0: unchanged (it used to come out as zeros)
+    at_zero = (pos == 0) if axes is None else (pos == 0).all(-1)
+    torch.testing.assert_close(out[at_zero], x.detach()[at_zero])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("pos_dtype", [torch.float32, torch.float64])
+def test_non_finite_positions_raise_on_cpu(bad, pos_dtype):
+    pos = torch.tensor([[0.0, 1.0], [2.0, bad]], dtype=pos_dtype)
+    with pytest.raises(RuntimeError, match=r"`positions` must be finite, got .* at flat index 3"):
+        vitops.apply_multidimensional_rope(torch.randn(2, 1, 8), pos, base_frequency=100.0)
+
+
+def test_overflowing_angles_raise_on_cpu():
+    """Finite positions whose angle (p * inv_freq) * scale_factor overflows float32: a clear error
+    (float64 inputs compute in float64, where the same angle is finite)."""
+    pos = torch.tensor([2**63 - 1, 5])
+    with pytest.raises(RuntimeError, match="must give finite rotation angles"):
+        vitops.apply_multidimensional_rope(torch.randn(2, 1, 4), pos, base_frequency=100.0, scale_factor=1e30)
+    out = vitops.apply_multidimensional_rope(torch.randn(2, 1, 4, dtype=torch.float64), pos, base_frequency=100.0,
+                                             scale_factor=1e30)
+    assert torch.isfinite(out).all()
+    with pytest.raises(RuntimeError, match="`scale_factor` must be a finite number"):
+        vitops.apply_multidimensional_rope(torch.randn(2, 1, 4), pos, base_frequency=100.0, scale_factor=float("inf"))

@@ -284,3 +284,38 @@ def test_bad_backward_input():
     wide[0, 8] = torch.tensor([3, 0])
     with pytest.raises(RuntimeError, match="maps to a slot >= length"):
         torch.ops.vitops._avg_pool_by_positions_backward(torch.randn(1, 1, 8), wide, 1, 9)
+
+
+@pytest.mark.parametrize("op", ["avg_pool_by_positions", "avg_pool_scale_standardize"])
+@pytest.mark.parametrize("seq_len,valid", [(2**63 - 1, False), (3037000499**2, True), (2**62, True), (2**62 + 1, False)])
+def test_sequence_lengths_near_int64_limits(op, seq_len, valid):
+    """The kernel size k = sqrt(L / length) used to come from a loop whose (k+1)^2 overflowed: L = 2^63 - 1
+    never returned and L = 3037000499^2 spun for seconds, then was rejected. Now an exact integer
+    square root: a valid L (k^2 * length) returns at once, the others raise."""
+    x = torch.empty(0, 1, 3).expand(0, seq_len, 3)
+    pos = torch.empty(0, 1, 2, dtype=torch.long).expand(0, seq_len, 2)
+    fn = getattr(torch.ops.vitops, op)
+    args = (x, pos, 1) if op == "avg_pool_by_positions" else (x, pos, 1, 1.0, None, None)
+    if valid:
+        out, mask = fn(*args)
+        assert out.shape == (0, 1, 3) and mask.shape == (0, 1)
+        # its gradient [0, L, 3] has no contiguous layout (L * 3 overflows int64): a clear error, not
+        # torch's "Stride calculation overflowed"; with D = 1 it exists
+        backward = getattr(torch.ops.vitops, f"_{op}_backward")
+        extra = () if op == "avg_pool_by_positions" else (1.0, None)
+        with pytest.raises(RuntimeError, match=r"the gradient of x would have shape \[0, \d+, 3\]"):
+            backward(torch.zeros(0, 1, 3), pos, 1, seq_len, *extra)
+        assert backward(torch.zeros(0, 1, 1), pos, 1, seq_len, *extra).shape == (0, seq_len, 1)
+    else:
+        with pytest.raises(RuntimeError, match=r"`length` \(1\) must be L/k"):
+            fn(*args)
+
+
+@pytest.mark.parametrize("op", ["avg_pool_by_positions", "avg_pool_scale_standardize"])
+def test_mixed_devices_are_rejected(op):
+    """positions on meta with x on the CPU used to return uninitialised memory (the meta kernel ran)."""
+    x = torch.randn(1, 4, 3)
+    pos = torch.zeros(1, 4, 2, dtype=torch.long, device="meta")
+    args = (x, pos, 1) if op == "avg_pool_by_positions" else (x, pos, 1, 1.0, None, None)
+    with pytest.raises(RuntimeError, match="`x` and `positions_xy` must be on the same device, got cpu and meta"):
+        getattr(torch.ops.vitops, op)(*args)

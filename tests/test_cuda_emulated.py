@@ -509,3 +509,36 @@ def test_qkv_norm_rope_backward_many_tiles_per_block():
     want = _qkv_reference_grads(q, k, v, qw, kw, pos, grads_out)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * (w.abs().max().item() + 1e-6))
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions the CPU kernels reject (non-finite angles): the CUDA kernels cannot raise without a host
+# sync, so they must give NaN rows for exactly those rows, never a bad access or other wrong rows.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rope_non_finite_positions_give_nan_rows(bad):
+    x = randn(4, 2, 8)
+    pos = torch.tensor([1.0, bad, 2.0, -3.0])
+    out = emu("apply_multidimensional_rope", x, pos, 100.0, None, 1.0)
+    assert torch.isnan(out[1]).all()
+    good = [0, 2, 3]
+    ref = reference.apply_multidimensional_rope(x[good], pos[good], base_frequency=100.0)
+    torch.testing.assert_close(out[good], ref, **tol(torch.float32))
+
+
+def test_rope_int64_limit_positions_match_reference():
+    x = randn(5, 1, 8)
+    pos = torch.tensor([-(2**63), 2**63 - 1, 0, -4, 2**40])
+    torch.testing.assert_close(emu("apply_multidimensional_rope", x, pos, 100.0, None, 1.0),
+                               reference.apply_multidimensional_rope(x, pos, base_frequency=100.0), **tol(torch.float32))
+
+
+def test_qkv_norm_rope_non_finite_positions_give_nan_rows():
+    q, k, v = randn(1, 3, 2, 16), randn(1, 3, 1, 16), randn(1, 3, 1, 16)
+    w = torch.ones(16)
+    pos = torch.tensor([[[0.0, 1.0], [float("inf"), 2.0], [3.0, 4.0]]])
+    qo, ko, vo = emu("qkv_norm_rope", q, k, v, w, w, pos, 1e-6, 100.0, None)
+    assert torch.isnan(qo[:, 1]).any() and torch.isnan(ko[:, 1]).any()
+    assert torch.isfinite(vo).all()  # v is only normalised
+    ref = reference.qkv_norm_rope(q[:, [0, 2]], k[:, [0, 2]], v[:, [0, 2]], w, w, pos[:, [0, 2]])
+    torch.testing.assert_close(qo[:, [0, 2]], ref[0].transpose(1, 2), **tol(torch.float32))

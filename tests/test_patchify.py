@@ -109,3 +109,32 @@ def test_compile_fullgraph(device, dynamic):
 def test_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
         vitops.patchify(*args)
+
+
+@pytest.mark.parametrize("patch_size", [2**32, 3037000500, 2**62, 2**63 - 1])
+def test_patch_sizes_whose_square_overflows_are_rejected(patch_size):
+    """patch_size**2 used to wrap (to 0 for 2^32: SIGFPE in the backward, reachable from autograd)."""
+    x = torch.zeros(0, 0, 1, requires_grad=True)
+    with pytest.raises(RuntimeError, match="`patch_size` .* is too large"):
+        vitops.patchify(x, patch_size)
+    with pytest.raises(RuntimeError, match="`patch_size` .* is too large"):
+        torch.ops.vitops._patchify_backward(torch.zeros(0, 0), 0, 0, patch_size)
+
+
+@pytest.mark.parametrize("height,width,match", [
+    (-4, 4, "`height` must be a non-negative int"),
+    (4, -4, "`width` must be a non-negative int"),
+    (2**62, 2**62, r"patch count .* does not fit in int64"),
+])
+def test_backward_size_arguments_are_checked(height, width, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vitops._patchify_backward(torch.zeros(1, 4, 12), height, width, 2)
+    with pytest.raises(RuntimeError, match=match):  # the fake kernel validates the same way
+        torch.ops.vitops._patchify_backward(torch.zeros(1, 4, 12, device="meta"), height, width, 2)
+
+
+def test_patch_width_overflow_is_rejected():
+    """p*p*C is the patches' last dim: a product past int64 is an error, not a wrapped size."""
+    images = torch.empty(0, 0, 0, 1).expand(0, 0, 0, 2**40)  # no storage: sizes only
+    with pytest.raises(RuntimeError, match="patch width .* does not fit in int64"):
+        vitops.patchify(images, 2**12)

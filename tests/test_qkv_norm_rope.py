@@ -341,3 +341,51 @@ def test_matches_hf_gemma4_vision_attention(device, dtype):
             ours_err = (o.double() - r64).abs().max().item()
             hf_err = (r.double() - r64).abs().max().item()
             assert ours_err <= hf_err * 1.01 + 1e-12
+
+
+EXTREMES = [-(2**63), 2**63 - 1, -(2**62), 2**62, -4, 0, 1, 2**31 - 1, -(2**31)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_int64_limit_positions_match_reference(seed):
+    """The angle table's span used to overflow int64 for positions far apart (heap overflow); every
+    int64 position is valid (finite float32 angles)."""
+    g = torch.Generator().manual_seed(seed)
+    ndim = 1 + seed % 2
+    b, length, hd = 1 + seed % 2, 3 + seed, 16
+    pos = torch.tensor(EXTREMES)[torch.randint(0, len(EXTREMES), (b, length, ndim), generator=g)]
+    _, q, k, v = fused_qkv(b, length, 2, 1, hd)
+    qw, kw = random_weights(hd)
+    for o, r in zip(qkv_norm_rope(q, k, v, qw, kw, pos), reference.qkv_norm_rope(q, k, v, qw, kw, pos)):
+        torch.testing.assert_close(o, r, **tol(torch.float32))
+
+
+def test_bad_positions_eps_and_base_raise():
+    _, q, k, v = fused_qkv(1, 2, 1, 1, 16)
+    qw, kw = random_weights(16)
+    pos = torch.tensor([[[0.0], [float("nan")]]])
+    with pytest.raises(RuntimeError, match="`positions` must be finite"):
+        qkv_norm_rope(q, k, v, qw, kw, pos)
+    ok = torch.zeros(1, 2, 1, dtype=torch.long)
+    for kwargs, match in [(dict(eps=-1e-6), "`eps` must be a finite number >= 0"),
+                          (dict(eps=float("nan")), "`eps` must be a finite number >= 0"),
+                          (dict(base_frequency=float("inf")), "`base_frequency` must be a positive finite number"),
+                          (dict(rope_dtype=torch.int32), "`rope_dtype` must be None or a floating dtype")]:
+        with pytest.raises(RuntimeError, match=match):
+            qkv_norm_rope(q, k, v, qw, kw, ok, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_dtype_rounds_the_tables(device):
+    """rope_dtype=float32 with bfloat16 q/k: cos/sin stay float32 (HF under autocast), which differs
+    from the default (tables rounded to bfloat16) and matches the reference with that option."""
+    _, q, k, v = fused_qkv(2, 9, 2, 2, 32, dtype=torch.bfloat16, device=device)
+    qw, kw = random_weights(32, device)
+    pos = random_positions(2, 9, device)
+    default = qkv_norm_rope(q, k, v, qw, kw, pos)
+    f32 = qkv_norm_rope(q, k, v, qw, kw, pos, rope_dtype=torch.float32)
+    ref = reference.qkv_norm_rope(q, k, v, qw, kw, pos, rope_dtype=torch.float32)
+    for o, r in zip(f32, ref):
+        torch.testing.assert_close(o, r, **tol(torch.bfloat16))
+    assert not torch.equal(default[0], f32[0])
+    torch.testing.assert_close(qkv_norm_rope(q, k, v, qw, kw, pos, rope_dtype=torch.bfloat16)[0], default[0], rtol=0, atol=0)

@@ -142,6 +142,28 @@ inline int64_t checked_product(const char* op, const char* what, const std::vect
   return r;
 }
 
+// An output's shape must have a contiguous layout whose strides and element count fit int64.
+// Inputs can be expanded (stride-0) views of any size, so an output shaped like them, or sized by
+// a backward op's arguments, can fail that even when it is empty; torch would then fail inside
+// its allocator ("Stride calculation overflowed") without naming the op or the argument.
+inline void check_shape_fits(const char* op, const char* what, const std::vector<int64_t>& sizes) {
+  bool fits = true, empty = false;
+  int64_t stride = 1, numel = 1;
+  for (int64_t s : sizes) empty = empty || s == 0;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    // torch's contiguous strides: stride[i - 1] = stride[i] * max(size[i], 1)
+    if (i > 0) fits = fits && !__builtin_mul_overflow(stride, sizes[i] > 1 ? sizes[i] : int64_t{1}, &stride);
+    if (!empty) fits = fits && !__builtin_mul_overflow(numel, sizes[i], &numel);
+  }
+  if (fits) return;
+  std::ostringstream shape;
+  shape << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) shape << (i ? ", " : "") << sizes[i];
+  shape << "]";
+  detail::fail("vitops.", op, ": ", what, " would have shape ", shape.str(),
+               ", whose size or strides do not fit in int64");
+}
+
 // Host scratch buffers sized by the problem: an allocation failure becomes an error that names the
 // op and the size instead of a bare std::bad_alloc / std::length_error.
 template <typename T>

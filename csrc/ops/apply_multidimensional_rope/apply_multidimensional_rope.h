@@ -74,6 +74,7 @@ inline Geometry check_and_plan(const char* op, const char* what, const Tensor& i
                  ": `rotary_fraction` must be in [0, 1] or None, got ", *rotary_fraction);
   }
 
+  check_shape_fits(op, "the output", sizes_of(inputs));  // contiguous, shaped like `inputs`
   const int64_t d = inputs.dim();
   Geometry g;
   g.head_dim = inputs.size(d - 1);

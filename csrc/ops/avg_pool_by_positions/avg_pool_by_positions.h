@@ -72,6 +72,7 @@ inline Geometry check_forward(const char* op, const Tensor& x, const Tensor& pos
   check_same_device(op, "x", x, "positions_xy", positions);
   check_positions(op, positions, x.size(0), x.size(1));
   const int64_t k = check_kernel_size(op, x.size(1), length);
+  check_shape_fits(op, "the output", {x.size(0), length, x.size(2)});
   return Geometry{x.size(0), x.size(1), x.size(2), length, k};
 }
 
@@ -85,6 +86,7 @@ inline Geometry check_backward(const char* op, const Tensor& grad, const Tensor&
   check_same_device(op, "grad_output", grad, "positions_xy", positions);
   check_positions(op, positions, grad.size(0), seq_len);
   const int64_t k = check_kernel_size(op, seq_len, length);
+  check_shape_fits(op, "the gradient of x", {grad.size(0), seq_len, grad.size(2)});
   return Geometry{grad.size(0), seq_len, grad.size(2), length, k};
 }
 

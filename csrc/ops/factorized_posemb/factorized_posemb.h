@@ -61,9 +61,15 @@ inline TableView check_forward(Tensor& posemb, const Tensor& positions_xy, int64
   TableView t;
   t.num_positions = posemb.size(1 - table_dim);
   t.dim = posemb.size(2);
+  check_shape_fits(op, "the output", patch_sizes_with(positions_xy, t.dim));
   t.axis_stride = posemb.stride(table_dim);
   t.row_stride = posemb.stride(1 - table_dim);
   return t;
+}
+
+// Shape of grad_posemb in the layout selected by table_dim.
+inline std::vector<int64_t> table_sizes(int64_t num_positions, int64_t dim, int64_t table_dim) {
+  return table_dim == 0 ? std::vector<int64_t>{2, num_positions, dim} : std::vector<int64_t>{num_positions, 2, dim};
 }
 
 // Checks the backward arguments; returns the patch count (grad_output is [..., D] over the same patches).
@@ -80,6 +86,8 @@ inline PatchCount check_backward(const Tensor& grad_output, const Tensor& positi
   for (int64_t i = 0; shape_ok && i < positions_xy.dim() - 1; ++i) shape_ok = grad_output.size(i) == positions_xy.size(i);
   VITOPS_CHECK(shape_ok, "vitops._factorized_posemb_backward: `grad_output` must be [..., D] over the patches of ",
                "`positions_xy` ", shape_str(positions_xy), ", got ", shape_str(grad_output));
+  check_shape_fits(op, "the gradient of posemb", table_sizes(num_positions, grad_output.size(grad_output.dim() - 1),
+                                                            table_dim));
   return c;
 }
 
@@ -97,10 +105,6 @@ inline void with_index_type(ScalarType t, const F& f) {
   f(int64_t{});
 }
 
-// Shape of grad_posemb in the layout selected by table_dim.
-inline std::vector<int64_t> table_sizes(int64_t num_positions, int64_t dim, int64_t table_dim) {
-  return table_dim == 0 ? std::vector<int64_t>{2, num_positions, dim} : std::vector<int64_t>{num_positions, 2, dim};
-}
 
 // Element offset of row (axis, n) in a contiguous table of the given layout.
 inline int64_t contiguous_row_offset(int64_t axis, int64_t n, int64_t num_positions, int64_t dim, int64_t table_dim) {

@@ -42,6 +42,11 @@ inline Geometry check_forward(const Tensor& images, int64_t patch_size, bool all
   std::vector<int64_t> lead;
   for (int64_t i = 0; i < d - 3; ++i) lead.push_back(images.size(i));
   g.batch = checked_product(op, "the batch size (product of the leading dims)", lead);
+  std::vector<int64_t> patches = lead, positions = lead;
+  patches.insert(patches.end(), {g.num_patches(), g.patch_dim()});
+  positions.insert(positions.end(), {g.num_patches(), 2});
+  check_shape_fits(op, "the patches", patches);
+  check_shape_fits(op, "the positions", positions);
   return g;
 }
 
@@ -74,6 +79,7 @@ inline Geometry check_backward(const Tensor& grad, int64_t height, int64_t width
   g.batch = checked_product(op, "the batch size (product of the leading dims)", sizes);
   sizes.insert(sizes.end(), {height, width, g.channels});
   checked_product(op, "the image size (leading dims) * H * W * C", sizes);
+  check_shape_fits(op, "the gradient of images", sizes);
   return g;
 }
 

@@ -82,6 +82,8 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
   check_same_device(op, "q", q, "q_weight", q_weight);
   check_same_device(op, "q", q, "k_weight", k_weight);
   check_same_device(op, "q", q, "positions", positions);
+  check_shape_fits(op, "the q output", sizes_of(q));  // outputs: contiguous, shaped like the inputs
+  check_shape_fits(op, "the k and v outputs", sizes_of(k));
 
   Geometry g;
   g.batch = q.size(0);

@@ -93,6 +93,25 @@ def is_finite_number(v: float) -> bool:
 
 
 
+def check_shape_fits(op: str, what: str, sizes) -> None:
+    """The C++ ``check_shape_fits``: an output's contiguous strides and element count fit int64."""
+    sizes = list(sizes)
+    if not is_concrete(*sizes):
+        return
+    stride, fits = 1, True
+    for s in reversed(sizes[1:]):
+        stride *= max(s, 1)
+        fits = fits and stride <= INT64_MAX
+    if 0 not in sizes:
+        numel = 1
+        for s in sizes:
+            numel *= s
+        fits = fits and numel <= INT64_MAX
+    fail_unless(fits, lambda: (
+        f"vitops.{op}: {what} would have shape [{', '.join(str(s) for s in sizes)}], whose size or strides do not "
+        "fit in int64"))
+
+
 def checked_product(op: str, what: str, sizes):
     """Product of sizes, raising like the C++ ``checked_product`` on int64 overflow; 0 if any is 0."""
     if any(is_concrete(s) and s == 0 for s in sizes):

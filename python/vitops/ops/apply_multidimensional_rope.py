@@ -7,6 +7,7 @@ import torch
 from ._checks import (
     check_float,
     check_same_device,
+    check_shape_fits,
     dtype_name,
     fail_unless,
     is_concrete,
@@ -65,6 +66,7 @@ def _check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction
     if rotary_fraction is not None:
         fail_unless(0.0 <= rotary_fraction <= 1.0, lambda: (
             f"vitops.{op}: `rotary_fraction` must be in [0, 1] or None, got {rotary_fraction}"))
+    check_shape_fits(op, "the output", inputs.shape)  # contiguous, shaped like the input
     d = inputs.dim()
     hd = inputs.shape[-1]
     one_d = positions.dim() + 2 == d

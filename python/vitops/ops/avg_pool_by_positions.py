@@ -11,6 +11,7 @@ from ._checks import (
     check_index,
     check_nonnegative,
     check_same_device,
+    check_shape_fits,
     fail_unless,
     is_concrete,
     shape_str,
@@ -71,6 +72,7 @@ def check_forward(op, x, positions_xy, length):
     check_same_device(op, "x", x, "positions_xy", positions_xy)
     check_positions(op, positions_xy, x.shape[0], x.shape[1])
     check_kernel_size(op, x.shape[1], length)
+    check_shape_fits(op, "the output", (x.shape[0], length, x.shape[2]))
 
 
 def check_backward(op, grad_output, positions_xy, length, seq_len):
@@ -83,6 +85,7 @@ def check_backward(op, grad_output, positions_xy, length, seq_len):
     check_same_device(op, "grad_output", grad_output, "positions_xy", positions_xy)
     check_positions(op, positions_xy, grad_output.shape[0], seq_len)
     check_kernel_size(op, seq_len, length)
+    check_shape_fits(op, "the gradient of x", (grad_output.shape[0], seq_len, grad_output.shape[2]))
 
 
 @torch.library.register_fake("vitops::avg_pool_by_positions")

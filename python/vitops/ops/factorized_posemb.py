@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float, check_index, check_same_device, fail_unless, shape_str, static_equals
+from ._checks import (
+    check_float,
+    check_index,
+    check_same_device,
+    check_shape_fits,
+    fail_unless,
+    shape_str,
+    static_equals,
+)
 
 _op = torch.ops.vitops.factorized_posemb.default
 _backward_op = torch.ops.vitops._factorized_posemb_backward.default
@@ -83,6 +91,7 @@ def _fake(posemb, positions_xy, table_dim):
     check_float(op, "posemb", posemb)
     _check_positions(op, positions_xy)
     check_same_device(op, "posemb", posemb, "positions_xy", positions_xy)
+    check_shape_fits(op, "the output", (*positions_xy.shape[:-1], posemb.shape[2]))
     return posemb.new_empty((*positions_xy.shape[:-1], posemb.shape[2]))
 
 
@@ -100,6 +109,8 @@ def _backward_fake(grad_output, positions_xy, num_positions, table_dim):
     fail_unless(shape_ok, lambda: (
         "vitops._factorized_posemb_backward: `grad_output` must be [..., D] over the patches of `positions_xy` "
         f"{shape_str(positions_xy)}, got {shape_str(grad_output)}"))
+    d = grad_output.shape[-1]
+    check_shape_fits(op, "the gradient of posemb", (2, num_positions, d) if table_dim == 0 else (num_positions, 2, d))
     if grad_output.device.type == "cuda":  # the CUDA kernel's uint32 sort keys
         fail_unless(num_positions < 2**30, lambda: (
             f"vitops._factorized_posemb_backward: `num_positions` ({num_positions}) must be below 2^30 on CUDA"))

@@ -9,6 +9,7 @@ from ._checks import (
     check_float,
     check_nonnegative,
     checked_mul,
+    check_shape_fits,
     checked_product,
     fail_unless,
     shape_str,
@@ -52,6 +53,8 @@ def _patchify_fake(images, patch_size):
     patch_dim = checked_mul("patchify", "the patch width patch_size**2 * C", patch_size * patch_size, c)
     checked_product("patchify", "the batch size (product of the leading dims)", lead)
     n = (h // patch_size) * (w // patch_size)
+    check_shape_fits("patchify", "the patches", (*lead, n, patch_dim))
+    check_shape_fits("patchify", "the positions", (*lead, n, 2))
     patches = images.new_empty((*lead, n, patch_dim))
     positions = images.new_empty((*lead, n, 2), dtype=torch.int64)
     return patches, positions
@@ -78,6 +81,7 @@ def _patchify_backward_fake(grad_patches, height, width, patch_size):
     c = pd // (patch_size * patch_size)
     checked_product(op, "the batch size (product of the leading dims)", lead)
     checked_product(op, "the image size (leading dims) * H * W * C", [*lead, height, width, c])
+    check_shape_fits(op, "the gradient of images", [*lead, height, width, c])
     return grad_patches.new_empty((*lead, height, width, c))
 
 

@@ -8,6 +8,7 @@ from ._checks import (
     allows_double,
     check_float,
     check_same_device,
+    check_shape_fits,
     dtype_name,
     fail_unless,
     is_concrete,
@@ -86,6 +87,8 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
             f"{t.stride(3)}"))
     for name, t in (("k", k), ("v", v), ("q_weight", q_weight), ("k_weight", k_weight), ("positions", positions)):
         check_same_device(op, "q", q, name, t)
+    check_shape_fits(op, "the q output", q.shape)  # outputs: contiguous, shaped like the inputs
+    check_shape_fits(op, "the k and v outputs", k.shape)
     allow_double = allows_double(q)
     hd = q.shape[3]
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
