@@ -206,8 +206,19 @@ def _qkv(rng, namespace):
     pos = torch.randint(-1, 40, (b, length, ndim), generator=g)
     pos = pos.to(rng.choice([torch.int32, torch.int64, torch.float32]))
     rope_dtype = rng.choice([None, None, torch.float32, dtype])
-    return dict(q=q, k=k, v=v, q_weight=qw, k_weight=kw, positions=pos, eps=rng.choice([1e-6, 1e-5, 0.0]),
-                base_frequency=rng.choice([100.0, 10000.0, 7.0]), rope_dtype=rope_dtype)
+    case = dict(q=q, k=k, v=v, q_weight=qw, k_weight=kw, positions=pos, eps=rng.choice([1e-6, 1e-5, 0.0]),
+                base_frequency=rng.choice([100.0, 10000.0, 7.0]), rope_dtype=rope_dtype,
+                norm="scale", v_norm=True, pairing="half_split", rope_freqs=None)
+    if rng.random() < 0.5:  # the other families' options (drawn last: the Gemma 4 cases stay as they were)
+        norm = rng.choice(["scale", "scale_plus_one", "rms", "none"])
+        if norm in ("rms", "none"):
+            case.update(q_weight=None, k_weight=None)
+        freqs = None
+        if rng.random() < 0.4:
+            freqs = (_randn(rng, (hd // 2,), torch.float32, 0.2).abs() + 0.01).to(rng.choice([torch.float32, wdt]))
+        case.update(norm=norm, v_norm=rng.random() < 0.6, pairing=rng.choice(["half_split", "interleaved"]),
+                    rope_freqs=freqs)
+    return case
 
 
 GENERATORS = {
@@ -226,7 +237,8 @@ SCHEMA_ARGS = {
     "apply_multidimensional_rope": ["inputs", "positions", "base_frequency", "rotary_fraction", "scale_factor"],
     "avg_pool_by_positions": ["x", "positions_xy", "length"],
     "avg_pool_scale_standardize": ["x", "positions_xy", "length", "scale", "std_bias", "std_scale"],
-    "qkv_norm_rope": ["q", "k", "v", "q_weight", "k_weight", "positions", "eps", "base_frequency", "rope_dtype"],
+    "qkv_norm_rope": ["q", "k", "v", "q_weight", "k_weight", "positions", "eps", "base_frequency", "rope_dtype",
+                      "norm", "v_norm", "pairing", "rope_freqs"],
 }
 DIFFERENTIABLE = {
     "patchify": ["images"],
@@ -256,7 +268,8 @@ def reference_call(op: str, kw: dict):
     if op == "qkv_norm_rope":
         outs = reference.qkv_norm_rope(kw["q"], kw["k"], kw["v"], kw["q_weight"], kw["k_weight"], kw["positions"],
                                        eps=kw["eps"], base_frequency=kw["base_frequency"],
-                                       rope_dtype=kw["rope_dtype"])
+                                       rope_dtype=kw["rope_dtype"], norm=kw["norm"], v_norm=kw["v_norm"],
+                                       pairing=kw["pairing"], rope_freqs=kw["rope_freqs"])
         return tuple(o.transpose(1, 2) for o in outs)  # the raw op returns [B, L, N, hd]
     raise KeyError(op)
 
@@ -427,15 +440,14 @@ def _backward_mutations(op: str, kw: dict, rng: random.Random):
                     [kw["inputs"], kw["positions"], float("nan"), kw["rotary_fraction"], kw["scale_factor"]], True))
     elif op == "qkv_norm_rope":
         q, k, v = kw["q"], kw["k"], kw["v"]
-        gq = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
-        gk = torch.zeros(k.shape[0], k.shape[2], k.shape[1], k.shape[3], dtype=q.dtype)
-        args = [gq, gk, gk.clone(), q, k, v, kw["q_weight"], kw["k_weight"], kw["positions"], kw["eps"],
-                kw["base_frequency"], kw["rope_dtype"]]
+        gq = torch.zeros(q.shape, dtype=q.dtype)
+        gk = torch.zeros(k.shape, dtype=q.dtype)
+        args = [gq, gk, gk.clone(), *_args(op, kw)]
         bad = list(args)
         bad[1] = gk.to("meta")
         out.append(("_qkv_norm_rope_backward(grad_k on meta)", "_qkv_norm_rope_backward", bad, True))
         bad = list(args)
-        bad[0] = torch.zeros(gq.shape[0], gq.shape[1], gq.shape[2] + 1, gq.shape[3], dtype=q.dtype)
+        bad[0] = torch.zeros(gq.shape[0], gq.shape[1] + 1, gq.shape[2], gq.shape[3], dtype=q.dtype)
         out.append(("_qkv_norm_rope_backward(grad_q wrong L)", "_qkv_norm_rope_backward", bad, True))
     return out
 
@@ -592,9 +604,7 @@ def backward_args(op: str, kw: dict, outputs: list) -> list:
     if op == "avg_pool_scale_standardize":
         return [grads[0], kw["positions_xy"], kw["length"], kw["x"].shape[1], kw["scale"], kw["std_scale"]]
     if op == "qkv_norm_rope":
-        gq, gk, gv = (t.transpose(1, 2) for t in grads[:3])  # [B, N, L, hd] views, as autograd passes
-        return [gq, gk, gv, kw["q"], kw["k"], kw["v"], kw["q_weight"], kw["k_weight"], kw["positions"], kw["eps"],
-                kw["base_frequency"], kw["rope_dtype"]]
+        return [*grads[:3], *_args(op, kw)]  # gradients in the outputs' [B, L, N, hd] layout
     raise KeyError(op)
 
 
@@ -611,7 +621,7 @@ def check_backward(op: str, kw: dict, namespace: str = "vitops") -> str | None:
     """Gradients of the op (its registered autograd) against the reference's, float32/float64 only."""
     if kw[SCHEMA_ARGS[op][0]].dtype not in (torch.float32, torch.float64):
         return None  # low-precision gradients: the dedicated tests compare them with float64 runs
-    names = [n for n in DIFFERENTIABLE[op] if kw[n].dtype in (torch.float32, torch.float64)]
+    names = [n for n in DIFFERENTIABLE[op] if kw[n] is not None and kw[n].dtype in (torch.float32, torch.float64)]
     if not names:
         return None
     fn = op_fn(namespace, op)
@@ -622,6 +632,8 @@ def check_backward(op: str, kw: dict, namespace: str = "vitops") -> str | None:
         if op == "qkv_norm_rope":
             # q, k, v are views of one buffer: differentiate each as its own leaf
             for n in ("q", "k", "v", "q_weight", "k_weight"):
+                if kw[n] is None:  # a weightless norm
+                    continue
                 leaves[n] = kw[n].detach().clone().requires_grad_(kw[n].dtype in (torch.float32, torch.float64))
                 call_kw[n] = leaves[n]
         else:

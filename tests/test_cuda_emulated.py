@@ -472,9 +472,10 @@ def test_qkv_norm_rope(dtype, shape):
             torch.testing.assert_close(o.transpose(1, 2), r, **tol(dtype))
     grads_out = [randn(*r.shape, dtype=dtype) for r in ref]
     want = _qkv_reference_grads(q, k, v, qw, kw, pos, grads_out)
-    # [B, N, L, hd] gradients: contiguous, offset, and the transposed views autograd passes
-    grad_variants = (grads_out, [offset_by_one(g) for g in grads_out],
-                     [g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads_out])
+    # gradients in the outputs' [B, L, N, hd] layout: contiguous, offset, and transposed views of
+    # [B, N, L, hd] tensors (what autograd passes when attention's backward returns that layout)
+    grads_rows = [g.transpose(1, 2).contiguous() for g in grads_out]
+    grad_variants = (grads_rows, [offset_by_one(g) for g in grads_rows], [g.transpose(1, 2) for g in grads_out])
     for gq, gk, gv in grad_variants:
         got = emu("_qkv_norm_rope_backward", gq, gk, gv, q, k, v, qw, kw, pos, 1e-6, 100.0)
         assert got[3].dtype == torch.float32 and got[4].dtype == torch.bfloat16
@@ -496,6 +497,47 @@ def test_qkv_norm_rope_position_dtypes_and_three_axes(pos_dtype):
         torch.testing.assert_close(o.transpose(1, 2), r, **tol(torch.float32))
 
 
+# (norm, v_norm, pairing, with a frequency table, position axes): the other families' options
+QKV_OPTIONS = [
+    ("scale_plus_one", False, "half_split", False, 1),  # Gemma 3 text
+    ("none", False, "interleaved", False, 2),  # Llama 4 vision
+    ("rms", True, "interleaved", True, 1),
+    ("scale", False, "interleaved", True, 3),
+    ("none", True, "half_split", True, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", QKV_OPTIONS, ids=lambda o: "-".join(map(str, o)))
+@pytest.mark.parametrize("shape", [(2, 7, 4, 2, 72), (2, 9, 2, 1, 8), (1, 3, 2, 2, 6)])
+def test_qkv_norm_rope_options(dtype, options, shape):
+    norm, v_norm, pairing, with_table, ndim = options
+    b, length, h, kv, hd = shape
+    if 2 * (hd // 2 // ndim) == 0:
+        pytest.skip("no channels per axis")
+    q, k, v = _fused_qkv(*shape, dtype)
+    weights = (1 + 0.5 * torch.randn(hd), (1 + 0.5 * torch.randn(hd)).to(torch.bfloat16))
+    if norm in ("rms", "none"):
+        weights = (None, None)
+    freqs = torch.rand(hd // 2) + 0.01 if with_table else None
+    pos = _qkv_positions(b, length, ndim=ndim)
+    opts = dict(eps=1e-6, base_frequency=100.0, rope_dtype=None, norm=norm, v_norm=v_norm, pairing=pairing,
+                rope_freqs=freqs)
+    ref = reference.qkv_norm_rope(q, k, v, *weights, pos, **opts)
+    args = (*weights, pos, *opts.values())
+    for qv, kv_, vv in [(q, k, v), tuple(offset_by_one(t) for t in (q, k, v))]:
+        outs = emu("qkv_norm_rope", qv, kv_, vv, *args)
+        for o, r in zip(outs, ref):
+            torch.testing.assert_close(o.transpose(1, 2), r, **tol(dtype))
+    grads = [randn(*r.transpose(1, 2).shape, dtype=dtype) for r in ref]
+    got = emu("_qkv_norm_rope_backward", *grads, q, k, v, *args)
+    cpu = torch.ops.vitops._qkv_norm_rope_backward(*grads, q, k, v, *args)
+    for g, c in zip(got, cpu):
+        assert g.shape == c.shape and g.dtype == c.dtype
+        scale = c.abs().max().item() + 1e-6 if c.numel() else 1.0
+        torch.testing.assert_close(g, c, rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * scale)
+
+
 def test_qkv_norm_rope_backward_many_tiles_per_block():
     """More than 1024 tiles: backward blocks loop over several tiles and the weight-gradient
     reduction sums 1024 block partials."""
@@ -505,7 +547,7 @@ def test_qkv_norm_rope_backward_many_tiles_per_block():
     pos = _qkv_positions(b, length)
     ref = reference.qkv_norm_rope(q, k, v, qw, kw, pos)
     grads_out = [randn(*r.shape) for r in ref]
-    got = emu("_qkv_norm_rope_backward", *grads_out, q, k, v, qw, kw, pos, 1e-6, 100.0)
+    got = emu("_qkv_norm_rope_backward", *(g.transpose(1, 2) for g in grads_out), q, k, v, qw, kw, pos, 1e-6, 100.0)
     want = _qkv_reference_grads(q, k, v, qw, kw, pos, grads_out)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * (w.abs().max().item() + 1e-6))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vitops import reference
-from vitops.ops import qkv_norm_rope
+from vitops.ops import apply_multidimensional_rope, qkv_norm_rope
 
 from _utils import DEVICES, device_dtypes, randn, tol
 
@@ -149,7 +149,7 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.vitops.qkv_norm_rope.default, (q, k, v, qw, kw, pos, 1e-6, 100.0))
     _, q, k, v = fused_qkv(2, 5, 4, 2, 16, device=device)
     qw, kw = random_weights(16, device)
-    grads = (randn(2, 4, 5, 16, device=device), randn(2, 2, 5, 16, device=device), randn(2, 2, 5, 16, device=device))
+    grads = (randn(2, 5, 4, 16, device=device), randn(2, 5, 2, 16, device=device), randn(2, 5, 2, 16, device=device))
     torch.library.opcheck(
         torch.ops.vitops._qkv_norm_rope_backward.default, (*grads, q, k, v, qw, kw, random_positions(2, 5, device), 1e-6, 100.0)
     )
@@ -262,7 +262,7 @@ def test_bad_base_frequency():
 def test_bad_backward_grad_shape():
     _, q, k, v = fused_qkv(2, 3, 2, 1, 8)
     qw, kw = random_weights(8)
-    g = randn(2, 2, 3, 8)
+    g = randn(2, 3, 2, 8)  # fits grad_q ([B, L, H, hd]), not grad_k
     with pytest.raises(RuntimeError, match=r"`grad_k` must have shape"):
         torch.ops.vitops._qkv_norm_rope_backward(g, g, g, q, k, v, qw, kw, random_positions(2, 3), 1e-6, 100.0)
 
@@ -389,3 +389,228 @@ def test_rope_dtype_rounds_the_tables(device):
         torch.testing.assert_close(o, r, **tol(torch.bfloat16))
     assert not torch.equal(default[0], f32[0])
     torch.testing.assert_close(qkv_norm_rope(q, k, v, qw, kw, pos, rope_dtype=torch.bfloat16)[0], default[0], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the other families' options: norm kinds, the v-norm flag, interleaved pairs, a frequency table
+# --------------------------------------------------------------------------------------------
+NORMS = ["scale", "scale_plus_one", "rms", "none"]
+
+
+def _option_case(rng, device, dtype):
+    """A seeded random call: shapes, position axes and every option drawn independently."""
+    ndim = rng.choice([1, 2, 3])
+    hd = 2 * ndim * rng.randint(1, 5) + 2 * rng.randint(0, 1)
+    kv = rng.randint(1, 3)
+    h = kv * rng.randint(1, 2)
+    b, length = rng.randint(0, 3), rng.randint(0, 9)
+    _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
+    opts = dict(norm=rng.choice(NORMS), v_norm=rng.random() < 0.5, pairing=rng.choice(["half_split", "interleaved"]),
+                eps=rng.choice([1e-6, 1e-3]), base_frequency=rng.choice([100.0, 10000.0]))
+    weights = random_weights(hd, device, rng.choice([torch.float32, torch.bfloat16]))
+    if opts["norm"] in ("rms", "none"):
+        weights = (None, None)
+    if rng.random() < 0.5:
+        opts["rope_freqs"] = torch.rand(hd // 2, device=device) + 0.01
+    pos = random_positions(b, length, device, rng.choice([torch.int64, torch.float32]), ndim=ndim)
+    return (q, k, v, *weights, pos), opts
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+def test_options_match_reference(device, dtype):
+    import random
+
+    rng = random.Random(f"options/{device}/{dtype}")
+    for _ in range(40):
+        args, opts = _option_case(rng, device, dtype)
+        out = qkv_norm_rope(*args, **opts)
+        ref = reference.qkv_norm_rope(*args, **opts)
+        for o, r in zip(out, ref):
+            assert o.shape == r.shape and o.dtype == dtype and o.transpose(1, 2).is_contiguous()
+            torch.testing.assert_close(o, r, **tol(dtype), msg=lambda m: f"{opts}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_option_identities(device):
+    """Each option against an independent formulation of the same math (bitwise on the CPU)."""
+    exact = dict(rtol=0, atol=0) if device == "cpu" else tol(torch.float32)
+    _, q, k, v = fused_qkv(2, 6, 4, 2, 16, device=device)
+    qw, kw = random_weights(16, device)
+    pos = random_positions(2, 6, device)
+    base = qkv_norm_rope(q, k, v, qw + 1, kw + 1, pos)
+    # x * (1 + w) is the scale norm with the weight 1 + w (the kernel adds the 1 in float32)
+    for o, r in zip(qkv_norm_rope(q, k, v, qw, kw, pos, norm="scale_plus_one"), base):
+        torch.testing.assert_close(o, r, **exact)
+    # the weightless norm is the scale norm with unit weights
+    ones = torch.ones(16, device=device)
+    for o, r in zip(qkv_norm_rope(q, k, v, None, None, pos, norm="rms"), qkv_norm_rope(q, k, v, ones, ones, pos)):
+        torch.testing.assert_close(o, r, **exact)
+    # no norms: q and k are the RoPE op's rotation of the inputs, v passes through
+    qo, ko, vo = qkv_norm_rope(q, k, v, None, None, pos, norm="none", v_norm=False)
+    torch.testing.assert_close(qo.transpose(1, 2), apply_multidimensional_rope(q, pos, base_frequency=100.0), **exact)
+    torch.testing.assert_close(ko.transpose(1, 2), apply_multidimensional_rope(k, pos, base_frequency=100.0), **exact)
+    assert torch.equal(vo.transpose(1, 2), v)
+    # HF's frequencies given as a table equal the default (chunks of 8: 1 / 100^(2i / 8) per axis)
+    table = torch.cat([reference.rope_inv_freq(8, 100.0, device=device)] * 2)
+    for o, r in zip(qkv_norm_rope(q, k, v, qw, kw, pos, rope_freqs=table), qkv_norm_rope(q, k, v, qw, kw, pos)):
+        torch.testing.assert_close(o, r, **tol(torch.float32))
+    # interleaved pairs are half-split pairs after permuting each chunk's channels (2i, 2i+1) -> (i, i + w/2)
+    perm = torch.cat([torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)]) + 8 * c for c in range(2)]).to(device)
+    inter = qkv_norm_rope(q, k, v, None, None, pos, norm="none", pairing="interleaved")
+    half = qkv_norm_rope(q[..., perm], k[..., perm], v[..., perm], None, None, pos, norm="none")
+    for o, r in zip(inter[:2], half[:2]):
+        torch.testing.assert_close(o[..., perm], r, **exact)
+
+
+def test_options_gradcheck_float64():
+    b, length, h, kv, hd = 2, 3, 2, 1, 8
+    buf = torch.randn(b, length, (h + 2 * kv) * hd, dtype=torch.float64, requires_grad=True)
+    pos = random_positions(b, length, ndim=1)
+    freqs = torch.rand(hd // 2, dtype=torch.float64) + 0.1
+    for norm in NORMS:
+        for pairing, v_norm, rope_freqs in (("interleaved", False, None), ("half_split", True, freqs)):
+            weights = [(1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_() for _ in range(2)]
+
+            def f(buf, qw, kw):
+                q = buf[..., : h * hd].unflatten(-1, (h, hd))
+                k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+                v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+                weighted = norm in ("scale", "scale_plus_one")
+                return qkv_norm_rope(q, k, v, qw if weighted else None, kw if weighted else None, pos, norm=norm,
+                                     v_norm=v_norm, pairing=pairing, rope_freqs=rope_freqs)
+
+            assert torch.autograd.gradcheck(f, (buf, *weights)), (norm, pairing)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_options_opcheck(device):
+    _, q, k, v = fused_qkv(2, 5, 4, 2, 12, device=device)
+    pos = random_positions(2, 5, device, ndim=3)
+    freqs = torch.rand(6, device=device) + 0.1
+    qw, kw = random_weights(12, device)
+    for args in ((q, k, v, None, None, pos, 1e-6, 10.0, None, "rms", False, "interleaved", freqs),
+                 (q, k, v, qw, kw, pos, 1e-6, 10.0, torch.float32, "scale_plus_one", True, "interleaved", None),
+                 (q, k, v, None, None, pos, 1e-6, 10.0, None, "none", True, "half_split", freqs)):
+        leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  and i < 5 else t for i, t in enumerate(args)]
+        torch.library.opcheck(torch.ops.vitops.qkv_norm_rope.default, tuple(leaves))
+        grads = [randn(*t.shape, device=device) for t in args[:3]]
+        torch.library.opcheck(torch.ops.vitops._qkv_norm_rope_backward.default, (*grads, *args))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_options_compile_fullgraph(dynamic):
+    def f(q, k, v, pos):
+        return qkv_norm_rope(q, k, v, None, None, pos, norm="rms", v_norm=False, pairing="interleaved")
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for length in (5, 8):
+        q, k, v = (randn(2, length, 2, 8, requires_grad=True) for _ in range(3))
+        pos = random_positions(2, length, ndim=1)
+        out, ref = compiled(q, k, v, pos), reference.qkv_norm_rope(q, k, v, None, None, pos, norm="rms",
+                                                                    v_norm=False, pairing="interleaved")
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r)
+        got = torch.autograd.grad(sum(o.square().sum() for o in out), (q, k, v))
+        want = torch.autograd.grad(sum(r.square().sum() for r in ref), (q, k, v))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(norm="layer"), r'`norm` must be "scale" \(x \* w\), "scale_plus_one"'),
+        (dict(pairing="complex"), r'`pairing` must be "half_split" or "interleaved", got "complex"'),
+        (dict(norm="rms"), r'`q_weight` must be None with norm="rms"'),
+        (dict(norm="scale_plus_one", k_weight=None), r'`k_weight` must be given with norm="scale_plus_one"'),
+        (dict(rope_freqs=torch.ones(3)), r"`rope_freqs` must have shape \[hd / 2\] = \[4\]"),
+        (dict(rope_freqs=torch.ones(4, dtype=torch.int64)), r"`rope_freqs` must be a float32"),
+        (dict(rope_freqs=torch.ones(4, device="meta")), r"`q` and `rope_freqs` must be on the same device"),
+    ],
+)
+def test_bad_options(overrides, match):
+    args = _bad(**overrides)
+    with pytest.raises(RuntimeError, match=match):
+        qkv_norm_rope(**args)
+    if "same device" in match:
+        return  # on meta tensors all devices agree
+    # the fake kernel (torch.compile / meta tensors) raises the same error
+    meta = {n: t.to("meta") if isinstance(t, torch.Tensor) else t for n, t in args.items()}
+    with pytest.raises(RuntimeError, match=match):
+        qkv_norm_rope(**meta)
+
+
+def test_rope_freqs_is_not_differentiated():
+    args = _bad(rope_freqs=torch.ones(4, requires_grad=True))
+    with pytest.raises(RuntimeError, match="`rope_freqs` is not differentiated"):
+        qkv_norm_rope(**args)
+
+
+def test_missing_output_gradients_and_weightless_weight_grads():
+    """Only q reaches the loss: k and v get the gradient of zero output gradients; no weights."""
+    _, q, k, v = fused_qkv(2, 4, 2, 1, 8, requires_grad=True)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    pos = random_positions(2, 4)
+    qo, _, _ = qkv_norm_rope(q, k, v, None, None, pos, norm="rms")
+    gq, gk, gv = torch.autograd.grad(qo.sum(), (q, k, v))
+    ref = torch.autograd.grad(reference.qkv_norm_rope(q, k, v, None, None, pos, norm="rms")[0].sum(), (q, k, v),
+                              allow_unused=True)
+    torch.testing.assert_close(gq, ref[0], rtol=1e-5, atol=1e-5)
+    assert not gk.any() and not gv.any()
+    raw = torch.ops.vitops._qkv_norm_rope_backward(randn(2, 4, 2, 8), randn(2, 4, 1, 8), randn(2, 4, 1, 8), q, k, v,
+                                                   None, None, pos, 1e-6, 100.0, None, "rms")
+    assert raw[3].shape == (0,) and raw[4].shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------
+# the options express the other families' attention entries (parity with transformers)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,dtype", [p for p in device_dtypes() if "float64" not in p.id])
+def test_matches_hf_gemma3_text_norms_and_rope(device, dtype):
+    """Gemma 3 text attention: q_norm/k_norm x * (1 + w), no v norm, 1-D half-split RoPE."""
+    gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+    hd, h, kv, b, length = 32, 4, 2, 2, 9
+    q_norm, k_norm = gemma3.Gemma3RMSNorm(hd, eps=1e-6), gemma3.Gemma3RMSNorm(hd, eps=1e-6)
+    with torch.no_grad():
+        q_norm.weight.normal_(0, 0.5)
+        k_norm.weight.normal_(0, 0.5)
+    q_norm, k_norm = q_norm.to(device), k_norm.to(device)
+    _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
+    position_ids = torch.arange(3, 3 + length, device=device).repeat(b, 1)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    with torch.no_grad():
+        hq, hk = gemma3.apply_rotary_pos_emb(q_norm(q.transpose(1, 2)), k_norm(k.transpose(1, 2)), cos, sin)
+        ours = qkv_norm_rope(q, k, v, q_norm.weight, k_norm.weight, position_ids[..., None], eps=1e-6,
+                             base_frequency=10000.0, norm="scale_plus_one", v_norm=False)
+    torch.testing.assert_close(ours[0], hq, **(dict(rtol=0, atol=2e-6) if dtype == torch.float32 else tol(dtype)))
+    torch.testing.assert_close(ours[1], hk, **(dict(rtol=0, atol=2e-6) if dtype == torch.float32 else tol(dtype)))
+    assert torch.equal(ours[2], v.transpose(1, 2))
+
+
+@pytest.mark.parametrize("device,dtype", [p for p in device_dtypes() if "float64" not in p.id])
+def test_matches_hf_llama4_vision_rope(device, dtype):
+    """Llama 4 vision RoPE: interleaved complex pairs, the first half of the pairs by the column and
+    the second by the row (1-based), the CLS token (last) unrotated: no norms, float32 cos/sin."""
+    llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+    config_mod = pytest.importorskip("transformers.models.llama4.configuration_llama4")
+    hd, h = 16, 3
+    config = config_mod.Llama4VisionConfig(hidden_size=hd * h, num_attention_heads=h, image_size=56, patch_size=14,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    freqs_ci = llama4.Llama4VisionRotaryEmbedding(config).freqs_ci.to(device)  # [17, 1, hd / 2]
+    side, b = 4, 2
+    length = side * side + 1
+    q, k, v = (randn(b, length, h, hd, device=device).to(dtype) for _ in range(3))
+    hq, hk = llama4.vision_apply_rotary_emb(q, k, freqs_ci)
+    idx = torch.arange(side * side, device=device)
+    pos = torch.stack([idx % side + 1, idx // side + 1], -1)
+    pos = torch.cat([pos, torch.zeros(1, 2, dtype=pos.dtype, device=device)]).expand(b, length, 2)  # CLS: angle 0
+    ours = qkv_norm_rope(q, k, v, None, None, pos, base_frequency=10000.0, rope_dtype=torch.float32, norm="none",
+                         v_norm=False, pairing="interleaved")
+    for o, r in zip(ours[:2], (hq, hk)):
+        torch.testing.assert_close(o.transpose(1, 2), r, **(dict(rtol=0, atol=2e-6) if dtype == torch.float32
+                                                             else tol(dtype)))
+    assert torch.equal(ours[0].transpose(1, 2)[:, -1], q[:, -1])  # CLS unrotated

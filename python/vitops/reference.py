@@ -78,11 +78,14 @@ def rope_inv_freq(width: int, base_frequency: float, dtype: torch.dtype = torch.
 
 
 def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float,
-                table_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Half-split (rotate_half) RoPE over the whole last dim of x[..., L, H, d]; pos is [..., L]."""
+                table_dtype: torch.dtype | None = None, pairing: str = "half_split",
+                inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE over the whole last dim of x[..., L, H, d]; pos is [..., L]. Pairs (i, i + d/2) for
+    "half_split" (HF's rotate_half) or (2i, 2i + 1) for "interleaved" (complex pairs); inv_freq
+    [d/2] defaults to HF's 1 / base^(2i/d)."""
     d = x.shape[-1]
     acc = _acc_dtype(x.dtype)
-    inv_freq = rope_inv_freq(d, base, acc, x.device)
+    inv_freq = rope_inv_freq(d, base, acc, x.device) if inv_freq is None else inv_freq.to(acc)
     angle = (pos.to(acc).unsqueeze(-1) * inv_freq) * scale  # [..., L, d/2]
     if angle.numel() and not bool(torch.isfinite(angle).all()):
         raise ValueError("apply_multidimensional_rope: positions must give finite rotation angles")
@@ -92,8 +95,12 @@ def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float,
     cos = angle.cos().to(table_dtype).to(acc).unsqueeze(-2)
     sin = angle.sin().to(table_dtype).to(acc).unsqueeze(-2)
     xf = x.to(acc)
-    a, b = xf[..., : d // 2], xf[..., d // 2 :]
-    out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    if pairing == "interleaved":
+        a, b = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    else:
+        a, b = xf[..., : d // 2], xf[..., d // 2 :]
+        out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
     return out.to(x.dtype)
 
 
@@ -199,14 +206,17 @@ def avg_pool_by_positions(
 # --------------------------------------------------------------------------------------------
 # qkv_norm_rope (fused: HF Gemma4VisionAttention's q/k/v norms + 2-D RoPE + transpose)
 # --------------------------------------------------------------------------------------------
-def _gemma4_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """HF Gemma4RMSNorm: (x_f32 * pow(mean(x_f32^2) + eps, -0.5)) * w_f32, cast to x's dtype
-    (float64 stays float64)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, kind: str = "scale") -> torch.Tensor:
+    """The RMS norms of the families over the last dim, r = pow(mean(x^2) + eps, -0.5) in float32
+    (float64 stays float64), rounded once to x's dtype: "scale" (x * r) * w (HF Gemma4RMSNorm),
+    "scale_plus_one" (x * r) * (1 + w) (HF Gemma3RMSNorm), "rms" x * r (no weight)."""
     acc = _acc_dtype(x.dtype)
     xf = x.to(acc)
     normed = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
+    if kind == "scale":
         normed = normed * weight.to(acc)
+    elif kind == "scale_plus_one":
+        normed = normed * (1.0 + weight.to(acc))
     return normed.to(x.dtype)
 
 
@@ -214,30 +224,40 @@ def qkv_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
     positions: torch.Tensor,
     *,
     eps: float = 1e-6,
     base_frequency: float = 100.0,
     rope_dtype: torch.dtype | None = None,
+    norm: str = "scale",
+    v_norm: bool = True,
+    pairing: str = "half_split",
+    rope_freqs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, L, H, hd], k/v [B, L, KV, hd] -> (q_out [B, H, L, hd], k_out, v_out [B, KV, L, hd]):
-    q_norm/k_norm (with weights) and v_norm (without) as HF, N-D RoPE of q and k by positions
-    [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each rotated like _rope_chunk with cos/sin
-    rounded to rope_dtype, default q's dtype), then transpose(1, 2).contiguous()."""
+    q_norm/k_norm (``rms_norm`` of kind `norm`, or none) and v_norm (weightless, if `v_norm`) as HF,
+    N-D RoPE of q and k by positions [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each
+    rotated like _rope_chunk with `pairing`, cos/sin rounded to rope_dtype, default q's dtype, and
+    the chunk's slice of `rope_freqs` when given), then transpose(1, 2).contiguous()."""
     widths = rope_chunks(q.shape[-1], positions.shape[-1], None)
 
     def rope(x):
         parts, start = [], 0
         for axis, w in enumerate(widths):
-            parts.append(_rope_chunk(x[..., start : start + w], positions[..., axis], base_frequency, 1.0, rope_dtype))
+            freqs = None if rope_freqs is None else rope_freqs[start // 2 : (start + w) // 2]
+            parts.append(_rope_chunk(x[..., start : start + w], positions[..., axis], base_frequency, 1.0, rope_dtype,
+                                     pairing, freqs))
             start += w
         return torch.cat(parts, dim=-1)
 
-    q_out = rope(_gemma4_rms_norm(q, q_weight, eps))
-    k_out = rope(_gemma4_rms_norm(k, k_weight, eps))
-    v_out = _gemma4_rms_norm(v, None, eps)
+    def qk_norm(x, weight):
+        return x if norm == "none" else rms_norm(x, weight, eps, norm)
+
+    q_out = rope(qk_norm(q, q_weight))
+    k_out = rope(qk_norm(k, k_weight))
+    v_out = rms_norm(v, None, eps, "rms") if v_norm else v
     return tuple(t.transpose(1, 2).contiguous() for t in (q_out, k_out, v_out))
 
 

@@ -12,6 +12,7 @@
 #endif
 
 #include "vitops/common.h"
+#include "vitops/device_math.h"
 
 #if defined(VITOPS_CUDA_EMULATION)
 // kernel<<<grid, block, smem, stream>>>(args): the kernel goes last so template commas need no parentheses.
@@ -54,8 +55,6 @@ using CudaDeviceGuard = torch::stable::accelerator::DeviceGuard;
     VITOPS_CHECK(vitops_err_ == cudaSuccess, "vitops: CUDA kernel launch failed: ",             \
                  cudaGetErrorString(vitops_err_));                                              \
   } while (0)
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Load/store one element of a storage dtype as float (bf16/fp16 via their device conversions).
 template <typename scalar_t>

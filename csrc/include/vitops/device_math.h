@@ -59,6 +59,18 @@ inline bool value_kind_of(ScalarType t, ValueKind* kind) {
 
 inline bool is_integer_kind(ValueKind k) { return k == ValueKind::Int32 || k == ValueKind::Int64; }
 
+// The ValueKind of a kernel's storage type.
+template <typename T>
+constexpr ValueKind value_kind_for();
+template <>
+constexpr ValueKind value_kind_for<float>() { return ValueKind::Float32; }
+template <>
+constexpr ValueKind value_kind_for<double>() { return ValueKind::Float64; }
+template <>
+constexpr ValueKind value_kind_for<torch::headeronly::BFloat16>() { return ValueKind::BFloat16; }
+template <>
+constexpr ValueKind value_kind_for<torch::headeronly::Half>() { return ValueKind::Float16; }
+
 // Element i of a tensor of run-time dtype `kind`, converted like torch's .to(acc) would.
 template <typename acc>
 VITOPS_HOST_DEVICE acc load_as(const void* data, ValueKind kind, int64_t i) {

@@ -1,57 +1,21 @@
-// apply_multidimensional_rope: argument checks, chunk geometry and strided row addressing shared by
-// the CPU and CUDA kernels. The semantics are python/vitops/reference.py `apply_multidimensional_rope`.
+// apply_multidimensional_rope: argument checks and strided row addressing shared by the CPU and
+// CUDA kernels; the channel layout is the RoPE family's (kernels/rope/rope.h). The semantics are
+// python/vitops/reference.py `apply_multidimensional_rope`.
 #pragma once
 #include <cmath>
 
+#include "kernels/rope/rope.h"
 #include "vitops/common.h"
+#include "vitops/device_math.h"
 
-#if defined(__CUDACC__)
-#define VITOPS_ROPE_HOST_DEVICE __host__ __device__
-#else
-#define VITOPS_ROPE_HOST_DEVICE
-#endif
+namespace vitops::apply_multidimensional_rope {
 
-namespace vitops::rope {
-
-// Rotated channels of a head form `num_chunks` consecutive chunks starting at channel 0. Every chunk
-// has `chunk_width` channels except the last, which has `last_width` (MaxText gives the remainder of
-// the head dim to the last axis). Channels [rotated, head_dim) pass through unchanged. Chunk c is
-// rotated by positions[..., c] (N-D) or by positions[...] (1-D, a single chunk).
 struct Geometry {
   int64_t rows = 0;  // product of the leading dims and L: one positions entry (or ndim of them) per row
   int64_t heads = 0, head_dim = 0;
-  int64_t num_chunks = 0;      // 0 when nothing is rotated (1-D with int(fraction * hd) == 0)
-  int64_t chunk_width = 0, last_width = 0;
-  int64_t rotated = 0;         // channels rotated per head
-  int64_t position_axes = 1;   // positions entries per row (ndim for N-D, 1 for 1-D)
-  int64_t num_freqs() const { return rotated / 2; }  // one (cos, sin) per rotated pair
+  int64_t position_axes = 1;  // positions entries per row (ndim for N-D, 1 for 1-D)
+  rope::Layout layout;         // which channels rotate, by which axis (chunks); the rest pass through
 };
-
-// Which chunk frequency index k (0 <= k < num_freqs) belongs to, and its index inside that chunk.
-// Chunks before the last all have chunk_width / 2 frequencies.
-VITOPS_ROPE_HOST_DEVICE inline void locate_freq(int64_t k, int64_t chunk_half, int64_t num_chunks, int64_t& chunk,
-                                                int64_t& index) {
-  chunk = k / chunk_half;
-  if (chunk > num_chunks - 1) chunk = num_chunks - 1;
-  index = k - chunk * chunk_half;
-}
-
-// HF's inverse frequencies for every frequency index, in the accumulation type: 1 / base^((2i)/w)
-// with the exponent rounded to acc_t first and pow evaluated in acc_t, exactly as
-// `1.0 / (base ** (torch.arange(0, w, 2).float() / w))` does.
-template <typename acc_t>
-std::vector<acc_t> inverse_frequencies(const Geometry& g, double base_frequency) {
-  std::vector<acc_t> inv(g.num_freqs());
-  const int64_t chunk_half = g.chunk_width / 2;
-  for (int64_t k = 0; k < g.num_freqs(); ++k) {
-    int64_t chunk, i;
-    locate_freq(k, chunk_half, g.num_chunks, chunk, i);
-    const int64_t width = chunk == g.num_chunks - 1 ? g.last_width : g.chunk_width;
-    const acc_t exponent = static_cast<acc_t>(2 * i) / static_cast<acc_t>(width);
-    inv[k] = acc_t(1) / std::pow(static_cast<acc_t>(base_frequency), exponent);
-  }
-  return inv;
-}
 
 // Validates inputs/positions/rotary_fraction (the same rules as the reference) and derives the chunks.
 // `op` names the op in messages; `what` names the first tensor (`inputs` or `grad_output`).
@@ -97,36 +61,15 @@ inline Geometry check_and_plan(const char* op, const char* what, const Tensor& i
                " must equal the [..., L] dims of `", what, "` ", shape_str(inputs));
 
   if (one_d) {
-    // MaxText/reference 1-D rule: the first int(fraction * hd) channels (truncated) are rotated.
     g.position_axes = 1;
-    g.rotated = rotary_fraction.has_value() ? static_cast<int64_t>(*rotary_fraction * static_cast<double>(g.head_dim))
-                                            : g.head_dim;
-    VITOPS_CHECK(g.rotated % 2 == 0, "vitops.", op, ": the rotated width ", g.rotated, " (head dim ", g.head_dim,
-                 ", rotary_fraction ", rotary_fraction.has_value() ? std::to_string(*rotary_fraction) : "None",
-                 ") must be even");
-    g.num_chunks = g.rotated > 0 ? 1 : 0;  // nothing rotated: the op is a copy, as in the reference
-    g.chunk_width = g.last_width = g.rotated;
+    g.layout = rope::one_d_layout(op, g.head_dim, rotary_fraction, rope::Pairing::HalfSplit);
     return g;
   }
-
   const int64_t ndim = positions.size(positions.dim() - 1);
   VITOPS_CHECK(ndim >= 1, "vitops.", op, ": N-D `positions` ", shape_str(positions),
                " must have at least one position axis in its last dim");
-  // Python's round() (half to even) is what the reference uses; nearbyint rounds the same way.
-  const int64_t rotated_budget = rotary_fraction.has_value()
-                                     ? static_cast<int64_t>(std::nearbyint(static_cast<double>(g.head_dim) * *rotary_fraction))
-                                     : g.head_dim;
-  const int64_t per_axis = 2 * (rotated_budget / 2 / ndim);  // 2 * (budget // (2 * ndim)), overflow-free
-  VITOPS_CHECK(per_axis > 0, "vitops.", op, ": head dim ", g.head_dim, " with rotary_fraction ",
-               rotary_fraction.has_value() ? std::to_string(*rotary_fraction) : "None", " leaves no channels to rotate for ",
-               ndim, " position axes (need at least 2 per axis)");
   g.position_axes = ndim;
-  g.num_chunks = ndim;
-  g.chunk_width = per_axis;
-  g.last_width = rotary_fraction.has_value() ? per_axis : g.head_dim - per_axis * (ndim - 1);
-  VITOPS_CHECK(g.last_width % 2 == 0, "vitops.", op, ": chunk width ", g.last_width, " for axis ", ndim - 1,
-               " (head dim ", g.head_dim, ", ", ndim, " position axes) must be even");
-  g.rotated = per_axis * (ndim - 1) + g.last_width;
+  g.layout = rope::n_d_layout(op, g.head_dim, ndim, rotary_fraction, rope::Pairing::HalfSplit);
   return g;
 }
 
@@ -140,7 +83,7 @@ struct RowAddressing {
   int64_t strides[kMaxRowDims] = {};
   int64_t head_stride = 0;
 
-  VITOPS_ROPE_HOST_DEVICE int64_t offset(int64_t row) const {
+  VITOPS_HOST_DEVICE int64_t offset(int64_t row) const {
     int64_t off = 0;
     for (int i = num_dims - 1; i >= 0; --i) {
       const int64_t size = sizes[i];
@@ -193,4 +136,4 @@ inline Tensor readable_view(const Tensor& t, RowAddressing& addressing) {
   return c;
 }
 
-}  // namespace vitops::rope
+}  // namespace vitops::apply_multidimensional_rope

@@ -17,23 +17,17 @@ struct TableView {
   int64_t row_stride = 0;
 };
 
-// positions_xy[..., 2] flattened to `num_patches` (x, y) pairs.
-struct PatchCount {
-  int64_t num_patches = 0;
-};
-
 inline void check_table_dim(const char* op, int64_t table_dim) {
   VITOPS_CHECK(table_dim == 0 || table_dim == 1, "vitops.", op,
                ": `table_dim` must be 0 ([2, N_pos, D], HF) or 1 ([N_pos, 2, D], MaxText), got ", table_dim);
 }
 
-inline PatchCount check_positions(const char* op, const Tensor& positions_xy) {
+// Checks positions_xy[..., 2]; returns the number of (x, y) pairs.
+inline int64_t check_positions(const char* op, const Tensor& positions_xy) {
   VITOPS_CHECK(positions_xy.dim() >= 1 && positions_xy.size(positions_xy.dim() - 1) == 2, "vitops.", op,
                ": `positions_xy` must have shape [..., 2] ((x, y) per patch), got ", shape_str(positions_xy));
   check_index(op, "positions_xy", positions_xy);
-  PatchCount c;
-  c.num_patches = positions_xy.numel() / 2;
-  return c;
+  return positions_xy.numel() / 2;
 }
 
 // Sizes of positions_xy without its trailing (x, y) dim, followed by `last`.
@@ -46,7 +40,7 @@ inline std::vector<int64_t> patch_sizes_with(const Tensor& positions_xy, int64_t
 
 // Checks the forward arguments. `posemb` may be replaced by a copy when its D dim is strided.
 inline TableView check_forward(Tensor& posemb, const Tensor& positions_xy, int64_t table_dim, bool allow_double,
-                               PatchCount* patches) {
+                               int64_t* num_patches) {
   const char* op = "factorized_posemb";
   check_table_dim(op, table_dim);
   VITOPS_CHECK(posemb.dim() == 3, "vitops.factorized_posemb: `posemb` must be [2, N_pos, D] (table_dim=0) or ",
@@ -54,7 +48,7 @@ inline TableView check_forward(Tensor& posemb, const Tensor& positions_xy, int64
   VITOPS_CHECK(posemb.size(table_dim) == 2, "vitops.factorized_posemb: `posemb` must have size 2 (x and y tables) on ",
                "dim table_dim=", table_dim, ", got shape ", shape_str(posemb));
   check_float(op, "posemb", posemb, allow_double);
-  *patches = check_positions(op, positions_xy);
+  *num_patches = check_positions(op, positions_xy);
   check_same_device(op, "posemb", posemb, "positions_xy", positions_xy);
   // A strided D would defeat the contiguous inner loops; this is the only case that copies.
   if (posemb.size(2) > 1 && posemb.stride(2) != 1) posemb = torch::stable::contiguous(posemb);
@@ -73,11 +67,11 @@ inline std::vector<int64_t> table_sizes(int64_t num_positions, int64_t dim, int6
 }
 
 // Checks the backward arguments; returns the patch count (grad_output is [..., D] over the same patches).
-inline PatchCount check_backward(const Tensor& grad_output, const Tensor& positions_xy, int64_t num_positions,
+inline int64_t check_backward(const Tensor& grad_output, const Tensor& positions_xy, int64_t num_positions,
                                  int64_t table_dim, bool allow_double) {
   const char* op = "_factorized_posemb_backward";
   check_table_dim(op, table_dim);
-  const PatchCount c = check_positions(op, positions_xy);
+  const int64_t num_patches = check_positions(op, positions_xy);
   check_float(op, "grad_output", grad_output, allow_double);
   check_same_device(op, "grad_output", grad_output, "positions_xy", positions_xy);
   VITOPS_CHECK(num_positions >= 0, "vitops._factorized_posemb_backward: `num_positions` must be >= 0, got ",
@@ -88,7 +82,7 @@ inline PatchCount check_backward(const Tensor& grad_output, const Tensor& positi
                "`positions_xy` ", shape_str(positions_xy), ", got ", shape_str(grad_output));
   check_shape_fits(op, "the gradient of posemb", table_sizes(num_positions, grad_output.size(grad_output.dim() - 1),
                                                             table_dim));
-  return c;
+  return num_patches;
 }
 
 // Calls f(index_t{}) with index_t = int32_t or int64_t. A plain function rather than

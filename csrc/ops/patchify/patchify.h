@@ -1,17 +1,13 @@
 // patchify: shape checks shared by the CPU and CUDA kernels.
 #pragma once
+#include "kernels/permute/permute.h"
 #include "vitops/common.h"
 
 namespace vitops::patchify {
 
-// Geometry of images[..., H, W, C] cut into p x p patches.
-struct Geometry {
-  int64_t batch;  // product of the leading dims
-  int64_t height, width, channels, patch;
-  int64_t rows() const { return height / patch; }
-  int64_t cols() const { return width / patch; }
-  int64_t num_patches() const { return rows() * cols(); }
-  int64_t patch_dim() const { return patch * patch * channels; }
+// images[..., H, W, C] cut into p x p patches: `batch` images of one patch grid.
+struct Geometry : permute::PatchGrid {
+  int64_t batch = 0;  // product of the leading dims
 };
 
 // patch_size * patch_size must fit int64, or every size derived from it wraps (and a wrapped zero

@@ -517,7 +517,7 @@ class Gemma4Attention(nn.Module):
         self.query_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
         self.key_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
         self.value_norm = RMSNorm(c.head_dim, c.rms_norm_eps, with_scale=False, **kw)
-        self.rotary_embedding = Gemma4VisionRotaryEmbedding(base_frequency=c.rope_theta)
+        self.rope_theta = c.rope_theta  # the fused op computes the RoPE (Gemma4VisionRotaryEmbedding's math)
 
     def norm_and_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                       rope_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -525,7 +525,7 @@ class Gemma4Attention(nn.Module):
         of the projections (no copies) and returns the attention layout ``[B, heads, L, hd]``;
         ``rope_dtype`` is the dtype cos/sin are rounded to (default: the projections')."""
         return qkv_norm_rope(query, key, value, self.query_norm.scale, self.key_norm.scale, positions,
-                             eps=self.query_norm.eps, base_frequency=self.rotary_embedding.base_frequency,
+                             eps=self.query_norm.eps, base_frequency=self.rope_theta,
                              rope_dtype=rope_dtype)
 
     def forward(self, inputs_q: torch.Tensor, inputs_kv: torch.Tensor | None = None,

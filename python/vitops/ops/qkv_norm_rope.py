@@ -1,4 +1,6 @@
-"""vitops.qkv_norm_rope: q/k/v RMSNorm + 2-D RoPE of q and k in one op (Gemma 4 vision attention)."""
+"""vitops.qkv_norm_rope: per-head norms of q, k (and v) + RoPE of q and k in one op, written in the
+layout attention reads. Gemma 4 vision attention is the default; the options cover the other
+families' attention entries (see ``qkv_norm_rope``)."""
 
 from __future__ import annotations
 
@@ -19,41 +21,65 @@ from ._checks import (
 _op = torch.ops.vitops.qkv_norm_rope.default
 _backward_op = torch.ops.vitops._qkv_norm_rope_backward.default
 
+NORM_KINDS = ("scale", "scale_plus_one", "rms", "none")
+PAIRINGS = ("half_split", "interleaved")
+_WEIGHTED_NORMS = ("scale", "scale_plus_one")
+
 
 def qkv_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
     positions: torch.Tensor,
     *,
     eps: float = 1e-6,
     base_frequency: float = 100.0,
     rope_dtype: torch.dtype | None = None,
+    norm: str = "scale",
+    v_norm: bool = True,
+    pairing: str = "half_split",
+    rope_freqs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HF ``Gemma4VisionAttention``'s q_norm/k_norm/v_norm + ``apply_multidimensional_rope`` + transpose.
 
     Args:
       q: [B, L, H, hd]; k, v: [B, L, KV, hd]. Any strides with a contiguous head dim, e.g. views of
         one fused projection output [B, L, (H + 2*KV) * hd]; they are read in place.
-      q_weight, k_weight: [hd] RMSNorm weights (any float dtype, applied in float32).
-      positions: [B, L, ndim] (int32/int64/float) positions; Gemma 4 uses ndim = 2 (x, y).
+      q_weight, k_weight: [hd] norm weights (any float dtype, applied in float32) for the weighted
+        norms; None for ``norm="rms"`` and ``norm="none"``.
+      positions: [B, L, ndim] (int32/int64/float) positions; Gemma 4 uses ndim = 2 (x, y), 1-D text
+        RoPE ndim = 1. Axis a drives the a-th chunk of the head dim (MaxText's N-D split: every axis
+        but the last gets 2 * (hd // (2 ndim)) channels, the last the remainder).
       eps: RMSNorm epsilon.
-      base_frequency: RoPE base (theta).
+      base_frequency: RoPE base (theta), for HF's inverse frequencies 1 / base^(2i / chunk width).
       rope_dtype: the dtype cos/sin are rounded to before the rotation (default: q's dtype). HF's
         rotary embedding casts them to the dtype of the hidden states it is given: under autocast
         that is the float32 residual stream while q is bfloat16, so the tower passes float32 there.
+      norm: the per-head-row norm of q and k, r = 1 / sqrt(mean(x^2) + eps) in float32:
+        ``"scale"`` (x * r) * w (Gemma 4), ``"scale_plus_one"`` (x * r) * (1 + w) (Gemma 3),
+        ``"rms"`` x * r (a weightless L2 norm), ``"none"`` (q and k rotated as given).
+      v_norm: normalise v with the weightless RMS norm (Gemma 4); False passes v through.
+      pairing: the channels each rotation pairs within a chunk: ``"half_split"`` (i, i + w/2),
+        HF's rotate_half; ``"interleaved"`` (2i, 2i + 1), complex pairs (Llama 4).
+      rope_freqs: [hd / 2] inverse frequencies, one per rotated pair (pairs numbered through the
+        chunks), replacing HF's formula (scaled RoPE variants); any float dtype, used in float32;
+        not differentiated (a buffer, as HF's inv_freq).
 
     Returns:
       (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd]) in q's dtype: the shapes
       ``scaled_dot_product_attention`` takes, over [B, L, heads, hd] memory (the op writes each
       (b, l) row contiguously; flash/SDPA kernels read that layout natively, and it equals HF's
-      ``q.transpose(1, 2)`` views). Per head row the RMSNorm runs in float32 and
-      is rounded to the input dtype (as HF), then q and k are rotated with cos/sin rounded to the
-      input dtype, in float32, rounded once. v is only normalised (no weight).
+      ``q.transpose(1, 2)`` views). Per head row the norm runs in float32 and is rounded to the
+      input dtype (as HF), then q and k are rotated with cos/sin rounded to ``rope_dtype``, in
+      float32, rounded once.
     """
-    rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency), rope_dtype)
+    if rope_freqs is not None and rope_freqs.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("vitops.qkv_norm_rope: `rope_freqs` is not differentiated; pass a tensor that does not "
+                           "require grad (e.g. rope_freqs.detach())")
+    rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency), rope_dtype, norm,
+               bool(v_norm), pairing, rope_freqs)
     return tuple(t.transpose(1, 2) for t in rows)
 
 
@@ -67,7 +93,14 @@ _POSITION_DTYPES = (torch.int32, torch.int64) + _FLOATS
 _MAX_CUDA_HEAD_DIM = 512
 
 
-def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype):
+def _check_float_table(op, name, t, allow_double):
+    fail_unless(t.dtype in _FLOATS and (allow_double or t.dtype != torch.float64), lambda: (
+        f"vitops.{op}: `{name}` must be a float32, bfloat16 or float16{' or float64' if allow_double else ''} "
+        f"tensor, got {dtype_name(t.dtype)}"))
+
+
+def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
+                  pairing, rope_freqs):
     """csrc/ops/qkv_norm_rope/qkv_norm_rope.h check_inputs, in the same order."""
     fail_unless(q.dim() == 4, lambda: f"vitops.{op}: `q` must have shape [B, L, H, hd], got {shape_str(q)}")
     fail_unless(k.dim() == 4, lambda: f"vitops.{op}: `k` must have shape [B, L, KV, hd], got {shape_str(k)}")
@@ -86,17 +119,26 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
             f"vitops.{op}: `{name}` must have a contiguous head dim (stride 1 in its last dim), got stride "
             f"{t.stride(3)}"))
     for name, t in (("k", k), ("v", v), ("q_weight", q_weight), ("k_weight", k_weight), ("positions", positions)):
-        check_same_device(op, "q", q, name, t)
+        if t is not None:
+            check_same_device(op, "q", q, name, t)
     check_shape_fits(op, "the q output", q.shape)  # outputs: contiguous, shaped like the inputs
     check_shape_fits(op, "the k and v outputs", k.shape)
+    fail_unless(norm in NORM_KINDS, lambda: (
+        f'vitops.{op}: `norm` must be "scale" (x * w), "scale_plus_one" (x * (1 + w)), "rms" (no weight) or '
+        f'"none", got "{norm}"'))
+    fail_unless(pairing in PAIRINGS, lambda: (
+        f'vitops.{op}: `pairing` must be "half_split" or "interleaved", got "{pairing}"'))
     allow_double = allows_double(q)
     hd = q.shape[3]
+    weighted = norm in _WEIGHTED_NORMS
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        fail_unless((w is not None) == weighted, lambda: (
+            f'vitops.{op}: `{name}` must be {"given" if weighted else "None"} with norm="{norm}"'))
+        if w is None:
+            continue
         fail_unless(w.dim() == 1 and w.shape[0] == hd, lambda: (
             f"vitops.{op}: `{name}` must have shape [hd] = [{hd}], got {shape_str(w)}"))
-        fail_unless(w.dtype in _FLOATS and (allow_double or w.dtype != torch.float64), lambda: (
-            f"vitops.{op}: `{name}` must be a float32, bfloat16 or float16{' or float64' if allow_double else ''} "
-            f"tensor, got {dtype_name(w.dtype)}"))
+        _check_float_table(op, name, w, allow_double)
     fail_unless(positions.dim() == 3 and positions.shape[0] == q.shape[0] and positions.shape[1] == q.shape[1],
                 lambda: (f"vitops.{op}: `positions` must have shape [B, L, ndim] = [{q.shape[0]}, {q.shape[1]}, "
                          f"ndim], got {shape_str(positions)}"))
@@ -117,6 +159,13 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
             f"vitops.{op}: head dim {hd} of `q` leaves no channels to rotate for {ndim} position axes "
             "(need at least 2 per axis)"))
         fail_unless(hd % 2 == 0, lambda: f"vitops.{op}: the head dim of `q` must be even for RoPE, got {hd}")
+        # rope::n_d_layout: the last chunk's width hd - per_axis * (ndim - 1) is even when hd is
+    if rope_freqs is not None:
+        check_same_device(op, "q", q, "rope_freqs", rope_freqs)
+        fail_unless(rope_freqs.dim() == 1 and rope_freqs.shape[0] == hd // 2, lambda: (
+            f"vitops.{op}: `rope_freqs` must have shape [hd / 2] = [{hd // 2}] (one inverse frequency per rotated "
+            f"pair), got {shape_str(rope_freqs)}"))
+        _check_float_table(op, "rope_freqs", rope_freqs, allow_double)
     if q.device.type == "cuda":
         fail_unless(hd <= _MAX_CUDA_HEAD_DIM, lambda: (
             f"vitops.{op}: the CUDA kernel supports head dims up to {_MAX_CUDA_HEAD_DIM}, got {hd} "
@@ -124,52 +173,65 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
 
 
 @torch.library.register_fake("vitops::qkv_norm_rope")
-def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype=None):
-    _check_inputs("qkv_norm_rope", q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype)
+def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype=None, norm="scale", v_norm=True,
+          pairing="half_split", rope_freqs=None):
+    _check_inputs("qkv_norm_rope", q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm,
+                  v_norm, pairing, rope_freqs)
     return _attention_layout(q, q.dtype), _attention_layout(k, q.dtype), _attention_layout(v, q.dtype)
 
 
 @torch.library.register_fake("vitops::_qkv_norm_rope_backward")
 def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, positions, eps, base_frequency,
-                   rope_dtype=None):
+                   rope_dtype=None, norm="scale", v_norm=True, pairing="half_split", rope_freqs=None):
     op = "_qkv_norm_rope_backward"
-    _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype)
+    _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
+                  pairing, rope_freqs)
     b, seq_len, _, hd = q.shape
     for name, g, heads in (("grad_q", grad_q, q.shape[2]), ("grad_k", grad_k, k.shape[2]),
                            ("grad_v", grad_v, v.shape[2])):
-        fail_unless(g.dim() == 4 and g.shape[0] == b and g.shape[1] == heads and g.shape[2] == seq_len
+        fail_unless(g.dim() == 4 and g.shape[0] == b and g.shape[1] == seq_len and g.shape[2] == heads
                     and g.shape[3] == hd, lambda: (
-            f"vitops.{op}: `{name}` must have shape [{b}, {heads}, {seq_len}, {hd}], got {shape_str(g)}"))
+            f"vitops.{op}: `{name}` must have shape [{b}, {seq_len}, {heads}, {hd}] (the output's [B, L, N, hd]), "
+            f"got {shape_str(g)}"))
         fail_unless(g.dtype == q.dtype, lambda: (
             f"vitops.{op}: `{name}` must have the dtype of `q` ({dtype_name(q.dtype)}), got {dtype_name(g.dtype)}"))
         check_same_device(op, "q", q, name, g)
+
+    def weight_grad(w):
+        return q.new_empty((0,)) if w is None else w.new_empty(w.shape)
+
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape, dtype=q.dtype),
         v.new_empty(v.shape, dtype=q.dtype),
-        q_weight.new_empty(q_weight.shape),
-        k_weight.new_empty(k_weight.shape),
+        weight_grad(q_weight),
+        weight_grad(k_weight),
     )
 
 
+_NUM_INPUTS = 13  # the op's arguments, tensors first: q, k, v, q_weight, k_weight, then the rest
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype = inputs
+    q, k, v, q_weight, k_weight, positions, *args = inputs
     ctx.save_for_backward(q, k, v, q_weight, k_weight, positions)
-    ctx.args = (eps, base_frequency, rope_dtype)
+    ctx.args = tuple(args)  # eps, base_frequency, rope_dtype, norm, v_norm, pairing, rope_freqs
 
 
 def _backward(ctx, grad_q, grad_k, grad_v):
     q, k, v, q_weight, k_weight, positions = ctx.saved_tensors
     if not any(ctx.needs_input_grad[:5]):
-        return (None,) * 9
-    # The backward kernels take the gradients as [B, N, L, hd] (any strides): transpose views of the
-    # gradients of the op's [B, L, N, hd] outputs.
-    grads = [None if g is None else g.transpose(1, 2) for g in (grad_q, grad_k, grad_v)]
-    for i, (g, t) in enumerate(zip(grads, (q, k, v))):
-        if g is None:  # an output that did not reach the loss
-            grads[i] = t.new_zeros((t.shape[0], t.shape[2], t.shape[1], t.shape[3]))
+        return (None,) * _NUM_INPUTS
+    # The gradients of the op's [B, L, N, hd] outputs (the backward kernels read them in that layout;
+    # the wrapper's transposes are ordinary views autograd already undid). An output that did not
+    # reach the loss has a zero gradient.
+    grads = [t.new_zeros(t.shape) if g is None else g for g, t in zip((grad_q, grad_k, grad_v), (q, k, v))]
     out = _backward_op(*grads, q, k, v, q_weight, k_weight, positions, *ctx.args)
-    return tuple(g if need else None for g, need in zip(out, ctx.needs_input_grad[:5])) + (None, None, None, None)
+    weight_needed = (q_weight is not None, k_weight is not None)
+    needs = ctx.needs_input_grad
+    result = [out[i] if needs[i] else None for i in range(3)]
+    result += [out[3 + i] if needs[3 + i] and weight_needed[i] else None for i in range(2)]
+    return tuple(result) + (None,) * (_NUM_INPUTS - 5)
 
 
 torch.library.register_autograd("vitops::qkv_norm_rope", _backward, setup_context=_setup_context)

@@ -10,9 +10,9 @@
 
 #include "../apply_multidimensional_rope.h"
 #include "vitops/cuda_utils.cuh"
-#include "vitops/rope_math.h"
+#include "vitops/device_math.h"
 
-namespace vitops::rope {
+namespace vitops::apply_multidimensional_rope {
 namespace {
 
 constexpr int kThreads = 256;
@@ -23,23 +23,17 @@ constexpr int64_t kMaxSharedBytes = 48 * 1024;     // the default dynamic shared
 // passed by value when they fit; wider rotations compute them on the device instead.
 constexpr int kMaxTableFreqs = 512;
 
-enum PositionKind : int { kPosInt32 = 0, kPosInt64 = 1, kPosFloat32 = 2, kPosFloat64 = 3 };
-
 struct KernelArgs {
   int64_t rows;
   int heads, head_dim;
-  int num_chunks, chunk_width, last_width, rotated, position_axes;
+  rope::LayoutT<int> layout;  // half-split chunks (the launcher bounds every size to int)
+  int position_axes;
   int tile_rows;
-  int position_kind;
+  ValueKind position_kind;
   bool freqs_in_args;
   float base_frequency, scale, sin_sign;
   RowAddressing in_rows;
   float inv_freq[kMaxTableFreqs];
-};
-
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Vec {
-  scalar_t v[VEC];
 };
 
 // Row offsets take an even number of int64 slots so the float tables after them start 16-byte
@@ -67,16 +61,6 @@ __device__ __forceinline__ void load_table(const float* p, float (&v)[VEC]) {
   }
 }
 
-__device__ __forceinline__ float load_position(const void* positions, int kind, int64_t i) {
-  switch (kind) {
-    case kPosInt32: return static_cast<float>(static_cast<const int32_t*>(positions)[i]);
-    case kPosInt64: return static_cast<float>(static_cast<const int64_t*>(positions)[i]);
-    case kPosFloat32: return static_cast<const float*>(positions)[i];
-    case kPosFloat64: return static_cast<float>(static_cast<const double*>(positions)[i]);
-    default: return __int_as_float(0x7fc00000);  // unreachable (position_kind admits only these): NaN
-  }
-}
-
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     rope_kernel(const scalar_t* __restrict__ in, const void* __restrict__ positions, scalar_t* __restrict__ out,
@@ -84,14 +68,14 @@ __global__ void __launch_bounds__(kThreads)
   VITOPS_DYNAMIC_SHARED(int64_t, shared);
   const int tile_rows = args.tile_rows;
   int64_t* row_offsets = shared;                                      // [tile_rows]
-  const int F = args.rotated / 2;                                     // frequencies per row
+  const rope::LayoutT<int>& layout = args.layout;
+  const int F = layout.num_pairs();                                   // frequencies per row
   float* cos_s = reinterpret_cast<float*>(shared + row_offset_slots(tile_rows));  // [tile_rows, F]
   float* sin_s = cos_s + tile_rows * F;                               // [tile_rows, F]
 
   const int H = args.heads, hd = args.head_dim;
-  const int chunk_half = args.chunk_width / 2;
   const int units_rotated = F / VEC;
-  const int units_head = units_rotated + (hd - args.rotated) / VEC;
+  const int units_head = units_rotated + (hd - layout.rotated) / VEC;
   const int units_row = H * units_head;
   const int64_t num_tiles = (args.rows + tile_rows - 1) / tile_rows;
 
@@ -102,16 +86,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = threadIdx.x; r < rows_here; r += blockDim.x) row_offsets[r] = args.in_rows.offset(row0 + r);
     for (int t = threadIdx.x; t < rows_here * F; t += blockDim.x) {
       const int r = t / F, k = t - r * F;
-      int chunk = min(k / chunk_half, args.num_chunks - 1);
-      const int i = k - chunk * chunk_half;
-      const float p = load_position(positions, args.position_kind, (row0 + r) * args.position_axes + chunk);
-      float inv_freq;
-      if (args.freqs_in_args) {
-        inv_freq = args.inv_freq[k];
-      } else {
-        const int width = chunk == args.num_chunks - 1 ? args.last_width : args.chunk_width;
-        inv_freq = 1.0f / powf(args.base_frequency, static_cast<float>(2 * i) / static_cast<float>(width));
-      }
+      const int chunk = layout.chunk_of_pair(k);
+      const float p = load_as<float>(positions, args.position_kind, (row0 + r) * args.position_axes + chunk);
+      const float inv_freq =
+          args.freqs_in_args ? args.inv_freq[k] : rope::inverse_frequency<float>(layout, k, args.base_frequency);
       const float angle = (p * inv_freq) * args.scale;
       float s, c;
       // The precise version (no fast-math intrinsics). A non-finite angle (NaN/inf or huge positions,
@@ -133,11 +111,9 @@ __global__ void __launch_bounds__(kThreads)
       scalar_t* dst = out + ((row0 + r) * H + h) * static_cast<int64_t>(hd);
       if (unit < units_rotated) {
         const int k0 = unit * VEC;  // VEC divides every chunk half, so all VEC pairs share a chunk
-        const int chunk = min(k0 / chunk_half, args.num_chunks - 1);
-        const int half = (chunk == args.num_chunks - 1 ? args.last_width : args.chunk_width) / 2;
-        const int start = chunk * args.chunk_width + (k0 - chunk * chunk_half);
+        const int start = layout.channel_a(k0), partner = layout.channel_b(k0);  // half-split: VEC-wide runs
         const Vec<scalar_t, VEC> a = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + start);
-        const Vec<scalar_t, VEC> b = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + start + half);
+        const Vec<scalar_t, VEC> b = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + partner);
         // F and k0 are multiples of VEC, so these reads are VEC-float aligned.
         float cs[VEC], sn[VEC];
         load_table<VEC>(cos_s + r * F + k0, cs);
@@ -148,13 +124,13 @@ __global__ void __launch_bounds__(kThreads)
           const float av = static_cast<float>(a.v[j]), bv = static_cast<float>(b.v[j]);
           // Each product rounded on its own (no FMA contraction), as the CPU kernel and the
           // reference compute them.
-          out_a.v[j] = static_cast<scalar_t>(rope_math::mul_rounded(av, cs[j]) - rope_math::mul_rounded(bv, sn[j]));
-          out_b.v[j] = static_cast<scalar_t>(rope_math::mul_rounded(bv, cs[j]) + rope_math::mul_rounded(av, sn[j]));
+          out_a.v[j] = static_cast<scalar_t>(rope::rotated_a(av, bv, cs[j], sn[j]));
+          out_b.v[j] = static_cast<scalar_t>(rope::rotated_b(av, bv, cs[j], sn[j]));
         }
         *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + start) = out_a;
-        *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + start + half) = out_b;
+        *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + partner) = out_b;
       } else {
-        const int offset = args.rotated + (unit - units_rotated) * VEC;
+        const int offset = layout.rotated + (unit - units_rotated) * VEC;
         *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + offset) =
             *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + offset);
       }
@@ -167,25 +143,10 @@ __global__ void __launch_bounds__(kThreads)
 // row/head strides and both base pointers must all be multiples of VEC elements.
 template <typename scalar_t>
 bool vectorizable(int vec, const Geometry& g, const RowAddressing& rows, const void* in, const void* out) {
-  if (vec == 1) return true;
-  const uintptr_t bytes = static_cast<uintptr_t>(vec) * sizeof(scalar_t);
-  bool ok = reinterpret_cast<uintptr_t>(in) % bytes == 0 && reinterpret_cast<uintptr_t>(out) % bytes == 0;
-  ok = ok && g.head_dim % vec == 0 && rows.head_stride % vec == 0;
-  if (g.num_chunks > 0) ok = ok && (g.chunk_width / 2) % vec == 0 && (g.last_width / 2) % vec == 0;
+  bool ok = vector_fits(vec, sizeof(scalar_t), {in, out},
+                        {g.head_dim, rows.head_stride, g.layout.chunk_width / 2, g.layout.last_width / 2});
   for (int i = 0; i < rows.num_dims; ++i) ok = ok && rows.strides[i] % vec == 0;
   return ok;
-}
-
-int position_kind(const char* op, ScalarType t) {
-  switch (t) {
-    case ScalarType::Int: return kPosInt32;
-    case ScalarType::Long: return kPosInt64;
-    case ScalarType::Float: return kPosFloat32;
-    case ScalarType::Double: return kPosFloat64;
-    default:
-      VITOPS_CHECK(false, "vitops.", op, ": `positions` must be int32, int64, float32 or float64, got ", dtype_name(t));
-      return kPosFloat64;
-  }
 }
 
 template <typename scalar_t>
@@ -195,8 +156,8 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
   const int vec = vectorizable<scalar_t>(kVec16, g, rows, in, out) ? kVec16
                   : vectorizable<scalar_t>(2, g, rows, in, out)    ? 2
                                                                     : 1;
-  const int64_t F = g.num_freqs();
-  const int64_t units_row = g.heads * ((F + (g.head_dim - g.rotated)) / vec);
+  const int64_t F = g.layout.num_pairs();
+  const int64_t units_row = g.heads * ((F + (g.head_dim - g.layout.rotated)) / vec);
   VITOPS_CHECK(units_row < INT_MAX - kThreads && g.heads * g.head_dim < INT_MAX, "vitops.", op, ": H * hd = ",
                g.heads * g.head_dim, " is too large for the CUDA kernel");
   int64_t tile_rows = std::min<int64_t>({int64_t{kMaxTileRows}, ceil_div(kTargetUnitsPerBlock, units_row), g.rows});
@@ -214,20 +175,18 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
   args.rows = g.rows;
   args.heads = static_cast<int>(g.heads);
   args.head_dim = static_cast<int>(g.head_dim);
-  args.num_chunks = static_cast<int>(g.num_chunks);
-  args.chunk_width = static_cast<int>(g.chunk_width);
-  args.last_width = static_cast<int>(g.last_width);
-  args.rotated = static_cast<int>(g.rotated);
+  args.layout = g.layout.as<int>();
   args.position_axes = static_cast<int>(g.position_axes);
   args.tile_rows = static_cast<int>(tile_rows);
-  args.position_kind = position_kind(op, positions.scalar_type());
+  VITOPS_CHECK(value_kind_of(positions.scalar_type(), &args.position_kind), "vitops.", op,
+               ": `positions` must be int32, int64, float32 or float64, got ", dtype_name(positions.scalar_type()));
   args.base_frequency = static_cast<float>(base_frequency);
   args.scale = static_cast<float>(scale_factor);
   args.sin_sign = transpose ? -1.0f : 1.0f;
   args.in_rows = rows;
   args.freqs_in_args = F <= kMaxTableFreqs;
   if (args.freqs_in_args) {
-    const std::vector<float> inv = inverse_frequencies<float>(g, base_frequency);
+    const std::vector<float> inv = rope::inverse_frequencies<float>(g.layout, base_frequency);
     for (int64_t k = 0; k < F; ++k) args.inv_freq[k] = inv[k];
   }
 
@@ -250,7 +209,8 @@ void launch(const scalar_t* in, const RowAddressing& rows, const Tensor& positio
 
 Tensor run(const char* op, const char* what, const Tensor& inputs, const Tensor& positions, double base_frequency,
            std::optional<double> rotary_fraction, double scale_factor, bool transpose) {
-  const Geometry g = check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction, scale_factor, /*allow_double=*/false);
+  const Geometry g = check_and_plan(op, what, inputs, positions, base_frequency, rotary_fraction, scale_factor,
+                                    /*allow_double=*/false);
   CudaDeviceGuard guard(inputs.get_device());
   Tensor out = new_empty(inputs, sizes_of(inputs), inputs.scalar_type());
   if (out.numel() == 0) return out;
@@ -278,9 +238,9 @@ Tensor rope_backward_cuda(const Tensor& grad_output, const Tensor& positions, do
 }
 
 }  // namespace
-}  // namespace vitops::rope
+}  // namespace vitops::apply_multidimensional_rope
 
 VITOPS_CUDA_KERNELS(m) {
-  m.impl("apply_multidimensional_rope", TORCH_BOX(&vitops::rope::rope_cuda));
-  m.impl("_apply_multidimensional_rope_backward", TORCH_BOX(&vitops::rope::rope_backward_cuda));
+  m.impl("apply_multidimensional_rope", TORCH_BOX(&vitops::apply_multidimensional_rope::rope_cuda));
+  m.impl("_apply_multidimensional_rope_backward", TORCH_BOX(&vitops::apply_multidimensional_rope::rope_backward_cuda));
 }

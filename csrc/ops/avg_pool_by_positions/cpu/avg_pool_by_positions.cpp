@@ -1,9 +1,11 @@
-// avg_pool_by_positions on the CPU: argument checks, then the pooling kernels of cpu/pooling.h with
-// no epilogue.
-#include "pooling.h"
+// avg_pool_by_positions on the CPU: the pooling family's checks and kernels (kernels/pool/) with no
+// epilogue.
+#include "kernels/pool/cpu.h"
 
 namespace vitops::avg_pool_by_positions {
 namespace {
+
+using namespace pool;  // Geometry, Epilogue, the checks and the kernels
 
 using cpu::pool_backward;
 using cpu::pool_forward;

@@ -1,9 +1,11 @@
-// avg_pool_by_positions on CUDA: argument checks, then the pooling kernels of cuda/pooling.cuh with
-// no epilogue. Invalid patches are skipped there (the CPU kernel raises instead).
-#include "pooling.cuh"
+// avg_pool_by_positions on CUDA: the pooling family's checks and kernels (kernels/pool/) with no
+// epilogue. Invalid patches are skipped there (the CPU kernel raises instead).
+#include "kernels/pool/cuda.cuh"
 
 namespace vitops::avg_pool_by_positions {
 namespace {
+
+using namespace pool;  // Geometry, Epilogue, the checks and the kernels
 
 std::tuple<Tensor, Tensor> avg_pool_by_positions_cuda(const Tensor& x, const Tensor& positions_xy, int64_t length) {
   const Geometry g = check_forward("avg_pool_by_positions", x, positions_xy, length, /*allow_double=*/false);

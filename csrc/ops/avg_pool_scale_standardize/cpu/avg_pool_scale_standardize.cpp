@@ -1,8 +1,8 @@
-// avg_pool_scale_standardize on the CPU: avg_pool_by_positions' pooling kernels with the exit's
-// epilogue (round the pooled value to x's dtype, * scale, optional standardize, in float32 / float64
-// for float64 x). One implementation of the pooling, so both ops pool to the same bits.
-#include "../../avg_pool_by_positions/cpu/pooling.h"
+// avg_pool_scale_standardize on the CPU: the pooling family's kernels (kernels/pool/cpu.h) with the
+// exit's epilogue (round the pooled value to x's dtype, * scale, optional standardize, in float32 /
+// float64 for float64 x). One implementation of the pooling, so both pooling ops pool to the same bits.
 #include "../avg_pool_scale_standardize.h"
+#include "kernels/pool/cpu.h"
 
 namespace vitops::avg_pool_scale_standardize {
 namespace {
@@ -13,15 +13,15 @@ std::tuple<Tensor, Tensor> avg_pool_scale_standardize_cpu(const Tensor& x, const
                                                           const std::optional<Tensor>& std_scale) {
   const char* op = "avg_pool_scale_standardize";
   const Geometry g = check_forward(op, x, positions_xy, length, std_bias, std_scale, /*allow_double=*/true);
-  Tensor out = new_empty(x, {g.batch, length, g.dim}, x.scalar_type());
-  Tensor mask = new_empty(x, {g.batch, length}, ScalarType::Bool);
-  const pooling::Geometry pg = pooling_geometry(g);
-  const std::vector<int64_t> slots = pooling::cpu::slots_for(positions_xy, pg, op);  // validates even when x is empty
+  const pool::Geometry& pg = g.pool;
+  Tensor out = new_empty(x, {pg.batch, length, pg.dim}, x.scalar_type());
+  Tensor mask = new_empty(x, {pg.batch, length}, ScalarType::Bool);
+  const std::vector<int64_t> slots = pool::cpu::slots_for(positions_xy, pg, op);  // validates even when x is empty
   if (mask.numel() == 0) return {out, mask};
-  const pooling::Epilogue epilogue = make_epilogue(g, scale, std_bias, std_scale);
-  const Tensor src = pooling::cpu::unit_stride_rows(x);
+  const pool::Epilogue epilogue = make_epilogue(g, scale, std_bias, std_scale);
+  const Tensor src = pool::cpu::unit_stride_rows(x);
   VITOPS_DISPATCH_FLOATING(x.scalar_type(), "avg_pool_scale_standardize_cpu",
-                           [&] { pooling::cpu::pool_forward<scalar_t>(op, src, slots, pg, out, mask, epilogue); });
+                           [&] { pool::cpu::pool_forward<scalar_t>(op, src, slots, pg, out, mask, epilogue); });
   return {out, mask};
 }
 
@@ -29,14 +29,14 @@ Tensor avg_pool_scale_standardize_backward_cpu(const Tensor& grad_output, const 
                                                int64_t seq_len, double scale, const std::optional<Tensor>& std_scale) {
   const char* op = "_avg_pool_scale_standardize_backward";
   const Geometry g = check_backward(op, grad_output, positions_xy, length, seq_len, std_scale, /*allow_double=*/true);
-  Tensor grad_x = new_empty(grad_output, {g.batch, seq_len, g.dim}, grad_output.scalar_type());
-  const pooling::Geometry pg = pooling_geometry(g);
-  const std::vector<int64_t> slots = pooling::cpu::slots_for(positions_xy, pg, op);
+  const pool::Geometry& pg = g.pool;
+  Tensor grad_x = new_empty(grad_output, {pg.batch, seq_len, pg.dim}, grad_output.scalar_type());
+  const std::vector<int64_t> slots = pool::cpu::slots_for(positions_xy, pg, op);
   if (grad_x.numel() == 0) return grad_x;
-  const pooling::Epilogue epilogue = make_epilogue(g, scale, std::nullopt, std_scale);
-  const Tensor src = pooling::cpu::unit_stride_rows(grad_output);
+  const pool::Epilogue epilogue = make_epilogue(g, scale, std::nullopt, std_scale);
+  const Tensor src = pool::cpu::unit_stride_rows(grad_output);
   VITOPS_DISPATCH_FLOATING(grad_output.scalar_type(), "avg_pool_scale_standardize_backward_cpu",
-                           [&] { pooling::cpu::pool_backward<scalar_t>(src, slots, pg, grad_x, epilogue); });
+                           [&] { pool::cpu::pool_backward<scalar_t>(src, slots, pg, grad_x, epilogue); });
   return grad_x;
 }
 

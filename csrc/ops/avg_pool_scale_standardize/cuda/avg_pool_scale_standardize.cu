@@ -1,8 +1,8 @@
-// avg_pool_scale_standardize on CUDA: avg_pool_by_positions' pooling kernels (cuda/pooling.cuh) with
-// the exit's epilogue, so the op is one launch with no atomics and no host synchronisation, and
-// pools to the same bits as avg_pool_by_positions. Invalid patches are skipped (the CPU raises).
-#include "../../avg_pool_by_positions/cuda/pooling.cuh"
+// avg_pool_scale_standardize on CUDA: the pooling family's kernels (kernels/pool/cuda.cuh) with the
+// exit's epilogue, so the op is one launch with no atomics and no host synchronisation, and pools to
+// the same bits as avg_pool_by_positions. Invalid patches are skipped (the CPU raises).
 #include "../avg_pool_scale_standardize.h"
+#include "kernels/pool/cuda.cuh"
 
 namespace vitops::avg_pool_scale_standardize {
 namespace {
@@ -13,15 +13,15 @@ std::tuple<Tensor, Tensor> avg_pool_scale_standardize_cuda(const Tensor& x, cons
                                                            const std::optional<Tensor>& std_scale) {
   const char* op = "avg_pool_scale_standardize";
   const Geometry g = check_forward(op, x, positions_xy, length, std_bias, std_scale, /*allow_double=*/false);
+  const pool::Geometry& pg = g.pool;
   CudaDeviceGuard guard(x.get_device());
-  Tensor out = new_empty(x, {g.batch, length, g.dim}, x.scalar_type());
-  Tensor mask = new_empty(x, {g.batch, length}, ScalarType::Bool);
+  Tensor out = new_empty(x, {pg.batch, length, pg.dim}, x.scalar_type());
+  Tensor mask = new_empty(x, {pg.batch, length}, ScalarType::Bool);
   if (mask.numel() == 0) return {out, mask};
-  const pooling::Geometry pg = pooling_geometry(g);
-  const pooling::Epilogue epilogue = make_epilogue(g, scale, std_bias, std_scale);
+  const pool::Epilogue epilogue = make_epilogue(g, scale, std_bias, std_scale);
   cudaStream_t stream = current_cuda_stream(x.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(x.scalar_type(), "avg_pool_scale_standardize_cuda", [&] {
-    pooling::forward_for_dtype<scalar_t>(op, x, positions_xy, pg, out, mask, epilogue, stream);
+    pool::forward_for_dtype<scalar_t>(op, x, positions_xy, pg, out, mask, epilogue, stream);
   });
   return {out, mask};
 }
@@ -30,14 +30,14 @@ Tensor avg_pool_scale_standardize_backward_cuda(const Tensor& grad_output, const
                                                 int64_t seq_len, double scale, const std::optional<Tensor>& std_scale) {
   const char* op = "_avg_pool_scale_standardize_backward";
   const Geometry g = check_backward(op, grad_output, positions_xy, length, seq_len, std_scale, /*allow_double=*/false);
+  const pool::Geometry& pg = g.pool;
   CudaDeviceGuard guard(grad_output.get_device());
-  Tensor grad_x = new_empty(grad_output, {g.batch, seq_len, g.dim}, grad_output.scalar_type());
+  Tensor grad_x = new_empty(grad_output, {pg.batch, seq_len, pg.dim}, grad_output.scalar_type());
   if (grad_x.numel() == 0) return grad_x;
-  const pooling::Geometry pg = pooling_geometry(g);
-  const pooling::Epilogue epilogue = make_epilogue(g, scale, std::nullopt, std_scale);
+  const pool::Epilogue epilogue = make_epilogue(g, scale, std::nullopt, std_scale);
   cudaStream_t stream = current_cuda_stream(grad_output.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(grad_output.scalar_type(), "avg_pool_scale_standardize_backward_cuda", [&] {
-    pooling::backward_for_dtype<scalar_t>(op, grad_output, positions_xy, pg, grad_x, epilogue, stream);
+    pool::backward_for_dtype<scalar_t>(op, grad_output, positions_xy, pg, grad_x, epilogue, stream);
   });
   return grad_x;
 }

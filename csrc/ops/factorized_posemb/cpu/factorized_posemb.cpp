@@ -55,22 +55,22 @@ void forward_rows(const scalar_t* table, const TableView& t, const index_t* pos,
 
 Tensor factorized_posemb_cpu(const Tensor& posemb_in, const Tensor& positions_xy, int64_t table_dim) {
   Tensor posemb = posemb_in;
-  PatchCount pc;
-  const TableView t = check_forward(posemb, positions_xy, table_dim, /*allow_double=*/true, &pc);
+  int64_t num_patches = 0;
+  const TableView t = check_forward(posemb, positions_xy, table_dim, /*allow_double=*/true, &num_patches);
   Tensor out = new_empty(posemb, patch_sizes_with(positions_xy, t.dim), posemb.scalar_type());
-  if (pc.num_patches == 0) return out;
+  if (num_patches == 0) return out;
   // positions_xy is tiny next to the output; a contiguous copy (only when strided) keeps the kernel simple.
   const Tensor pos = as_contiguous(positions_xy);
   with_index_type(pos.scalar_type(), [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    check_coordinates(pos.const_data_ptr<index_t>(), pc.num_patches, t.num_positions, "factorized_posemb");
+    check_coordinates(pos.const_data_ptr<index_t>(), num_patches, t.num_positions, "factorized_posemb");
   });
   if (t.dim == 0) return out;
   VITOPS_DISPATCH_FLOATING(posemb.scalar_type(), "factorized_posemb_cpu", [&] {
     with_index_type(pos.scalar_type(), [&](auto index_tag) {
       using index_t = decltype(index_tag);
       forward_rows<scalar_t, index_t>(posemb.const_data_ptr<scalar_t>(), t, pos.const_data_ptr<index_t>(),
-                                      out.mutable_data_ptr<scalar_t>(), pc.num_patches);
+                                      out.mutable_data_ptr<scalar_t>(), num_patches);
     });
   });
   return out;
@@ -119,26 +119,26 @@ void backward_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_
 
 Tensor factorized_posemb_backward_cpu(const Tensor& grad_output, const Tensor& positions_xy, int64_t num_positions,
                                       int64_t table_dim) {
-  const PatchCount pc = check_backward(grad_output, positions_xy, num_positions, table_dim, /*allow_double=*/true);
+  const int64_t num_patches = check_backward(grad_output, positions_xy, num_positions, table_dim, /*allow_double=*/true);
   const int64_t D = grad_output.size(grad_output.dim() - 1);
   Tensor out = new_empty(grad_output, table_sizes(num_positions, D, table_dim), grad_output.scalar_type());
   const Tensor pos = as_contiguous(positions_xy);
   with_index_type(pos.scalar_type(), [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    const index_t* p = pc.num_patches > 0 ? pos.const_data_ptr<index_t>() : nullptr;
-    check_coordinates(p, pc.num_patches, num_positions, "_factorized_posemb_backward");
+    const index_t* p = num_patches > 0 ? pos.const_data_ptr<index_t>() : nullptr;
+    check_coordinates(p, num_patches, num_positions, "_factorized_posemb_backward");
   });
   // An empty table gradient (D = 0 or N_pos = 0) needs no buckets; otherwise 2 * N_pos rows exist.
   if (out.numel() == 0) return out;
   std::vector<int64_t> bucket_start, patch_of;
   with_index_type(pos.scalar_type(), [&](auto index_tag) {
     using index_t = decltype(index_tag);
-    const index_t* p = pc.num_patches > 0 ? pos.const_data_ptr<index_t>() : nullptr;
-    bucket_by_row(p, pc.num_patches, num_positions, bucket_start, patch_of);
+    const index_t* p = num_patches > 0 ? pos.const_data_ptr<index_t>() : nullptr;
+    bucket_by_row(p, num_patches, num_positions, bucket_start, patch_of);
   });
   const Tensor grad = as_contiguous(grad_output);
   VITOPS_DISPATCH_FLOATING(grad.scalar_type(), "factorized_posemb_backward_cpu", [&] {
-    backward_rows<scalar_t>(pc.num_patches > 0 ? grad.const_data_ptr<scalar_t>() : nullptr,
+    backward_rows<scalar_t>(num_patches > 0 ? grad.const_data_ptr<scalar_t>() : nullptr,
                             out.mutable_data_ptr<scalar_t>(), bucket_start, patch_of, num_positions, D, table_dim);
   });
   return out;

@@ -29,11 +29,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Vec {
-  scalar_t v[VEC];
-};
-
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
 template <typename scalar_t, typename index_t, int VEC>
@@ -78,8 +73,7 @@ void launch_forward(const scalar_t* table, const TableView& t, const index_t* po
                     cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   // Every row start must be 16-byte aligned for the vector path: base pointers, both strides and D.
-  const bool vec_ok = t.dim % kVec == 0 && t.axis_stride % kVec == 0 && t.row_stride % kVec == 0 &&
-                      reinterpret_cast<uintptr_t>(table) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const bool vec_ok = vector_fits(kVec, sizeof(scalar_t), {table, out}, {t.dim, t.axis_stride, t.row_stride});
   const int64_t units = num_patches * (vec_ok ? t.dim / kVec : t.dim);
   const int64_t blocks = std::min<int64_t>(ceil_div(units, kThreads), 65535LL * 8);
   if (vec_ok) {
@@ -94,11 +88,11 @@ void launch_forward(const scalar_t* table, const TableView& t, const index_t* po
 
 Tensor factorized_posemb_cuda(const Tensor& posemb_in, const Tensor& positions_xy, int64_t table_dim) {
   Tensor posemb = posemb_in;
-  PatchCount pc;
-  const TableView t = check_forward(posemb, positions_xy, table_dim, /*allow_double=*/false, &pc);
+  int64_t num_patches = 0;
+  const TableView t = check_forward(posemb, positions_xy, table_dim, /*allow_double=*/false, &num_patches);
   CudaDeviceGuard guard(posemb.get_device());
   Tensor out = new_empty(posemb, patch_sizes_with(positions_xy, t.dim), posemb.scalar_type());
-  if (pc.num_patches == 0 || t.dim == 0) return out;
+  if (num_patches == 0 || t.dim == 0) return out;
   // positions_xy is tiny next to the output; a contiguous copy (only when strided) keeps indexing simple.
   const Tensor pos = as_contiguous(positions_xy);
   cudaStream_t stream = current_cuda_stream(posemb.get_device());
@@ -106,7 +100,7 @@ Tensor factorized_posemb_cuda(const Tensor& posemb_in, const Tensor& positions_x
     with_index_type(pos.scalar_type(), [&](auto index_tag) {
       using index_t = decltype(index_tag);
       launch_forward<scalar_t, index_t>(posemb.const_data_ptr<scalar_t>(), t, pos.const_data_ptr<index_t>(),
-                                        out.mutable_data_ptr<scalar_t>(), pc.num_patches, stream);
+                                        out.mutable_data_ptr<scalar_t>(), num_patches, stream);
     });
   });
   return out;
@@ -186,8 +180,7 @@ void launch_backward_rows(const scalar_t* grad, const uint32_t* sorted_keys, con
                           int64_t num_entries, int64_t num_positions, int64_t dim, int64_t table_dim, scalar_t* out,
                           cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool vec_ok = dim % kVec == 0 && reinterpret_cast<uintptr_t>(grad) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const bool vec_ok = vector_fits(kVec, sizeof(scalar_t), {grad, out}, {dim});
   const int64_t chunks = vec_ok ? dim / kVec : dim;
   const int threads = (int)std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(chunks, 32) * 32));
   const unsigned blocks = (unsigned)(2 * num_positions);
@@ -203,7 +196,7 @@ void launch_backward_rows(const scalar_t* grad, const uint32_t* sorted_keys, con
 
 Tensor factorized_posemb_backward_cuda(const Tensor& grad_output, const Tensor& positions_xy, int64_t num_positions,
                                        int64_t table_dim) {
-  const PatchCount pc = check_backward(grad_output, positions_xy, num_positions, table_dim, /*allow_double=*/false);
+  const int64_t num_patches = check_backward(grad_output, positions_xy, num_positions, table_dim, /*allow_double=*/false);
   // Keys are uint32 and one block per table row: 2 * N_pos + 1 must fit both.
   VITOPS_CHECK(num_positions < (int64_t(1) << 30), "vitops._factorized_posemb_backward: `num_positions` (",
                num_positions, ") must be below 2^30 on CUDA");
@@ -212,7 +205,7 @@ Tensor factorized_posemb_backward_cuda(const Tensor& grad_output, const Tensor& 
   Tensor out = new_empty(grad_output, table_sizes(num_positions, D, table_dim), grad_output.scalar_type());
   if (out.numel() == 0) return out;
   cudaStream_t stream = current_cuda_stream(grad_output.get_device());
-  const int64_t num_entries = 2 * pc.num_patches;
+  const int64_t num_entries = 2 * num_patches;
 
   // Sorted (key, patch) pairs; with no patches every row simply receives zeros.
   Tensor sorted_keys = new_empty(grad_output, {std::max<int64_t>(num_entries, 1)}, ScalarType::Int);
@@ -234,7 +227,7 @@ Tensor factorized_posemb_backward_cuda(const Tensor& grad_output, const Tensor& 
     VITOPS_CUDA_CHECK_LAUNCH();
 #if !defined(VITOPS_CUDA_EMULATION) && CUB_VERSION < 200100
     // CUB before 2.1 takes num_items as int: larger counts would be narrowed (and sort garbage).
-    VITOPS_CHECK(num_entries <= INT_MAX, "vitops._factorized_posemb_backward: ", pc.num_patches,
+    VITOPS_CHECK(num_entries <= INT_MAX, "vitops._factorized_posemb_backward: ", num_patches,
                  " patches are more than this CUB version (", CUB_VERSION, ") can sort on CUDA (at most ",
                  INT_MAX / 2, ")");
 #endif

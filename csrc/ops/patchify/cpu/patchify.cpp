@@ -10,17 +10,14 @@ namespace {
 // to_patches=true: images -> patches; false: patches -> images (the backward, same permutation).
 template <typename scalar_t>
 void permute_rows(const scalar_t* src, scalar_t* dst, const Geometry& g, bool to_patches) {
-  const int64_t p = g.patch, C = g.channels, W = g.width, H = g.height;
-  const int64_t run = p * C;  // contiguous elements shared by one image row and one patch row
-  const int64_t cols = g.cols();
-  const int64_t pd = g.patch_dim();
-  const int64_t image_elems = H * W * C;
+  const int64_t H = g.height, row_elems = g.width * g.channels;
+  const int64_t run = g.run(), cols = g.cols(), pd = g.patch_dim(), image_elems = g.image_elems();
   torch::stable::parallel_for(0, g.batch * H, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, y = row % H;
-      const int64_t hp = y / p, r = y % p;
-      const int64_t image_off = b * image_elems + y * W * C;
-      const int64_t patch_base = b * image_elems + (hp * cols) * pd + r * run;
+      const int64_t image_off = b * image_elems + y * row_elems;
+      // The first run of this image row sits in patch row y % p of the patch (y / p, 0).
+      const int64_t patch_base = b * image_elems + (y / g.patch) * cols * pd + (y % g.patch) * run;
       for (int64_t wp = 0; wp < cols; ++wp) {
         const int64_t i_off = image_off + wp * run;
         const int64_t p_off = patch_base + wp * pd;
@@ -35,13 +32,13 @@ void permute_rows(const scalar_t* src, scalar_t* dst, const Geometry& g, bool to
 }
 
 void fill_positions(int64_t* pos, const Geometry& g) {
-  const int64_t n = g.num_patches(), cols = g.cols();
+  const int64_t n = g.num_patches();
   torch::stable::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int64_t* out = pos + b * n * 2;
       for (int64_t i = 0; i < n; ++i) {
-        out[2 * i] = i % cols;      // x = column
-        out[2 * i + 1] = i / cols;  // y = row
+        out[2 * i] = g.patch_x(i);
+        out[2 * i + 1] = g.patch_y(i);
       }
     }
   });

@@ -6,45 +6,33 @@
 namespace vitops::patchify {
 namespace {
 
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Vec {
-  scalar_t v[VEC];
-};
-
 // Each thread handles VEC consecutive elements of one patch row run (p*C elements are contiguous
-// in both layouts). Units are enumerated in patch order, so writes (forward) are coalesced.
+// in both layouts, so a vector never straddles two runs). Units are enumerated in patch order, so
+// writes (forward) are coalesced.
 template <typename scalar_t, int VEC>
 __global__ void permute_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t* __restrict__ pos,
-                               int64_t batch, int64_t H, int64_t W, int64_t C, int64_t p, bool to_patches) {
-  const int64_t cols = W / p, rows = H / p;
-  const int64_t run = p * C;
-  const int64_t pd = p * run;
-  const int64_t units_per_run = run / VEC;
-  const int64_t total_units = batch * H * W * C / VEC;
-  const int64_t num_patches = rows * cols;
+                               permute::PatchGrid grid, int64_t batch, bool to_patches) {
+  const int64_t image_elems = grid.image_elems();
+  const int64_t total_units = batch * image_elems / VEC;
+  const int64_t num_patches = grid.num_patches();
   const int64_t total_pos = batch * num_patches;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < total_units; u += stride) {
-    const int64_t e = u * VEC;                // element offset in patch layout
-    const int64_t b = e / (H * W * C);
-    const int64_t rem = e - b * (H * W * C);
-    const int64_t n = rem / pd;               // patch index
-    const int64_t j = rem - n * pd;           // offset inside the patch
-    const int64_t r = j / run, k = j - (j / run) * run;
-    const int64_t hp = n / cols, wp = n - hp * cols;
-    const int64_t img = b * (H * W * C) + ((hp * p + r) * W + wp * p) * C + k;
-    (void)units_per_run;
+    const int64_t e = u * VEC;  // element offset in the patch layout
+    const int64_t b = e / image_elems;
+    const int64_t img = b * image_elems + grid.image_offset(e - b * image_elems);
+    using V = Vec<scalar_t, VEC>;
     if (to_patches) {
-      *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + e) = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + img);
+      *reinterpret_cast<V*>(dst + e) = *reinterpret_cast<const V*>(src + img);
     } else {
-      *reinterpret_cast<Vec<scalar_t, VEC>*>(dst + img) = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src + e);
+      *reinterpret_cast<V*>(dst + img) = *reinterpret_cast<const V*>(src + e);
     }
   }
   if (pos != nullptr) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total_pos; i += stride) {
       const int64_t n = i % num_patches;
-      pos[2 * i] = n % cols;
-      pos[2 * i + 1] = n / cols;
+      pos[2 * i] = grid.patch_x(n);
+      pos[2 * i + 1] = grid.patch_y(n);
     }
   }
 }
@@ -52,22 +40,21 @@ __global__ void permute_kernel(const scalar_t* __restrict__ src, scalar_t* __res
 template <typename scalar_t>
 void launch(const scalar_t* src, scalar_t* dst, int64_t* pos, const Geometry& g, bool to_patches,
             cudaStream_t stream) {
-  const int64_t run = g.patch * g.channels;
-  const int64_t elems = g.batch * g.height * g.width * g.channels;
+  const int64_t elems = g.batch * g.image_elems();
   const int64_t work = std::max(elems, g.batch * g.num_patches());
   if (work == 0) return;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = run % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  const bool vectorized = vector_fits(kVec, sizeof(scalar_t), {src, dst}, {g.run()});
   const int threads = 256;
-  const int64_t units = aligned ? elems / kVec : elems;
+  const int64_t units = vectorized ? elems / kVec : elems;
   const int64_t blocks = std::min<int64_t>(ceil_div(std::max(units, g.batch * g.num_patches()), threads), 65535LL * 8);
-  if (aligned) {
-    VITOPS_LAUNCH((unsigned)blocks, threads, 0, stream, permute_kernel<scalar_t, kVec>)(src, dst, pos, g.batch, g.height, g.width,
-                                                                            g.channels, g.patch, to_patches);
+  const permute::PatchGrid grid = g;
+  if (vectorized) {
+    VITOPS_LAUNCH((unsigned)blocks, threads, 0, stream, permute_kernel<scalar_t, kVec>)(src, dst, pos, grid, g.batch,
+                                                                                        to_patches);
   } else {
-    VITOPS_LAUNCH((unsigned)blocks, threads, 0, stream, permute_kernel<scalar_t, 1>)(src, dst, pos, g.batch, g.height, g.width,
-                                                                         g.channels, g.patch, to_patches);
+    VITOPS_LAUNCH((unsigned)blocks, threads, 0, stream, permute_kernel<scalar_t, 1>)(src, dst, pos, grid, g.batch,
+                                                                                     to_patches);
   }
   VITOPS_CUDA_CHECK_LAUNCH();
 }

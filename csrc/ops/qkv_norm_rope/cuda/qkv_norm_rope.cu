@@ -13,14 +13,12 @@
 // order. The grid size depends only on the shape, so results are bitwise reproducible.
 #include "../qkv_norm_rope.h"
 #include "vitops/cuda_utils.cuh"
+#include "vitops/device_math.h"
 
 namespace vitops::qkv_norm_rope {
 namespace {
 
-using rope_math::ChannelRole;
-using rope_math::load_as;
-using rope_math::mul_rounded;
-using rope_math::round_to;
+using rope::ChannelRole;
 
 constexpr int kWarpSize = 32;
 constexpr int kRowsPerTile = 2;
@@ -29,34 +27,40 @@ constexpr int kBackwardWarps = 4;
 constexpr int64_t kMaxBackwardBlocks = 1024;  // fixed cap: part of the deterministic reduction order
 constexpr int64_t kMaxHeadDim = 512;          // keeps the shared-memory tables under 48 KiB
 
+// 16-byte vectors of a storage type.
 template <typename scalar_t>
-struct alignas(16) Vec16 {
+struct Vec16 : Vec<scalar_t, 16 / sizeof(scalar_t)> {
   static constexpr int kSize = 16 / sizeof(scalar_t);
-  scalar_t v[kSize];
 };
 
 struct Params {
   const void* in[kNumHeadTensors];
   HeadStrides in_strides[kNumHeadTensors];
   bool in_vectorized[kNumHeadTensors];
-  const void* grad[kNumHeadTensors];  // backward only: [B, N, L, hd] views
+  const void* grad[kNumHeadTensors];  // backward only: [B, L, N, hd] views (the outputs' layout)
   HeadStrides grad_strides[kNumHeadTensors];
   bool grad_vectorized[kNumHeadTensors];
   void* out[kNumHeadTensors];  // forward and backward: contiguous [B, L, N, hd]
-  const void* weight[kNumWeights];
+  const void* weight[kNumWeights];  // only with a weighted norm
   ValueKind weight_kind[kNumWeights];
   int64_t weight_stride[kNumWeights];
+  norm::Kind norm_kind;
+  bool v_norm;
   const void* positions;
   ValueKind position_kind;
   int64_t position_strides[3];
   int64_t batch, seq_len, head_dim;
   int64_t heads[kNumHeadTensors];
-  ChunkLayout chunks;
+  rope::Layout layout;
   ValueKind rope_kind;  // dtype the cos/sin tables are rounded to
   float eps;
   // Computed on the host with the CPU kernel's function (HF builds inv_freq on the CPU too):
-  // device powf may differ from it in the last bits. 1 KiB of the kernel parameter space.
+  // device powf may differ from it in the last bits. 1 KiB of the kernel parameter space. A given
+  // table (rope_freqs) is read from device memory instead (copying it to the host would sync).
   float inverse_frequency[kMaxHeadDim / 2];
+  const void* freq_table;
+  ValueKind freq_kind;
+  int64_t freq_stride;
   float* weight_partials;  // backward: [gridDim.x, 2, hd]
 };
 
@@ -100,23 +104,26 @@ __device__ void fill_tile_tables(const Params& p, int64_t row0, const float* inv
     const int64_t row = row0 + r;
     if (row >= p.batch * p.seq_len) continue;
     const int64_t b = row / p.seq_len, l = row - b * p.seq_len;
-    const int64_t axis = p.chunks.axis_of_table_entry(k);
+    const int64_t axis = p.layout.chunk_of_pair(k);
     const float pos = load_as<float>(p.positions, p.position_kind,
                                      b * p.position_strides[0] + l * p.position_strides[1] + axis * p.position_strides[2]);
     // A non-finite angle (a NaN/inf or huge position: the CPU kernel raises) gives NaN rows here.
     const float angle = pos * inverse_frequency[k];
-    cos_tab[idx] = rope_math::round_as(p.rope_kind, cosf(angle));
-    sin_tab[idx] = rope_math::round_as(p.rope_kind, sinf(angle));
+    cos_tab[idx] = round_as(p.rope_kind, cosf(angle));
+    sin_tab[idx] = round_as(p.rope_kind, sinf(angle));
   }
 }
 
 __device__ void fill_block_constants(const Params& p, float* inverse_frequency, float* weights) {
   const int64_t hd = p.head_dim;
   for (int64_t k = threadIdx.x; k < hd / 2; k += blockDim.x)
-    inverse_frequency[k] = p.inverse_frequency[k];
+    inverse_frequency[k] =
+        p.freq_table != nullptr ? load_as<float>(p.freq_table, p.freq_kind, k * p.freq_stride) : p.inverse_frequency[k];
+  if (!norm::has_weight(p.norm_kind)) return;
   for (int64_t e = threadIdx.x; e < kNumWeights * hd; e += blockDim.x) {
     const int w = static_cast<int>(e / hd);
-    weights[e] = load_as<float>(p.weight[w], p.weight_kind[w], (e - w * hd) * p.weight_stride[w]);
+    weights[e] = norm::weight_factor(p.norm_kind,
+                                     load_as<float>(p.weight[w], p.weight_kind[w], (e - w * hd) * p.weight_stride[w]));
   }
 }
 
@@ -149,7 +156,7 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
   fill_block_constants(p, inverse_frequency, weights);
   const int64_t rows = p.batch * p.seq_len;
   const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
-  const int64_t num_tiles = rope_math::div_round_up(rows, kRowsPerTile);
+  const int64_t num_tiles = ceil_div(rows, kRowsPerTile);
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile;
     __syncthreads();  // previous tile's tables are no longer read (and block constants are ready)
@@ -165,13 +172,16 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
       const HeadStrides& s = p.in_strides[tensor];
       const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
       const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, row_buf, lane));
-      const float inv_rms = rope_math::inverse_rms(sum_sq, hd, p.eps);
+      const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
       // each lane rewrites exactly the channels it loaded, so no sync is needed before this pass
       const bool rotate = tensor < 2;
+      // q/k: the op's norm; v: its weightless RMS norm, or nothing (then the row is copied)
+      const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
       const float* w = weights + (rotate ? tensor : 0) * hd;
       auto normalise = [&](int64_t e) {
+        if (kind == norm::Kind::None) return;  // row_buf holds the input, exactly
         const float u = mul_rounded(row_buf[e], inv_rms);
-        row_buf[e] = rotate ? round_to<scalar_t>(mul_rounded(u, w[e])) : round_to<scalar_t>(u);
+        row_buf[e] = norm::has_weight(kind) ? round_to<scalar_t>(mul_rounded(u, w[e])) : round_to<scalar_t>(u);
       };
       if (p.in_vectorized[tensor]) {
         constexpr int kVec = Vec16<scalar_t>::kSize;
@@ -186,8 +196,8 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
       const float* sin_row = sin_tab + r * half;
       auto output = [&](int64_t e) -> scalar_t {
         if (!rotate) return static_cast<scalar_t>(row_buf[e]);
-        const ChannelRole role = rope_math::channel_role(p.chunks, e);
-        return static_cast<scalar_t>(rope_math::rotate_channel(row_buf, cos_row, sin_row, role, e));
+        const ChannelRole role = rope::channel_role(p.layout, e);
+        return static_cast<scalar_t>(rope::rotate_channel(row_buf, cos_row, sin_row, role, e));
       };
       using V = Vec16<scalar_t>;
       if (hd % V::kSize == 0) {  // the output is a fresh contiguous tensor: aligned rows
@@ -225,7 +235,7 @@ __global__ void backward_kernel(const __grid_constant__ Params p) {
   for (int64_t e = threadIdx.x; e < kBackwardWarps * kNumWeights * hd; e += blockDim.x) weight_grads[e] = 0.f;
   const int64_t rows = p.batch * p.seq_len;
   const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
-  const int64_t num_tiles = rope_math::div_round_up(rows, kRowsPerTile);
+  const int64_t num_tiles = ceil_div(rows, kRowsPerTile);
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile;
     __syncthreads();
@@ -245,23 +255,31 @@ __global__ void backward_kernel(const __grid_constant__ Params p) {
       const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, x_row, lane));
       load_row(gsrc, p.grad_vectorized[tensor], hd, g_row, lane);
       __syncwarp();  // lanes read partners loaded by other lanes
-      const float inv_rms = rope_math::inverse_rms(sum_sq, hd, p.eps);
+      const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
       const bool rotate = tensor < 2;
+      const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
+      const bool weighted = rotate && norm::has_weight(kind);
       const float* cos_row = cos_tab + r * half;
       const float* sin_row = sin_tab + r * half;
       // d(loss)/d(normalised, weighted row) at channel e
       auto grad_normed = [&](int64_t e) -> float {
         if (!rotate) return g_row[e];
-        const ChannelRole role = rope_math::channel_role(p.chunks, e);
-        return rope_math::rotate_channel_backward(g_row, cos_row, sin_row, role, e);
+        const ChannelRole role = rope::channel_role(p.layout, e);
+        return rope::rotate_channel_backward(g_row, cos_row, sin_row, role, e);
       };
+      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
+      if (kind == norm::Kind::None) {  // no normalisation: the (transposed) rotation alone
+        for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = static_cast<scalar_t>(grad_normed(e));
+        __syncwarp();
+        continue;
+      }
       // Pass 1: weight gradients and the projection term mean(gu * u).
       float dot = 0.f;
       for (int64_t e = lane; e < hd; e += kWarpSize) {
         const float u = x_row[e] * inv_rms;
         const float gn = grad_normed(e);
         float gu = gn;
-        if (rotate) {
+        if (weighted) {
           my_weight_grads[tensor * hd + e] += gn * u;
           gu = gn * weights[tensor * hd + e];
         }
@@ -269,17 +287,17 @@ __global__ void backward_kernel(const __grid_constant__ Params p) {
       }
       const float mean_dot = warp_sum(dot) / static_cast<float>(hd);
       // Pass 2: dx = inv_rms * (gu - u * mean(gu * u)), written to [B, L, N, hd].
-      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
       for (int64_t e = lane; e < hd; e += kWarpSize) {
         const float u = x_row[e] * inv_rms;
         const float gn = grad_normed(e);
-        const float gu = rotate ? gn * weights[tensor * hd + e] : gn;
-        dst[e] = static_cast<scalar_t>(inv_rms * (gu - rope_math::mul_rounded(u, mean_dot)));
+        const float gu = weighted ? gn * weights[tensor * hd + e] : gn;
+        dst[e] = static_cast<scalar_t>(inv_rms * (gu - mul_rounded(u, mean_dot)));
       }
       __syncwarp();
     }
   }
   __syncthreads();
+  if (p.weight_partials == nullptr) return;  // a norm without weights
   // Block partial of the weight gradients: warps summed in index order.
   for (int64_t e = threadIdx.x; e < kNumWeights * hd; e += blockDim.x) {
     float sum = 0.f;
@@ -308,46 +326,49 @@ __global__ void reduce_weight_grads_kernel(const float* __restrict__ partials, i
     float total = 0.f;
     for (int g = 0; g < kReduceGroups; ++g) total += group_sums[g][column];
     if (c < hd) {
-      rope_math::store_as<float>(grad_q_weight, q_kind, c, total);
+      store_as<float>(grad_q_weight, q_kind, c, total);
     } else {
-      rope_math::store_as<float>(grad_k_weight, k_kind, c - hd, total);
+      store_as<float>(grad_k_weight, k_kind, c - hd, total);
     }
   }
 }
 
 bool is_vectorizable(const void* ptr, const HeadStrides& s, int64_t hd, size_t elem) {
-  const int64_t vec_bytes = 16;
-  return reinterpret_cast<uintptr_t>(ptr) % vec_bytes == 0 && (hd * static_cast<int64_t>(elem)) % vec_bytes == 0 &&
-         (s.batch * static_cast<int64_t>(elem)) % vec_bytes == 0 && (s.seq * static_cast<int64_t>(elem)) % vec_bytes == 0 &&
-         (s.head * static_cast<int64_t>(elem)) % vec_bytes == 0;
+  return vector_fits(static_cast<int>(16 / elem), static_cast<int64_t>(elem), {ptr}, {hd, s.batch, s.seq, s.head});
 }
 
-Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], const Tensor& q_weight,
-                   const Tensor& k_weight, const Tensor& positions, double eps, double base) {
+Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], const std::optional<Tensor>& q_weight,
+                   const std::optional<Tensor>& k_weight, const Tensor& positions, double eps, double base,
+                   const std::optional<Tensor>& rope_freqs) {
   Params p{};
   for (int t = 0; t < kNumHeadTensors; ++t) {
     p.in[t] = inputs[t]->const_data_ptr();
-    p.in_strides[t] = head_strides(*inputs[t], /*seq_major=*/true);
+    p.in_strides[t] = head_strides(*inputs[t]);
     p.in_vectorized[t] = is_vectorizable(p.in[t], p.in_strides[t], g.head_dim, inputs[t]->element_size());
     p.heads[t] = g.heads[t];
   }
-  p.weight[0] = q_weight.const_data_ptr();
-  p.weight[1] = k_weight.const_data_ptr();
+  p.weight[0] = q_weight.has_value() ? q_weight->const_data_ptr() : nullptr;
+  p.weight[1] = k_weight.has_value() ? k_weight->const_data_ptr() : nullptr;
   for (int w = 0; w < kNumWeights; ++w) {
     p.weight_kind[w] = g.weight_kind[w];
     p.weight_stride[w] = g.weight_stride[w];
   }
+  p.norm_kind = g.options.norm;
+  p.v_norm = g.options.v_norm;
   p.positions = positions.const_data_ptr();
   p.position_kind = g.position_kind;
   for (int i = 0; i < 3; ++i) p.position_strides[i] = g.position_strides[i];
   p.batch = g.batch;
   p.seq_len = g.seq_len;
   p.head_dim = g.head_dim;
-  p.chunks = g.chunks;
+  p.layout = g.layout;
   p.rope_kind = g.rope_kind;
   p.eps = static_cast<float>(eps);
-  for (int64_t k = 0; k < g.head_dim / 2; ++k)
-    p.inverse_frequency[k] = rope_math::inverse_frequency<float>(g.chunks, k, static_cast<float>(base));
+  for (int64_t k = 0; k < g.layout.num_pairs(); ++k)
+    p.inverse_frequency[k] = rope::inverse_frequency<float>(g.layout, k, static_cast<float>(base));
+  p.freq_table = g.has_freq_table ? rope_freqs->const_data_ptr() : nullptr;
+  p.freq_kind = g.freq_kind;
+  p.freq_stride = g.freq_stride;
   return p;
 }
 
@@ -377,12 +398,15 @@ void launch_backward(const Params& p, unsigned blocks, cudaStream_t stream) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                      const Tensor& q_weight, const Tensor& k_weight,
-                                                      const Tensor& positions, double eps, double base_frequency,
-                                                      std::optional<ScalarType> rope_dtype) {
+                                                      const std::optional<Tensor>& q_weight,
+                                                      const std::optional<Tensor>& k_weight, const Tensor& positions,
+                                                      double eps, double base_frequency,
+                                                      std::optional<ScalarType> rope_dtype, std::string norm_name,
+                                                      bool v_norm, std::string pairing,
+                                                      const std::optional<Tensor>& rope_freqs) {
   const char* op = "qkv_norm_rope";
   const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                                  /*allow_double=*/false);
+                                  norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
@@ -391,9 +415,9 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
     outs[t] = allocate_attention_output(q, g, t);
   if (g.rows() == 0 || g.total_heads() == 0)
     return {outs[0], outs[1], outs[2]};
-  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency);
+  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs);
   for (int t = 0; t < kNumHeadTensors; ++t) p.out[t] = outs[t].mutable_data_ptr();
-  const int64_t tiles = rope_math::div_round_up(g.rows(), kRowsPerTile);
+  const int64_t tiles = ceil_div(g.rows(), kRowsPerTile);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, 0x7fffffffLL));
   cudaStream_t stream = current_cuda_stream(q.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(q.scalar_type(), "qkv_norm_rope_cuda", [&] {
@@ -405,11 +429,12 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
     const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& q, const Tensor& k,
-    const Tensor& v, const Tensor& q_weight, const Tensor& k_weight, const Tensor& positions, double eps,
-    double base_frequency, std::optional<ScalarType> rope_dtype) {
+    const Tensor& v, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
+    const Tensor& positions, double eps, double base_frequency, std::optional<ScalarType> rope_dtype,
+    std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs) {
   const char* op = "_qkv_norm_rope_backward";
   const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                                  /*allow_double=*/false);
+                                  norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
   check_grads(op, g, raw_grads, q);
@@ -420,26 +445,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
     grads[t] = with_contiguous_head_dim(*raw_grads[t]);
     grad_in[t] = new_empty(q, sizes_of(*inputs[t]), q.scalar_type());
   }
-  Tensor grad_q_weight = new_empty(q, {g.head_dim}, q_weight.scalar_type());
-  Tensor grad_k_weight = new_empty(q, {g.head_dim}, k_weight.scalar_type());
-  const int64_t tiles = rope_math::div_round_up(g.rows(), kRowsPerTile);
+  Tensor grad_q_weight = allocate_weight_grad(q, g, q_weight);
+  Tensor grad_k_weight = allocate_weight_grad(q, g, k_weight);
+  const bool weighted = norm::has_weight(g.options.norm);
+  const int64_t tiles = ceil_div(g.rows(), kRowsPerTile);
   const int64_t blocks = std::max<int64_t>(1, std::min(tiles, kMaxBackwardBlocks));
   // [blocks, 2, hd] float32 partials; every block writes its row (zeros when it had no tiles).
-  Tensor partials = new_empty(q, {blocks, kNumWeights, g.head_dim}, ScalarType::Float);
-  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency);
+  Tensor partials = new_empty(q, {weighted ? blocks : 0, kNumWeights, g.head_dim}, ScalarType::Float);
+  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs);
   for (int t = 0; t < kNumHeadTensors; ++t) {
     p.grad[t] = grads[t].const_data_ptr();
-    p.grad_strides[t] = head_strides(grads[t], /*seq_major=*/false);
+    p.grad_strides[t] = head_strides(grads[t]);
     p.grad_vectorized[t] = is_vectorizable(p.grad[t], p.grad_strides[t], g.head_dim, grads[t].element_size());
     p.out[t] = grad_in[t].mutable_data_ptr();
   }
-  p.weight_partials = partials.mutable_data_ptr<float>();
+  p.weight_partials = weighted ? partials.mutable_data_ptr<float>() : nullptr;
   cudaStream_t stream = current_cuda_stream(q.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(q.scalar_type(), "qkv_norm_rope_backward_cuda", [&] {
     launch_backward<scalar_t>(p, static_cast<unsigned>(blocks), stream);
   });
   VITOPS_CUDA_CHECK_LAUNCH();
-  const unsigned reduce_blocks = static_cast<unsigned>(rope_math::div_round_up(kNumWeights * g.head_dim, kReduceColumns));
+  if (!weighted) return {grad_in[0], grad_in[1], grad_in[2], grad_q_weight, grad_k_weight};
+  const unsigned reduce_blocks = static_cast<unsigned>(ceil_div(kNumWeights * g.head_dim, kReduceColumns));
   VITOPS_LAUNCH(reduce_blocks, kReduceColumns * kReduceGroups, 0, stream, reduce_weight_grads_kernel)(
       partials.const_data_ptr<float>(), blocks, g.head_dim, grad_q_weight.mutable_data_ptr(), g.weight_kind[0],
       grad_k_weight.mutable_data_ptr(), g.weight_kind[1]);

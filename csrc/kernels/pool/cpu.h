@@ -1,5 +1,5 @@
-// The CPU pooling kernels of avg_pool_by_positions, which avg_pool_scale_standardize runs too (with
-// an active Epilogue). A first pass (parallel over images) turns positions into slots and validates
+// The CPU pooling kernels of avg_pool_by_positions and avg_pool_scale_standardize (the latter with an
+// active Epilogue). A first pass (parallel over images) turns positions into slots and validates
 // them; the forward then buckets each image's patches by slot (a stable counting sort, so patch
 // order is kept) and sums every (image, slot) output row on its own thread, in increasing patch
 // order: the result does not depend on the thread count, so it is bitwise reproducible.
@@ -8,9 +8,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../avg_pool_by_positions.h"
+#include "kernels/pool/pool.h"
 
-namespace vitops::avg_pool_by_positions::cpu {
+namespace vitops::pool::cpu {
 
 // Images per parallel task: small problems stay on the calling thread (waking the pool costs more
 // than scanning a few thousand positions).
@@ -145,4 +145,4 @@ void pool_backward(const Tensor& grad, const std::vector<int64_t>& slots, const 
   });
 }
 
-}  // namespace vitops::avg_pool_by_positions::cpu
+}  // namespace vitops::pool::cpu

@@ -1,5 +1,5 @@
-// The CUDA pooling kernels of avg_pool_by_positions, which avg_pool_scale_standardize runs too (with
-// an active Epilogue, applied when a slot is stored / to each gradient): one launch per op, no host
+// The CUDA pooling kernels of avg_pool_by_positions and avg_pool_scale_standardize (the latter with an
+// active Epilogue, applied when a slot is stored / to each gradient): one launch per op, no host
 // synchronisation, no atomics.
 //
 // Forward: one block per (image, tile of consecutive slots, chunk of D columns). The block reduces
@@ -19,10 +19,10 @@
 
 #include <algorithm>
 
-#include "../avg_pool_by_positions.h"
+#include "kernels/pool/pool.h"
 #include "vitops/cuda_utils.cuh"
 
-namespace vitops::avg_pool_by_positions {
+namespace vitops::pool {
 // Unnamed: both ops' translation units instantiate the same kernel templates; each keeps its own
 // copy rather than relying on the linker to merge identical device code across modules.
 namespace {
@@ -33,11 +33,6 @@ constexpr int kMaxSlotsPerTile = 32;
 constexpr int64_t kAccumulatorBytes = 32 * 1024;  // dynamic shared memory budget, below the 48 KiB default
 constexpr int64_t kTargetBlocks = 264;            // about two blocks per SM on the largest GPUs
 constexpr int64_t kRowsPerBackwardBlock = 32;     // amortises the per-block width reduction
-
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Vec {
-  scalar_t v[VEC];
-};
 
 // Strided view of positions_xy[B, L, 2].
 template <typename index_t>
@@ -190,8 +185,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t>
 bool can_vectorize(const Tensor& t, int64_t D) {
   constexpr int64_t vec = 16 / sizeof(scalar_t);
-  return t.stride(2) == 1 && D % vec == 0 && t.stride(1) % vec == 0 && t.stride(0) % vec == 0 &&
-         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  return t.stride(2) == 1 && vector_fits(vec, sizeof(scalar_t), {t.const_data_ptr()}, {D, t.stride(1), t.stride(0)});
 }
 
 template <typename index_t>
@@ -274,4 +268,4 @@ void backward_for_dtype(const char* op, const Tensor& grad, const Tensor& positi
 }
 
 }  // namespace
-}  // namespace vitops::avg_pool_by_positions
+}  // namespace vitops::pool

@@ -1,18 +1,18 @@
-// avg_pool_by_positions: argument checks and slot arithmetic shared by the CPU and CUDA kernels,
-// and the epilogue through which the same kernels also serve avg_pool_scale_standardize.
+// Pooling by patch position (host and device code): the slot rule, the kernel size, the argument
+// checks and the epilogue shared by avg_pool_by_positions and avg_pool_scale_standardize, whose CPU
+// and CUDA kernels (kernels/pool/cpu.h, kernels/pool/cuda.cuh) are one implementation.
+//
+// Slot rule (reference.avg_pool_by_positions / HF Gemma4VisionPooler / MaxText): k = isqrt(L /
+// length); image b's grid width W_b = max x over its non-padding patches + 1; patch (x, y) lands in
+// slot x/k + (W_b/k) * (y/k); padding patches have both coordinates -1. Gemma 3's square k x k
+// AvgPool over a full row-major grid is the case without padding (positions of a square grid).
 #pragma once
 #include <cmath>
 
 #include "vitops/common.h"
-#include "vitops/rope_math.h"
+#include "vitops/device_math.h"
 
-#ifdef __CUDACC__
-#define VITOPS_POOL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define VITOPS_POOL_HOST_DEVICE inline
-#endif
-
-namespace vitops::avg_pool_by_positions {
+namespace vitops::pool {
 
 // Slot value for a patch that contributes nothing: padding, or (CUDA only, where it is not an error)
 // a negative coordinate or a slot past `length`.
@@ -91,14 +91,14 @@ inline Geometry check_backward(const char* op, const Tensor& grad, const Tensor&
 }
 
 // HF's per-image grid width divided by k, (max_x + 1) / k, without overflowing at INT64_MAX.
-VITOPS_POOL_HOST_DEVICE int64_t pooled_width(int64_t max_x, int64_t k) {
+VITOPS_HOST_DEVICE int64_t pooled_width(int64_t max_x, int64_t k) {
   return max_x / k + (max_x % k == k - 1 ? 1 : 0);
 }
 
 // Slot of patch (px, py) in an image whose pooled width is `pooled_w`: px/k + pooled_w * (py/k),
 // or kSkip for padding, kNegativeCoordinate / kPastLength for patches no slot can hold. The range
 // test is done in division form so huge coordinates cannot overflow into a valid-looking slot.
-VITOPS_POOL_HOST_DEVICE int64_t slot_of(int64_t px, int64_t py, int64_t pooled_w, int64_t k, int64_t length) {
+VITOPS_HOST_DEVICE int64_t slot_of(int64_t px, int64_t py, int64_t pooled_w, int64_t k, int64_t length) {
   if (px == -1 && py == -1) return kSkip;
   if (px < 0 || py < 0) return kNegativeCoordinate;
   const int64_t col = px / k, row = py / k;
@@ -109,7 +109,7 @@ VITOPS_POOL_HOST_DEVICE int64_t slot_of(int64_t px, int64_t py, int64_t pooled_w
 
 // Padding is excluded from the width; a negative non-padding x is clamped to 0 as HF does (it can
 // only make the width 1, which an all-padding image gets anyway).
-VITOPS_POOL_HOST_DEVICE int64_t clamped_x_for_width(int64_t px, int64_t py) {
+VITOPS_HOST_DEVICE int64_t clamped_x_for_width(int64_t px, int64_t py) {
   if (px == -1 && py == -1) return 0;
   return px > 0 ? px : 0;
 }
@@ -125,27 +125,27 @@ struct Epilogue {
   bool standardize = false;
   const void* bias = nullptr;  // [D], any float dtype and stride
   const void* std_scale = nullptr;
-  rope_math::ValueKind bias_kind = rope_math::ValueKind::Float32, scale_kind = rope_math::ValueKind::Float32;
+  ValueKind bias_kind = ValueKind::Float32, scale_kind = ValueKind::Float32;
   int64_t bias_stride = 0, scale_stride = 0;
 };
 
 // Forward epilogue for channel d; only called when e.active.
 template <typename scalar_t, typename acc>
-VITOPS_POOL_HOST_DEVICE acc finish_pooled(acc sum, const Epilogue& e, int64_t d) {
-  acc y = rope_math::mul_rounded(rope_math::round_to<scalar_t>(sum), static_cast<acc>(e.scale));
+VITOPS_HOST_DEVICE acc finish_pooled(acc sum, const Epilogue& e, int64_t d) {
+  acc y = mul_rounded(round_to<scalar_t>(sum), static_cast<acc>(e.scale));
   if (e.standardize) {
-    const acc bias = rope_math::load_as<acc>(e.bias, e.bias_kind, d * e.bias_stride);
-    const acc std_scale = rope_math::load_as<acc>(e.std_scale, e.scale_kind, d * e.scale_stride);
-    y = rope_math::mul_rounded(y - bias, std_scale);
+    const acc bias = load_as<acc>(e.bias, e.bias_kind, d * e.bias_stride);
+    const acc std_scale = load_as<acc>(e.std_scale, e.scale_kind, d * e.scale_stride);
+    y = mul_rounded(y - bias, std_scale);
   }
   return y;
 }
 
 // Backward epilogue for channel d, before the 1/k² weight; only called when e.active.
 template <typename acc>
-VITOPS_POOL_HOST_DEVICE acc unfinish_grad(acc grad, const Epilogue& e, int64_t d) {
-  if (e.standardize) grad = rope_math::mul_rounded(grad, rope_math::load_as<acc>(e.std_scale, e.scale_kind, d * e.scale_stride));
-  return rope_math::mul_rounded(grad, static_cast<acc>(e.scale));
+VITOPS_HOST_DEVICE acc unfinish_grad(acc grad, const Epilogue& e, int64_t d) {
+  if (e.standardize) grad = mul_rounded(grad, load_as<acc>(e.std_scale, e.scale_kind, d * e.scale_stride));
+  return mul_rounded(grad, static_cast<acc>(e.scale));
 }
 
-}  // namespace vitops::avg_pool_by_positions
+}  // namespace vitops::pool
