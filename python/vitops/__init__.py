@@ -2,6 +2,10 @@
 
 Operators live in ``torch.ops.vitops`` (C++/CUDA kernels with fake kernels and autograd);
 ``vitops.ops`` holds their functional wrappers, ``vitops.reference`` the pure-PyTorch references.
+Both load with ``import vitops`` (the fake kernels must be registered before torch.compile traces
+an op). The model families load on first use: ``vitops.layers`` (shared layers),
+``vitops.models.<maxtext module>``, ``vitops.hf``, ``vitops.keras_hub`` and ``vitops.preprocess``
+(one module per family in each).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ _loader.load()
 
 from . import reference  # noqa: E402
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
-from . import preprocess  # noqa: E402  (Gemma 4 image preprocessing; PIL only needed for PIL inputs)
 from .ops import (  # noqa: E402
     apply_multidimensional_rope,
     avg_pool_by_positions,
@@ -63,5 +66,11 @@ __all__ = [
     "reference",
 ]
 
-# Model modules (Gemma 4 vision tower, KerasHub-style encoder, HF interop).
-from . import models, hf, keras_hub  # noqa: E402,F401
+from ._lazy import lazy_getattr  # noqa: E402
+
+_FAMILY_PACKAGES = ("layers", "models", "hf", "keras_hub", "preprocess", "testing")
+__getattr__ = lazy_getattr(__name__, _FAMILY_PACKAGES, {})
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_FAMILY_PACKAGES))

@@ -12,6 +12,9 @@ import math
 
 import torch
 
+from .layers import acc_dtype as _acc_dtype
+from .layers import rms_norm
+
 __all__ = [
     "patchify",
     "factorized_posemb",
@@ -21,10 +24,6 @@ __all__ = [
     "qkv_norm_rope",
     "avg_pool_scale_standardize",
 ]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,20 +205,6 @@ def avg_pool_by_positions(
 # --------------------------------------------------------------------------------------------
 # qkv_norm_rope (fused: HF Gemma4VisionAttention's q/k/v norms + 2-D RoPE + transpose)
 # --------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, kind: str = "scale") -> torch.Tensor:
-    """The RMS norms of the families over the last dim, r = pow(mean(x^2) + eps, -0.5) in float32
-    (float64 stays float64), rounded once to x's dtype: "scale" (x * r) * w (HF Gemma4RMSNorm),
-    "scale_plus_one" (x * r) * (1 + w) (HF Gemma3RMSNorm), "rms" x * r (no weight)."""
-    acc = _acc_dtype(x.dtype)
-    xf = x.to(acc)
-    normed = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if kind == "scale":
-        normed = normed * weight.to(acc)
-    elif kind == "scale_plus_one":
-        normed = normed * (1.0 + weight.to(acc))
-    return normed.to(x.dtype)
-
-
 def qkv_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -237,7 +222,7 @@ def qkv_norm_rope(
     rope_freqs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, L, H, hd], k/v [B, L, KV, hd] -> (q_out [B, H, L, hd], k_out, v_out [B, KV, L, hd]):
-    q_norm/k_norm (``rms_norm`` of kind `norm`, or none) and v_norm (weightless, if `v_norm`) as HF,
+    q_norm/k_norm (``vitops.layers.rms_norm`` of kind `norm`, or none) and v_norm (weightless, if `v_norm`) as HF,
     N-D RoPE of q and k by positions [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each
     rotated like _rope_chunk with `pairing`, cos/sin rounded to rope_dtype, default q's dtype, and
     the chunk's slice of `rope_freqs` when given), then transpose(1, 2).contiguous()."""

@@ -1,25 +1,20 @@
-"""Model modules built on the vitops operators (thin nn.Modules; the math lives in the ops)."""
+"""Model modules built on the vitops operators, one module per MaxText module name (thin
+``nn.Module``\\ s; the math lives in the ops and ``vitops.layers``):
 
-from . import gemma4_vision
-from .gemma4_vision import (
-    Gemma4Attention,
-    Gemma4EncoderBlock,
-    Gemma4VisionConfig,
-    Gemma4VisionEncoderLayer,
-    Gemma4VisionProjector,
-    Gemma4VisionRotaryEmbedding,
-    VisionEntry,
-    VisionExit,
-)
+* ``vitops.models.gemma4_vision``: the Gemma 4 vision tower (``maxtext.models.gemma4_vision``);
+* ``vitops.models.llama4``: Llama 4 (``maxtext.models.llama4``);
+* ``vitops.models.gemma3``: Gemma 3 (``maxtext.models.gemma3``).
 
-__all__ = [
-    "gemma4_vision",
-    "Gemma4Attention",
-    "Gemma4EncoderBlock",
-    "Gemma4VisionConfig",
-    "Gemma4VisionEncoderLayer",
-    "Gemma4VisionProjector",
-    "Gemma4VisionRotaryEmbedding",
-    "VisionEntry",
-    "VisionExit",
-]
+Each loads on first use. The Gemma 4 names stay importable from here.
+"""
+
+from .._lazy import lazy_getattr
+
+_GEMMA4 = ("Gemma4Attention", "Gemma4EncoderBlock", "Gemma4VisionConfig", "Gemma4VisionEncoderLayer",
+           "Gemma4VisionProjector", "Gemma4VisionRotaryEmbedding", "VisionEntry", "VisionExit")
+__all__ = ["gemma3", "gemma4_vision", "llama4", *_GEMMA4]
+__getattr__ = lazy_getattr(__name__, ("gemma4_vision", "llama4", "gemma3"), {n: "gemma4_vision" for n in _GEMMA4})
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -26,6 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import (
+    TANH_GELUS,
+    ClippedLinear,
+    GatedMlp,
+    RMSNorm,
+    acc_dtype,
+    attention_mask as _attention_mask,
+    broadcast_dropout,
+    dropout as _dropout,
+    dropout_active as _dropout_active,
+    mask_is_redundant as _mask_is_redundant,
+    rms_norm,
+)
 from ..ops import (
     apply_multidimensional_rope,
     avg_pool_by_positions,
@@ -58,17 +71,9 @@ __all__ = [
     "avg_pool_by_positions",
 ]
 
-# HF's names of the tanh-approximated GELU (the released models use gelu_pytorch_tanh). They are one
-# function, but HF computes the Python variants op by op in the activation dtype, so in bfloat16 they
-# round differently from the fused kernel: each is reproduced as HF writes it.
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_TANH_GELUS = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
-    "gelu_python_tanh": lambda x: x * 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-}
-_ACTIVATIONS = tuple(_TANH_GELUS)
+# The released models use gelu_pytorch_tanh; HF's other names of the tanh GELU are accepted and
+# computed as HF writes them (vitops.layers.ACTIVATIONS).
+_ACTIVATIONS = TANH_GELUS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,101 +224,13 @@ PRESETS: dict[str, Gemma4VisionConfig] = {
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 math for every low-precision dtype (as HF); float64 stays float64 for reference runs.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Gemma 4 RMSNorm: ``x * (mean(x^2) + eps)^-0.5 * scale`` in float32, cast back.
-
-    ``pow(., -0.5)`` rather than ``rsqrt`` and a float32 scale multiply reproduce HF bit for bit;
-    the weight multiplies directly (Gemma 4 folded Gemma 3's ``1 + w`` into the checkpoints).
-    """
-    acc = _acc_dtype(x.dtype)
-    xf = x.to(acc)
-    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if scale is not None:
-        y = y * scale.to(acc)
-    return y.to(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim; ``with_scale=False`` has no parameter (v-norm, projector norm)."""
-
-    def __init__(self, num_features: int, eps: float = 1e-6, with_scale: bool = True, *, device=None, dtype=None):
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.scale = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.scale, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, with_scale={self.scale is not None}"
-
-
-class ClippedLinear(nn.Linear):
-    """Bias-free linear; with ``use_clipped_linears`` its input and output are clamped to four
-    checkpoint scalars (E2B/E4B). They clip activations, not weights. Bounds are buffers (not
-    trained, follow ``.to(dtype)`` like HF's) initialised to +-inf, i.e. a no-op until loaded."""
-
-    def __init__(self, in_features: int, out_features: int, use_clipped_linears: bool = False, *, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
-        self.use_clipped_linears = use_clipped_linears
-        if use_clipped_linears:
-            for name, value in (("input_min", -math.inf), ("input_max", math.inf),
-                                ("output_min", -math.inf), ("output_max", math.inf)):
-                self.register_buffer(name, torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_clipped_linears:
-            return F.linear(x, self.weight)
-        x = torch.clamp(x, self.input_min, self.input_max)
-        return torch.clamp(F.linear(x, self.weight), self.output_min, self.output_max)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", clipped" if self.use_clipped_linears else "")
-
-
-def _dropout_active(module: nn.Module, deterministic: bool | None) -> bool:
-    """MaxText's ``deterministic`` when given (False: apply dropout), else PyTorch's train mode."""
-    return module.training if deterministic is None else not deterministic
-
-
-def _dropout(x: torch.Tensor, rate: float, active: bool) -> torch.Tensor:
-    return F.dropout(x, rate, training=True) if active and rate > 0.0 else x
-
-
-def broadcast_dropout(x: torch.Tensor, rate: float, active: bool, broadcast_dim: int = -2) -> torch.Tensor:
-    """Inverted dropout with one mask shared along ``broadcast_dim`` (MaxText's
-    ``Dropout(broadcast_dims=(-2,))``: the same channels dropped at every sequence position)."""
-    if not active or rate == 0.0:
-        return x
-    shape = list(x.shape)
-    shape[broadcast_dim] = 1
-    keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - rate)
-    return x * keep / (1.0 - rate)
-
-
-class MlpBlock(nn.Module):
+class MlpBlock(GatedMlp):
     """Gated tanh-GELU MLP ``wo(gelu_tanh(wi_0(x)) * wi_1(x))`` (MaxText names: wi_0 = gate, wi_1 = up);
     in training, MaxText's ``dropout_rate`` drops gated activations (one mask along the sequence)."""
 
     def __init__(self, config: Gemma4VisionConfig, *, device=None, dtype=None):
-        super().__init__()
-        d, i, clip = config.hidden_size, config.intermediate_size, config.use_clipped_linears
-        self.dropout_rate = config.dropout_rate
-        self.activation = config.hidden_activation
-        self.wi_0 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
-        self.wi_1 = ClippedLinear(d, i, clip, device=device, dtype=dtype)
-        self.wo = ClippedLinear(i, d, clip, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
-        h = _TANH_GELUS[self.activation](self.wi_0(x)) * self.wi_1(x)
-        h = broadcast_dropout(h, self.dropout_rate, _dropout_active(self, deterministic))
-        return self.wo(h)
+        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_activation, config.dropout_rate,
+                         config.use_clipped_linears, device=device, dtype=dtype)
 
 
 def _default_positions(batch: int, seq_len: int, device) -> torch.Tensor:
@@ -336,14 +253,6 @@ def _positions_for(positions_xy: torch.Tensor, patches: torch.Tensor) -> torch.T
             f"Gemma4VisionEncoderLayer: image_position_ids must be [L, 2] or [..., L, 2] matching the patches "
             f"{tuple(patches.shape)} (one (x, y) per patch), got shape {tuple(positions_xy.shape)}")
     return positions_xy.reshape(-1, *positions_xy.shape[-2:])
-
-
-def _mask_is_redundant(valid: torch.Tensor) -> bool:
-    """True when no key is padding and finding that out costs nothing: eager mode on the CPU. SDPA's
-    CPU flash kernel is ~8% slower with a mask, and HF drops an all-valid mask too. On CUDA reading
-    the mask would be a host sync (the tower must stay sync-free, e.g. for CUDA-graph capture) and
-    under torch.compile a data-dependent branch, so there the mask is always passed."""
-    return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())
 
 
 def _padding(positions_xy: torch.Tensor) -> torch.Tensor:
@@ -462,7 +371,7 @@ class VisionExit(nn.Module):
         # Zero padded rows (HF): their attention outputs are garbage, possibly non-finite.
         x = x.masked_fill(padding.unsqueeze(-1), 0.0)
         mask = ~padding  # MaxText's (correct) mask; HF's k == 1 branch inverts it
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         h = x.to(acc) * self.root_d_model
         if self.standardize:
             h = (h - std_bias.to(acc)) * std_scale.to(acc)
@@ -548,13 +457,7 @@ class Gemma4Attention(nn.Module):
         # gets the hidden states: float32 under autocast while q, k, v are bfloat16 there.
         q, k, v = self.norm_and_rope(q, k, v, inputs_positions, rope_dtype=inputs_q.dtype)
 
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask.view(b, 1, 1, length)  # keys only
-        if decoder_segment_ids is not None:
-            seg = decoder_segment_ids.unsqueeze(-1) == decoder_segment_ids.unsqueeze(-2)
-            seg = seg.unsqueeze(1)
-            mask = seg if mask is None else mask & seg
+        mask = _attention_mask(b, length, attention_mask, decoder_segment_ids)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask,
             dropout_p=self.dropout_rate if _dropout_active(self, deterministic) else 0.0,

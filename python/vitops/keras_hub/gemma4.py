@@ -1,4 +1,4 @@
-"""KerasHub-style entry point: ``vitops.keras_hub.Gemma4VisionEncoder``.
+"""KerasHub-style Gemma 4 entry point: ``vitops.keras_hub.Gemma4VisionEncoder``.
 
 Same constructor arguments and call convention as ``keras_hub.models.Gemma4VisionEncoder``, as a
 thin ``nn.Module`` over the shared tower (:mod:`vitops.models.gemma4_vision`): it only checks the
@@ -20,34 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+from ..models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+from ._common import check_positive_int, resolve_dtype
 
 __all__ = ["Gemma4VisionEncoder"]
 
 _CONFIG_KEYS = ("image_size", "patch_size", "num_heads", "hidden_dim", "num_layers", "intermediate_dim", "head_dim",
                 "output_dim", "num_key_value_heads", "pool_size", "position_embedding_size", "rope_max_wavelength",
                 "layer_norm_epsilon", "dropout", "use_clipped_linears", "standardize")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name in _DTYPES:
-            return _DTYPES[name]
-    raise ValueError(
-        f"Gemma4VisionEncoder: dtype must be None, 'float32', 'bfloat16', 'float16' or the matching torch dtype, "
-        f"got {dtype!r} (Keras mixed-precision policies are not supported: cast the module instead)"
-    )
-
-
-def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"Gemma4VisionEncoder: `{name}` must be a positive int, got {value!r}")
-
 
 class Gemma4VisionEncoder(nn.Module):
     """Gemma 4 vision encoder + projection into the text model (KerasHub API).
@@ -72,10 +52,10 @@ class Gemma4VisionEncoder(nn.Module):
                             ("intermediate_dim", intermediate_dim), ("head_dim", head_dim),
                             ("output_dim", output_dim), ("pool_size", pool_size),
                             ("position_embedding_size", position_embedding_size)):
-            _positive_int(name, value)
+            check_positive_int("Gemma4VisionEncoder", name, value)
         if num_key_value_heads is None:
             num_key_value_heads = num_heads
-        _positive_int("num_key_value_heads", num_key_value_heads)
+        check_positive_int("Gemma4VisionEncoder", "num_key_value_heads", num_key_value_heads)
         if num_heads % num_key_value_heads:
             raise ValueError(f"Gemma4VisionEncoder: num_heads ({num_heads}) must be divisible by "
                              f"num_key_value_heads ({num_key_value_heads})")
@@ -90,7 +70,7 @@ class Gemma4VisionEncoder(nn.Module):
                              f"got {layer_norm_epsilon!r}")
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"Gemma4VisionEncoder: dropout must be in [0, 1), got {dropout!r}")
-        torch_dtype = _resolve_dtype(dtype)
+        torch_dtype = resolve_dtype("Gemma4VisionEncoder", dtype)
 
         # KerasHub stores every constructor argument under its own name (get_config reads them back).
         self.image_size = image_size

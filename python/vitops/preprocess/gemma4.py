@@ -18,7 +18,7 @@ Which resize runs depends on the input type:
 * **torch tensors** take the *torch path* (stays on the tensor's device, e.g. CUDA): a separable
   antialiased ``F.interpolate`` in float32. PIL's antialias
   bicubic uses a = -0.5, which is also what torch uses when ``antialias=True``, so the filters are the
-  same. Like PIL it runs two 1-D passes (order: see ``_pass_sizes``); for uint8 tensors each pass is
+  same. Like PIL it runs two 1-D passes (order: see ``vitops.preprocess._images.pass_sizes``); for uint8 tensors each pass is
   rounded to integers (half up) and clamped to [0, 255] as PIL stores its passes in uint8, float
   tensors are clamped to [0, 1] after each pass. The remaining difference from the PIL path
   comes from PIL's fixed-point weights (and, for float inputs, from not rounding to uint8). Measured
@@ -43,11 +43,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ._images import (
+    BACKENDS,
+    RESAMPLE,
+    check_unit_range,
+    demo_image,
+    is_pil,
+    resize_pil_path,
+    resize_torch_path,
+    size_hw,
+    split_images,
+    to_chw_tensor,
+    to_hwc_numpy,
+)
 
 __all__ = [
     "SUPPORTED_SOFT_TOKENS",
@@ -60,14 +73,6 @@ __all__ = [
 
 # Soft-token budgets the released checkpoints were trained with; HF refuses anything else.
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
-
-_RESAMPLE = ("bicubic", "bilinear")
-_BACKENDS = ("auto", "pil", "torch")
-_CHANNEL_SIZES = (1, 3, 4)
-
-# HF rescales as float32(float64(v) * (1/255)); a table of those 256 values gives the same bits on
-# every device without float64 arithmetic on the GPU.
-_UINT8_TO_UNIT = (torch.arange(256, dtype=torch.float64) * (1 / 255)).to(torch.float32)
 
 
 def get_aspect_ratio_preserving_size(
@@ -127,7 +132,7 @@ class Gemma4Preprocessed:
     def __post_init__(self):
         # The (x, y) and patch axes are fixed sizes: kept out of torch.compile(dynamic=True)'s
         # duck shaping, which would tie them to a batch (or sequence) of the same size.
-        from .models.gemma4_vision import mark_static_axes
+        from ..models.gemma4_vision import mark_static_axes
 
         mark_static_axes(self.pixel_values, self.pixel_position_ids)
 
@@ -144,174 +149,6 @@ class Gemma4Preprocessed:
                                   list(self.num_soft_tokens_per_image), list(self.patch_grid_hw),
                                   list(self.resized_hw))
 
-
-# ---------------------------------------------------------------------------------------------
-# input normalisation: everything becomes a list of ("pil", PIL.Image RGB) / ("np", HxWx3 array) /
-# ("torch", 3xHxW tensor)
-# ---------------------------------------------------------------------------------------------
-def _is_pil(obj: Any) -> bool:
-    # PIL is optional for the tensor path, so check without importing it.
-    return type(obj).__module__.startswith("PIL.") and hasattr(obj, "convert") and hasattr(obj, "resize")
-
-
-def _check_dtype(dtype_is_uint8: bool, dtype_is_float: bool, dtype: Any) -> None:
-    if not (dtype_is_uint8 or dtype_is_float):
-        raise TypeError(f"images must be uint8 ([0, 255]) or floating point ([0, 1]), got dtype {dtype}")
-
-
-def _layout(shape: Sequence[int], channels_last: bool | None) -> bool:
-    """True when a 3-D shape is [H, W, C]; False for [C, H, W]."""
-    first, last = shape[0] in _CHANNEL_SIZES, shape[-1] in _CHANNEL_SIZES
-    if channels_last is None:
-        if first == last:
-            what = "both" if first else "neither"
-            raise ValueError(
-                f"cannot infer the channel axis of an image of shape {tuple(shape)}: {what} of the first and "
-                f"last axes have a channel-like size {_CHANNEL_SIZES}; pass channels_last=True or False"
-            )
-        channels_last = last
-    c = shape[-1] if channels_last else shape[0]
-    if c not in _CHANNEL_SIZES:
-        raise ValueError(f"image of shape {tuple(shape)} has {c} channels; expected one of {_CHANNEL_SIZES}")
-    return channels_last
-
-
-def _split(images: Any, channels_last: bool | None) -> list[Any]:
-    """Flattens the accepted input forms into a list of single images."""
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError("no images given")
-        out: list[Any] = []
-        for im in images:
-            if isinstance(im, (list, tuple)):
-                raise TypeError("nested lists of images are not supported; pass a flat list")
-            out.extend(_split(im, channels_last))
-        return out
-    if _is_pil(images):
-        return [images]
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        if images.ndim == 4:
-            return [images[i] for i in range(images.shape[0])]
-        if images.ndim in (2, 3):
-            return [images]
-        raise ValueError(
-            f"expected an image [H, W], [H, W, C], [C, H, W] or a batch [B, ...] of those, got shape {tuple(images.shape)}"
-        )
-    raise TypeError(f"unsupported image type {type(images).__name__}; use PIL images, numpy arrays or torch tensors")
-
-
-def _to_hwc_numpy(a: np.ndarray, channels_last: bool | None) -> np.ndarray:
-    _check_dtype(a.dtype == np.uint8, np.issubdtype(a.dtype, np.floating), a.dtype)
-    if a.ndim == 2:
-        a = a[..., None]
-    elif not _layout(a.shape, channels_last):
-        a = a.transpose(1, 2, 0)
-    return _rgb_channels(a, axis=-1)
-
-
-def _to_chw_tensor(t: torch.Tensor, channels_last: bool | None) -> torch.Tensor:
-    _check_dtype(t.dtype == torch.uint8, t.is_floating_point(), t.dtype)
-    if t.ndim == 2:
-        t = t[None]
-    elif _layout(t.shape, channels_last):
-        t = t.permute(2, 0, 1)
-    return _rgb_channels(t, axis=0)
-
-
-def _rgb_channels(x, axis: int):
-    """1 channel -> repeated (what PIL's L -> RGB does); 4 -> alpha dropped (PIL's RGBA -> RGB)."""
-    c = x.shape[axis]
-    idx = [slice(None)] * x.ndim
-    if c == 1:
-        idx[axis] = [0, 0, 0]
-        return x[tuple(idx)]
-    if c == 4:
-        idx[axis] = slice(0, 3)
-        return x[tuple(idx)]
-    return x
-
-
-def _check_unit_range(x, name: str) -> None:
-    if (x.size if isinstance(x, np.ndarray) else x.numel()) == 0:
-        return  # empty images are rejected later with a clearer message
-    lo, hi = float(x.min()), float(x.max())
-    if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
-        raise ValueError(
-            f"floating-point {name} must hold values in [0, 1] (got [{lo}, {hi}]); pass uint8 for [0, 255] data"
-        )
-
-
-def _size_hw(x) -> tuple[int, int]:
-    return (x.size[1], x.size[0]) if _is_pil(x) else (x.shape[0], x.shape[1]) if isinstance(x, np.ndarray) else (x.shape[1], x.shape[2])
-
-
-# ---------------------------------------------------------------------------------------------
-# resizing
-# ---------------------------------------------------------------------------------------------
-def _pil_filter(resample: str):
-    from PIL import Image
-
-    return {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[resample]
-
-
-def _pass_sizes(h: int, w: int, th: int, tw: int) -> list[tuple[int, int]]:
-    """Intermediate and final sizes of the two 1-D resampling passes, in Pillow's order.
-
-    Pillow 13 runs the vertical pass first when the height shrinks and the width grows (measured:
-    the other order leaves ~30% of values off by up to 8-19 levels there) and the horizontal pass
-    first otherwise. The measured choice for some shrink-both cases does not follow this rule; the
-    aspect-preserving resize rarely shrinks the two sides by very different factors, and the
-    tolerance tests cover what is left.
-    """
-    if th < h and tw > w:
-        sizes = [(th, w), (th, tw)]
-    else:
-        sizes = [(h, tw), (th, tw)]
-    return [s for s, prev in zip(sizes, [(h, w)] + sizes) if s != prev]
-
-
-def _resize_pil_path(img, th: int, tw: int, resample: str) -> torch.Tensor:
-    """PIL image (RGB) or HxWx3 numpy -> float32 [th, tw, 3] in [0, 1]."""
-    from PIL import Image
-
-    if _is_pil(img) or img.dtype == np.uint8:
-        pil = img if _is_pil(img) else Image.fromarray(np.ascontiguousarray(img))
-        if (pil.size[1], pil.size[0]) != (th, tw):
-            pil = pil.resize((tw, th), resample=_pil_filter(resample))
-        u8 = torch.from_numpy(np.array(pil, dtype=np.uint8))
-        return _UINT8_TO_UNIT[u8.long()]
-    # Float arrays: PIL has no float RGB mode, so each channel is a mode "F" (float32) image. Same
-    # filter as the uint8 path without its rounding; clamping mirrors uint8 saturation.
-    # One 1-D pass at a time (in the uint8 path's order) so values saturate between passes as
-    # they do in uint8.
-    a = np.ascontiguousarray(img, dtype=np.float32)
-    for ph, pw in _pass_sizes(a.shape[0], a.shape[1], th, tw):
-        chans = [np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c])).resize((pw, ph), resample=_pil_filter(resample)))
-                 for c in range(3)]
-        a = np.clip(np.stack(chans, axis=-1), 0.0, 1.0)
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def _resize_torch_path(t: torch.Tensor, th: int, tw: int, resample: str) -> torch.Tensor:
-    """3xHxW tensor -> float32 [th, tw, 3] in [0, 1] on the tensor's device."""
-    is_u8 = t.dtype == torch.uint8
-    h, w = t.shape[1], t.shape[2]
-    if (h, w) == (th, tw):
-        out = _UINT8_TO_UNIT.to(t.device)[t.long()] if is_u8 else t.to(torch.float32)
-        return out.permute(1, 2, 0).contiguous()
-    x = t[None].to(torch.float32)
-
-    def settle(y: torch.Tensor) -> torch.Tensor:
-        # PIL keeps each pass in uint8: round half up and saturate. Float images only saturate.
-        return torch.floor(y + 0.5).clamp_(0, 255) if is_u8 else y.clamp_(0, 1)
-
-    # Two 1-D passes in PIL's order; the rounding between them matters for uint8.
-    for size in _pass_sizes(h, w, th, tw):
-        x = settle(F.interpolate(x, size=size, mode=resample, antialias=True, align_corners=False))
-    x = x[0].permute(1, 2, 0)
-    if is_u8:
-        return _UINT8_TO_UNIT.to(x.device)[x.long()].contiguous()
-    return x.contiguous()
 
 
 def _patchify(img_hwc: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,10 +192,10 @@ class Gemma4ImageProcessor:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         _check_budget(max_soft_tokens)
-        if resample not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {_RESAMPLE}, got {resample!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if resample not in RESAMPLE:
+            raise ValueError(f"resample must be one of {RESAMPLE}, got {resample!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.patch_size = patch_size
         self.pooling_kernel_size = pooling_kernel_size
         self.max_soft_tokens = max_soft_tokens
@@ -402,27 +239,27 @@ class Gemma4ImageProcessor:
         budget = self.max_soft_tokens if max_soft_tokens is None else _check_budget(max_soft_tokens)
         p, k = self.patch_size, self.pooling_kernel_size
         max_patches = budget * k * k
-        items = _split(images, channels_last)
+        items = split_images(images, channels_last)
 
         prepared = []
         for im in items:
             use_torch = isinstance(im, torch.Tensor) and self.backend != "pil"
             use_torch = use_torch or (self.backend == "torch" and not isinstance(im, torch.Tensor))
-            if _is_pil(im):
+            if is_pil(im):
                 # HF converts every non-RGB mode (L, LA, P, RGBA, CMYK, I;16...) with PIL itself.
                 im = im if im.mode == "RGB" else im.convert("RGB")
                 if use_torch:
                     im = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
             elif isinstance(im, torch.Tensor):
-                im = _to_chw_tensor(im, channels_last)
+                im = to_chw_tensor(im, channels_last)
                 if im.is_floating_point():
-                    _check_unit_range(im, "tensors")
+                    check_unit_range(im, "tensors")
                 if not use_torch:
                     im = im.detach().cpu().permute(1, 2, 0).numpy()
             else:
-                im = _to_hwc_numpy(im, channels_last)
+                im = to_hwc_numpy(im, channels_last)
                 if np.issubdtype(im.dtype, np.floating):
-                    _check_unit_range(im, "arrays")
+                    check_unit_range(im, "arrays")
                 if use_torch:
                     im = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
             prepared.append((use_torch, im))
@@ -437,9 +274,9 @@ class Gemma4ImageProcessor:
         positions = torch.full((batch, max_patches, 2), -1, dtype=torch.int64, device=device)
         tokens, grids, sizes = [], [], []
         for i, (use_torch, im) in enumerate(prepared):
-            h, w = _size_hw(im)
+            h, w = size_hw(im)
             th, tw = get_aspect_ratio_preserving_size(h, w, p, max_patches, k)
-            img = _resize_torch_path(im, th, tw, self.resample) if use_torch else _resize_pil_path(im, th, tw, self.resample)
+            img = resize_torch_path(im, th, tw, self.resample) if use_torch else resize_pil_path(im, th, tw, self.resample)
             patches, pos = _patchify(img, p)
             n = patches.shape[0]
             pixel_values[i, :n] = patches.to(device)
@@ -470,19 +307,3 @@ def preprocess_gemma4(
     """Functional form of :class:`Gemma4ImageProcessor` (same arguments and output)."""
     proc = Gemma4ImageProcessor(patch_size, pooling_kernel_size, max_soft_tokens, resample, backend)
     return proc.preprocess(images, channels_last=channels_last, device=device)
-
-
-def demo_image():
-    """The bundled 640x480 RGB demo picture as a PIL image (needs Pillow).
-
-    A synthetic landscape rendered by ``tools/make_demo_image.py`` (numpy only, deterministic), so
-    examples and tests have a natural-looking input without downloading anything.
-    """
-    from importlib.resources import files
-
-    from PIL import Image
-
-    with files("vitops").joinpath("assets", "demo_640x480.png").open("rb") as f:
-        img = Image.open(f)
-        img.load()  # read now: the file closes when the block ends
-    return img.convert("RGB")

@@ -1,0 +1,21 @@
+"""HF ``transformers`` interop, one module per family: configs, checkpoint loading and export.
+
+* ``vitops.hf.gemma4``: Gemma 4 vision tower + embedder (``Gemma4Config`` / ``Gemma4VisionConfig``).
+
+The checkpoint mapping they share (key maps, prefix detection, mismatch errors, load reports,
+meta-device loading) is ``vitops.hf._checkpoint``. Modules load on first use; the Gemma 4 functions
+stay importable from here (``vitops.hf.from_hf`` and the rest).
+"""
+
+from .._lazy import lazy_getattr
+
+_GEMMA4 = ("config_from_hf", "to_hf_vision_config", "from_hf", "load_hf_state_dict", "to_hf_state_dict",
+           "save_hf_safetensors", "DEFAULT_VISION_PREFIX", "DEFAULT_EMBEDDER_PREFIX")
+_SHARED = ("CheckpointMismatchError", "LoadReport", "read_checkpoint")
+_NAMES = {**{n: "gemma4" for n in _GEMMA4}, **{n: "_checkpoint" for n in _SHARED}}
+__all__ = ["gemma4", *_SHARED, *_GEMMA4]
+__getattr__ = lazy_getattr(__name__, ("gemma4",), _NAMES)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,229 @@
+"""Layers every tower shares, in plain PyTorch: norms, (clipped) linears, activations, dropout,
+gated MLPs and attention masks. The model families (``vitops.models.*``) build on these; the
+numerics follow HF ``transformers`` (float32 math for low-precision inputs, one rounding at the
+end), and ``vitops.reference`` uses the same norm for the fused ops' oracles.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "AttentionType",
+    "ClippedLinear",
+    "GatedMlp",
+    "RMSNorm",
+    "acc_dtype",
+    "activation",
+    "attention_mask",
+    "broadcast_dropout",
+    "dropout",
+    "dropout_active",
+    "mask_is_redundant",
+    "rms_norm",
+]
+
+NORM_KINDS = ("scale", "scale_plus_one", "rms")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float32 for every low-precision dtype (as HF); float64 stays float64
+    (reference runs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float, kind: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim, r = ``pow(mean(x^2) + eps, -0.5)`` in float32, cast back once:
+
+    * ``"scale"``: ``(x * r) * w`` (HF Gemma4RMSNorm; Gemma 4 folded Gemma 3's ``1 + w`` into its
+      checkpoints),
+    * ``"scale_plus_one"``: ``(x * r) * (1 + w)`` (HF Gemma3RMSNorm, the ``1 + w`` added in float32),
+    * ``"rms"``: ``x * r`` (no weight).
+
+    ``kind=None`` means ``"scale"`` with a weight and ``"rms"`` without. ``pow(., -0.5)`` and a
+    float32 weight multiply reproduce HF's Gemma 4 norm bit for bit (``rsqrt`` equals it on the CPU).
+    """
+    kind = kind if kind is not None else ("rms" if scale is None else "scale")
+    if kind not in NORM_KINDS:
+        raise ValueError(f"rms_norm: `kind` must be one of {NORM_KINDS}, got {kind!r}")
+    if (scale is None) != (kind == "rms"):
+        raise ValueError(f"rms_norm: kind={kind!r} {'takes no' if kind == 'rms' else 'needs a'} scale")
+    acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if kind == "scale":
+        y = y * scale.to(acc)
+    elif kind == "scale_plus_one":
+        y = y * (1.0 + scale.to(acc))
+    return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim (:func:`rms_norm`). ``with_scale=False`` has no parameter (Gemma 4's
+    v-norm and projector norm); ``plus_one=True`` applies ``1 + scale`` (Gemma 3), initialised to 0."""
+
+    def __init__(self, num_features: int, eps: float = 1e-6, with_scale: bool = True, *, plus_one: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if plus_one and not with_scale:
+            raise ValueError("RMSNorm: plus_one needs with_scale=True")
+        self.num_features = num_features
+        self.eps = eps
+        self.plus_one = plus_one
+        init = torch.zeros if plus_one else torch.ones
+        self.scale = nn.Parameter(init(num_features, device=device, dtype=dtype)) if with_scale else None
+
+    @property
+    def kind(self) -> str:
+        """The norm kind of :func:`rms_norm` (and of the fused ops' ``norm`` argument)."""
+        return "rms" if self.scale is None else ("scale_plus_one" if self.plus_one else "scale")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.scale, self.eps, self.kind)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, with_scale={self.scale is not None}"
+                + (", plus_one=True" if self.plus_one else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linears and activations
+# ---------------------------------------------------------------------------------------------
+class ClippedLinear(nn.Linear):
+    """Bias-free linear; with ``use_clipped_linears`` its input and output are clamped to four
+    checkpoint scalars (Gemma 4 E2B/E4B). They clip activations, not weights. Bounds are buffers
+    (not trained, follow ``.to(dtype)`` like HF's) initialised to +-inf, i.e. a no-op until loaded."""
+
+    def __init__(self, in_features: int, out_features: int, use_clipped_linears: bool = False, *, device=None,
+                 dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.use_clipped_linears = use_clipped_linears
+        if use_clipped_linears:
+            for name, value in (("input_min", -math.inf), ("input_max", math.inf),
+                                ("output_min", -math.inf), ("output_max", math.inf)):
+                self.register_buffer(name, torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_clipped_linears:
+            return F.linear(x, self.weight)
+        x = torch.clamp(x, self.input_min, self.input_max)
+        return torch.clamp(F.linear(x, self.weight), self.output_min, self.output_max)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", clipped" if self.use_clipped_linears else "")
+
+
+# HF's names of the tanh-approximated GELU (Gemma's gelu_pytorch_tanh and its aliases) and the exact
+# GELU. The tanh forms are one function, but HF computes the Python variants op by op in the
+# activation dtype, so in bfloat16 they round differently from the fused kernel: each is reproduced
+# as HF writes it.
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_python_tanh": lambda x: x * 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu": F.gelu,
+}
+TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_python_tanh", "gelu_fast")
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation HF names ``name`` (``hidden_act`` / ``hidden_activation``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout (MaxText's `deterministic` flag or PyTorch's train mode)
+# ---------------------------------------------------------------------------------------------
+def dropout_active(module: nn.Module, deterministic: bool | None) -> bool:
+    """MaxText's ``deterministic`` when given (False: apply dropout), else PyTorch's train mode."""
+    return module.training if deterministic is None else not deterministic
+
+
+def dropout(x: torch.Tensor, rate: float, active: bool) -> torch.Tensor:
+    return F.dropout(x, rate, training=True) if active and rate > 0.0 else x
+
+
+def broadcast_dropout(x: torch.Tensor, rate: float, active: bool, broadcast_dim: int = -2) -> torch.Tensor:
+    """Inverted dropout with one mask shared along ``broadcast_dim`` (MaxText's
+    ``Dropout(broadcast_dims=(-2,))``: the same channels dropped at every sequence position)."""
+    if not active or rate == 0.0:
+        return x
+    shape = list(x.shape)
+    shape[broadcast_dim] = 1
+    keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP
+# ---------------------------------------------------------------------------------------------
+class GatedMlp(nn.Module):
+    """Gated MLP ``wo(act(wi_0(x)) * wi_1(x))`` with bias-free (optionally clipped) linears (MaxText
+    names: wi_0 = gate, wi_1 = up, wo = down); in training ``dropout_rate`` drops the gated
+    activations with one mask along the sequence (MaxText's MlpBlock)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_activation: str = "gelu_pytorch_tanh",
+                 dropout_rate: float = 0.0, use_clipped_linears: bool = False, *, device=None, dtype=None):
+        super().__init__()
+        self.dropout_rate = dropout_rate
+        self.activation = hidden_activation
+        activation(hidden_activation)  # unknown names fail here, not at the first call
+        kw = dict(device=device, dtype=dtype)
+        self.wi_0 = ClippedLinear(hidden_size, intermediate_size, use_clipped_linears, **kw)
+        self.wi_1 = ClippedLinear(hidden_size, intermediate_size, use_clipped_linears, **kw)
+        self.wo = ClippedLinear(intermediate_size, hidden_size, use_clipped_linears, **kw)
+
+    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        h = ACTIVATIONS[self.activation](self.wi_0(x)) * self.wi_1(x)
+        h = broadcast_dropout(h, self.dropout_rate, dropout_active(self, deterministic))
+        return self.wo(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention helpers
+# ---------------------------------------------------------------------------------------------
+class AttentionType(enum.Enum):
+    """MaxText's attention kinds (``maxtext.common_types.AttentionType``)."""
+
+    GLOBAL = "global"  # causal over the whole sequence
+    LOCAL_SLIDING = "local_sliding"  # causal within a sliding window (Gemma 3's local layers)
+    CHUNK = "chunk"  # causal within fixed chunks (Llama 4's RoPE layers)
+    MLA = "mla"
+    FULL = "full"  # bidirectional (vision encoders)
+
+
+def attention_mask(batch: int, length: int, key_mask: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The boolean SDPA mask (True = attend) of a key-padding mask ``[B, L]`` (True = valid key;
+    padded queries still attend, their outputs are discarded later) and/or MaxText's
+    ``decoder_segment_ids`` ``[B, L]`` (attend within a segment); None when neither is given."""
+    mask = None
+    if key_mask is not None:
+        mask = key_mask.view(batch, 1, 1, length)  # keys only
+    if segment_ids is not None:
+        seg = (segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)).unsqueeze(1)
+        mask = seg if mask is None else mask & seg
+    return mask
+
+
+def mask_is_redundant(valid: torch.Tensor) -> bool:
+    """True when no key is padding and finding that out costs nothing: eager mode on the CPU. SDPA's
+    CPU flash kernel is ~8% slower with a mask, and HF drops an all-valid mask too. On CUDA reading
+    the mask would be a host sync (the towers must stay sync-free, e.g. for CUDA-graph capture) and
+    under torch.compile a data-dependent branch, so there the mask is always passed."""
+    return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())

@@ -1,0 +1,24 @@
+"""Image preprocessing, one module per family, each reproducing its HF image processor:
+
+* ``vitops.preprocess.gemma4``: :class:`Gemma4ImageProcessor` (``Gemma4ImageProcessorPil``).
+
+The input forms and resizes they share live in ``vitops.preprocess._images``. Modules load on first
+use; the Gemma 4 names stay importable from here.
+"""
+
+from .._lazy import lazy_getattr
+
+_NAMES = {
+    "SUPPORTED_SOFT_TOKENS": "gemma4",
+    "Gemma4ImageProcessor": "gemma4",
+    "Gemma4Preprocessed": "gemma4",
+    "get_aspect_ratio_preserving_size": "gemma4",
+    "preprocess_gemma4": "gemma4",
+    "demo_image": "_images",
+}
+__all__ = ["gemma4", *_NAMES]
+__getattr__ = lazy_getattr(__name__, ("gemma4",), _NAMES)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
