@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vitops.ops._manifest import DEFAULT_TOLERANCES
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -18,13 +20,10 @@ def device_dtypes():
 
 
 def tol(dtype: torch.dtype) -> dict:
-    """Tolerances for comparing a kernel with the reference (both accumulate in float32)."""
-    return {
-        torch.float64: dict(rtol=1e-12, atol=1e-12),
-        torch.float32: dict(rtol=1e-5, atol=1e-5),
-        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-        torch.float16: dict(rtol=1e-3, atol=1e-3),
-    }[dtype]
+    """Tolerances for comparing a kernel with the reference (both accumulate in float32): the op
+    manifest's defaults."""
+    rtol, atol = DEFAULT_TOLERANCES[dtype]
+    return dict(rtol=rtol, atol=atol)
 
 
 def noncontiguous(t: torch.Tensor, dim: int = -2) -> torch.Tensor:

@@ -30,14 +30,9 @@ from vitops import reference
 
 from _utils import tol
 
-OPS = (
-    "patchify",
-    "factorized_posemb",
-    "apply_multidimensional_rope",
-    "avg_pool_by_positions",
-    "avg_pool_scale_standardize",
-    "qkv_norm_rope",
-)
+from vitops.ops._manifest import MANIFEST, entry
+
+OPS = tuple(e.name for e in MANIFEST)  # the op manifest; the generators and mutations below are the fuzzer's own
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 BAD_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.bool, torch.complex64, torch.float8_e4m3fn)
@@ -230,48 +225,14 @@ GENERATORS = {
     "qkv_norm_rope": _qkv,
 }
 
-# argument order of each forward schema
-SCHEMA_ARGS = {
-    "patchify": ["images", "patch_size"],
-    "factorized_posemb": ["posemb", "positions_xy", "table_dim"],
-    "apply_multidimensional_rope": ["inputs", "positions", "base_frequency", "rotary_fraction", "scale_factor"],
-    "avg_pool_by_positions": ["x", "positions_xy", "length"],
-    "avg_pool_scale_standardize": ["x", "positions_xy", "length", "scale", "std_bias", "std_scale"],
-    "qkv_norm_rope": ["q", "k", "v", "q_weight", "k_weight", "positions", "eps", "base_frequency", "rope_dtype",
-                      "norm", "v_norm", "pairing", "rope_freqs"],
-}
-DIFFERENTIABLE = {
-    "patchify": ["images"],
-    "factorized_posemb": ["posemb"],
-    "apply_multidimensional_rope": ["inputs"],
-    "avg_pool_by_positions": ["x"],
-    "avg_pool_scale_standardize": ["x"],
-    "qkv_norm_rope": ["q", "k", "v", "q_weight", "k_weight"],
-}
+# argument order of each forward schema, and the arguments autograd differentiates
+SCHEMA_ARGS = {e.name: list(e.args) for e in MANIFEST}
+DIFFERENTIABLE = {e.name: list(e.differentiable) for e in MANIFEST}
 
 
 def reference_call(op: str, kw: dict):
     """The reference's outputs in the raw op's output layout."""
-    if op == "patchify":
-        return reference.patchify(kw["images"], kw["patch_size"])
-    if op == "factorized_posemb":
-        return reference.factorized_posemb(kw["posemb"], kw["positions_xy"], kw["table_dim"])
-    if op == "apply_multidimensional_rope":
-        return reference.apply_multidimensional_rope(
-            kw["inputs"], kw["positions"], base_frequency=kw["base_frequency"],
-            rotary_fraction=kw["rotary_fraction"], scale_factor=kw["scale_factor"])
-    if op == "avg_pool_by_positions":
-        return reference.avg_pool_by_positions(kw["x"], kw["positions_xy"], kw["length"])
-    if op == "avg_pool_scale_standardize":
-        return reference.avg_pool_scale_standardize(kw["x"], kw["positions_xy"], kw["length"], kw["scale"],
-                                                    kw["std_bias"], kw["std_scale"])
-    if op == "qkv_norm_rope":
-        outs = reference.qkv_norm_rope(kw["q"], kw["k"], kw["v"], kw["q_weight"], kw["k_weight"], kw["positions"],
-                                       eps=kw["eps"], base_frequency=kw["base_frequency"],
-                                       rope_dtype=kw["rope_dtype"], norm=kw["norm"], v_norm=kw["v_norm"],
-                                       pairing=kw["pairing"], rope_freqs=kw["rope_freqs"])
-        return tuple(o.transpose(1, 2) for o in outs)  # the raw op returns [B, L, N, hd]
-    raise KeyError(op)
+    return entry(op).reference(**kw)
 
 
 def op_fn(namespace: str, op: str):
@@ -585,27 +546,14 @@ def run_case(case: Case, namespace: str) -> str | None:
     return _fake_agrees(namespace, case, None, out)
 
 
-BACKWARD_OP = {op: f"_{op}_backward" for op in OPS}
+BACKWARD_OP = {e.name: e.backward for e in MANIFEST}
 
 
 def backward_args(op: str, kw: dict, outputs: list) -> list:
     """Arguments of the raw backward op for upstream gradients shaped like the forward outputs."""
     g = torch.Generator().manual_seed(99)
     grads = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outputs]
-    if op == "patchify":
-        img = kw["images"]
-        return [grads[0], img.shape[-3], img.shape[-2], kw["patch_size"]]
-    if op == "factorized_posemb":
-        return [grads[0], kw["positions_xy"], kw["posemb"].shape[1 - kw["table_dim"]], kw["table_dim"]]
-    if op == "apply_multidimensional_rope":
-        return [grads[0], kw["positions"], kw["base_frequency"], kw["rotary_fraction"], kw["scale_factor"]]
-    if op == "avg_pool_by_positions":
-        return [grads[0], kw["positions_xy"], kw["length"], kw["x"].shape[1]]
-    if op == "avg_pool_scale_standardize":
-        return [grads[0], kw["positions_xy"], kw["length"], kw["x"].shape[1], kw["scale"], kw["std_scale"]]
-    if op == "qkv_norm_rope":
-        return [*grads[:3], *_args(op, kw)]  # gradients in the outputs' [B, L, N, hd] layout
-    raise KeyError(op)
+    return entry(op).backward_args(kw, grads)
 
 
 def check_emulated_backward(op: str, kw: dict) -> str | None:

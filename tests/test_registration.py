@@ -7,6 +7,7 @@ import torch
 
 import vitops
 from vitops import _build_info, _loader
+from vitops.ops._manifest import MANIFEST
 
 GOLDEN_SCHEMAS = {
     "patchify": "vitops::patchify(Tensor images, SymInt patch_size) -> (Tensor patches, Tensor positions_xy)",
@@ -23,7 +24,15 @@ GOLDEN_SCHEMAS = {
     "_avg_pool_scale_standardize_backward": "vitops::_avg_pool_scale_standardize_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len, float scale, Tensor? std_scale) -> Tensor",
 }
 
-FORWARD_OPS = [name for name in GOLDEN_SCHEMAS if not name.startswith("_")]
+FORWARD_OPS = [e.name for e in MANIFEST]  # the op manifest
+
+
+def test_manifest_lists_every_op_and_its_backward():
+    assert set(GOLDEN_SCHEMAS) == {n for e in MANIFEST for n in (e.name, e.backward)}
+    assert vitops.OPS == tuple(FORWARD_OPS)
+    for e in MANIFEST:
+        schema = getattr(torch.ops.vitops, e.name).default._schema
+        assert tuple(a.name for a in schema.arguments) == e.args, e.name
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SCHEMAS))

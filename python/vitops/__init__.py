@@ -29,14 +29,9 @@ from .ops import (  # noqa: E402
 
 __version__ = "0.1.0"
 
-OPS = (
-    "patchify",
-    "factorized_posemb",
-    "apply_multidimensional_rope",
-    "avg_pool_by_positions",
-    "qkv_norm_rope",
-    "avg_pool_scale_standardize",
-)
+from .ops._manifest import MANIFEST as _MANIFEST  # noqa: E402
+
+OPS = tuple(e.name for e in _MANIFEST)  # every operator (the op manifest, vitops/ops/_manifest.py)
 
 
 def build_info() -> dict:

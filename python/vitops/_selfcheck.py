@@ -7,59 +7,8 @@ import time
 
 import torch
 
-from . import _loader, ops, reference
-
-
-def _positions_batch(grids, length_per_image, device):
-    """Padded (x, y) positions for a batch of patch grids [(rows, cols), ...]; padding (-1, -1)."""
-    pos = torch.full((len(grids), length_per_image, 2), -1, dtype=torch.int64, device=device)
-    for b, (rows, cols) in enumerate(grids):
-        ys, xs = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
-        pos[b, : rows * cols] = torch.stack([xs, ys], -1).reshape(-1, 2)
-    return pos
-
-
-def _cases(device: str, dtype: torch.dtype):
-    """(op name, vitops callable, reference callable, args) with small realistic shapes."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    images = rnd(2, 48, 96, 3)
-    pos = _positions_batch([(6, 9), (9, 6)], 81, device)
-    table = rnd(2, 64, 40)
-    q = rnd(2, 81, 4, 72)
-    x = rnd(2, 81, 40)
-    qkv = rnd(2, 81, 3, 4, 72)  # one fused projection; q/k/v are strided views of it
-    qw, kw = rnd(72), rnd(72)
-    std_bias, std_scale = rnd(40), rnd(40)
-    yield "patchify", lambda: ops.patchify(images, 16), lambda: reference.patchify(images, 16)
-    yield (
-        "factorized_posemb",
-        lambda: ops.factorized_posemb(table, pos, layout="hf"),
-        lambda: reference.factorized_posemb(table, pos, 0),
-    )
-    yield (
-        "apply_multidimensional_rope",
-        lambda: ops.apply_multidimensional_rope(q, pos, base_frequency=100.0),
-        lambda: reference.apply_multidimensional_rope(q, pos, base_frequency=100.0),
-    )
-    yield (
-        "avg_pool_by_positions",
-        lambda: ops.avg_pool_by_positions(x, positions_xy=pos, length=9),
-        lambda: reference.avg_pool_by_positions(x, pos, 9),
-    )
-    yield (
-        "qkv_norm_rope",
-        lambda: ops.qkv_norm_rope(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], qw, kw, pos, eps=1e-6, base_frequency=100.0),
-        lambda: reference.qkv_norm_rope(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], qw, kw, pos, eps=1e-6, base_frequency=100.0),
-    )
-    yield (
-        "avg_pool_scale_standardize",
-        lambda: ops.avg_pool_scale_standardize(x, pos, 9, 40**0.5, std_bias, std_scale),
-        lambda: reference.avg_pool_scale_standardize(x, pos, 9, 40**0.5, std_bias, std_scale),
-    )
+from . import _loader
+from .ops._manifest import MANIFEST
 
 
 def _max_err(a, b) -> float:
@@ -74,7 +23,19 @@ def _max_err(a, b) -> float:
     return err
 
 
-_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+def _within(out, ref, tolerance) -> bool:
+    """Every output within the entry's (rtol, atol) of the reference (integer outputs equal)."""
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    for u, v in zip(out, ref):
+        if not u.is_floating_point():
+            if not torch.equal(u, v):
+                return False
+            continue
+        rtol, atol = tolerance[u.dtype]
+        if not torch.allclose(u.double(), v.double(), rtol=rtol, atol=atol):
+            return False
+    return len(out) == len(ref)
 
 
 def run() -> bool:
@@ -88,23 +49,26 @@ def run() -> bool:
         if device == "cuda":
             dtypes.remove(torch.float64)
         for dtype in dtypes:
-            for name, fn, ref in _cases(device, dtype):
+            for e in MANIFEST:  # the op manifest's sample of every op
+                name = e.name
                 key = "CUDA" if device == "cuda" else "CPU"
                 if not _loader.has_kernel(name, key):
                     rows.append((name, device, str(dtype).split(".")[-1], "-", "-", "NO KERNEL"))
                     ok_all = False
                     continue
                 try:
+                    kw = e.sample(device, dtype, False)
                     t0 = time.perf_counter()
-                    out = fn()
+                    out = e.wrapper(**kw)
                     if device == "cuda":
                         torch.cuda.synchronize()
                     ms = (time.perf_counter() - t0) * 1e3
-                    err = _max_err(out, ref())
-                    ok = err <= _TOL[dtype]
+                    ref = e.reference(**kw)
+                    err = _max_err(out, ref)
+                    ok = _within(out, ref, e.tolerances)
                     rows.append((name, device, str(dtype).split(".")[-1], f"{err:.2e}", f"{ms:.2f}", "ok" if ok else "FAIL"))
-                except Exception as e:  # a self-check reports, it does not stop at the first failure
-                    ok, rows = False, rows + [(name, device, str(dtype).split(".")[-1], "-", "-", f"ERROR {e}")]
+                except Exception as ex:  # a self-check reports, it does not stop at the first failure
+                    ok, rows = False, rows + [(name, device, str(dtype).split(".")[-1], "-", "-", f"ERROR {ex}")]
                 ok_all &= ok
     header = ("op", "device", "dtype", "max |err| vs reference", "time ms", "status")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]

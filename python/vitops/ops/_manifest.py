@@ -1,0 +1,203 @@
+"""The op manifest: every vitops operator once, with what the library and its tests need of it.
+
+An entry names the op's schema arguments (in order) and which of them are differentiable, its
+backward op, the public wrapper and the pure-PyTorch reference (both called with the schema's
+arguments by name and returning the raw op's outputs), a sample of realistic inputs, and the
+tolerances against the reference. It feeds the op registry (``vitops.OPS``, ``build_info``), the
+self-check (``python -m vitops selfcheck``), the registration test, the shared op tests
+(``tests/test_ops_common.py``: reference, opcheck, torch.compile, gradcheck, strided and empty
+inputs, emulated CUDA) and the fuzzer (``tests/fuzz_cases.py``). A new op is one entry here plus
+its own cases (its fuzz generator and invalid-input mutations, and tests of what is particular to it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import reference
+from .apply_multidimensional_rope import apply_multidimensional_rope
+from .avg_pool_by_positions import avg_pool_by_positions
+from .avg_pool_scale_standardize import avg_pool_scale_standardize
+from .factorized_posemb import factorized_posemb
+from .patchify import patchify
+from .qkv_norm_rope import qkv_norm_rope
+
+__all__ = ["DEFAULT_TOLERANCES", "MANIFEST", "OpEntry", "entry"]
+
+# (rtol, atol) of an op against its reference (both accumulate in float32; float64 stays float64)
+DEFAULT_TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (1e-3, 1e-3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OpEntry:
+    name: str
+    args: tuple[str, ...]  # the schema's arguments, in order
+    differentiable: tuple[str, ...]  # the arguments autograd differentiates
+    wrapper: Callable[..., Any]  # (**args) -> the public wrapper's outputs, in the raw op's layout
+    reference: Callable[..., Any]  # (**args) -> the reference's outputs, in the raw op's layout
+    sample: Callable[[torch.device | str, torch.dtype, bool], dict]  # (device, dtype, empty) -> args
+    backward_args: Callable[[dict, list], list]  # (args, output gradients) -> the backward op's arguments
+    tolerances: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+
+    @property
+    def backward(self) -> str:
+        return f"_{self.name}_backward"
+
+    def positional(self, kw: dict) -> list:
+        """The raw op's positional arguments from named ones."""
+        return [kw[n] for n in self.args]
+
+    def call(self, kw: dict, namespace: str = "vitops"):
+        """The raw op ``torch.ops.<namespace>.<name>`` on named arguments."""
+        return getattr(getattr(torch.ops, namespace), self.name).default(*self.positional(kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# samples: small realistic shapes (two padded images of a Gemma 4 batch)
+# ---------------------------------------------------------------------------------------------
+def _rand(g: torch.Generator, device, dtype, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _positions(device, batch: int, length: int = 81) -> torch.Tensor:
+    """Padded (x, y) patch positions of a 6x9 and a 9x6 grid (padding (-1, -1))."""
+    pos = torch.full((batch, length, 2), -1, dtype=torch.int64)
+    for b in range(batch):
+        rows, cols = ((6, 9), (9, 6))[b % 2]
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        pos[b, : rows * cols] = torch.stack([xs, ys], -1).reshape(-1, 2)
+    return pos.to(device)
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _patchify_sample(device, dtype, empty):
+    return dict(images=_rand(_generator(), device, dtype, 0 if empty else 2, 48, 96, 3), patch_size=16)
+
+
+def _posemb_sample(device, dtype, empty):
+    return dict(posemb=_rand(_generator(), device, dtype, 2, 64, 40), positions_xy=_positions(device, 0 if empty else 2),
+                table_dim=0)
+
+
+def _rope_sample(device, dtype, empty):
+    return dict(inputs=_rand(_generator(), device, dtype, 0 if empty else 2, 81, 4, 72),
+                positions=_positions(device, 0 if empty else 2), base_frequency=100.0, rotary_fraction=None,
+                scale_factor=1.0)
+
+
+def _pool_sample(device, dtype, empty):
+    return dict(x=_rand(_generator(), device, dtype, 0 if empty else 2, 81, 40), positions_xy=_positions(device, 0 if empty else 2),
+                length=9)
+
+
+def _exit_sample(device, dtype, empty):
+    g = _generator()
+    b = 0 if empty else 2
+    return dict(x=_rand(g, device, dtype, b, 81, 40), positions_xy=_positions(device, b), length=9, scale=40**0.5,
+                std_bias=_rand(g, device, dtype, 40), std_scale=_rand(g, device, dtype, 40))
+
+
+def _qkv_sample(device, dtype, empty):
+    g = _generator()
+    b = 0 if empty else 2
+    qkv = _rand(g, device, dtype, b, 81, 3, 4, 72)  # one fused projection; q/k/v are strided views of it
+    return dict(q=qkv[:, :, 0], k=qkv[:, :, 1], v=qkv[:, :, 2], q_weight=_rand(g, device, dtype, 72),
+                k_weight=_rand(g, device, dtype, 72), positions=_positions(device, b), eps=1e-6,
+                base_frequency=100.0, rope_dtype=None, norm="scale", v_norm=True, pairing="half_split",
+                rope_freqs=None)
+
+
+_TABLE_LAYOUTS = ("hf", "maxtext")  # factorized_posemb's table_dim 0 / 1
+
+
+def _transposed(outs):
+    return tuple(o.transpose(1, 2) for o in outs)
+
+
+_QKV_OPTIONS = ("eps", "base_frequency", "rope_dtype", "norm", "v_norm", "pairing", "rope_freqs")
+
+MANIFEST: tuple[OpEntry, ...] = (
+    OpEntry(
+        name="patchify",
+        args=("images", "patch_size"),
+        differentiable=("images",),
+        wrapper=lambda images, patch_size: patchify(images, patch_size),
+        reference=lambda images, patch_size: reference.patchify(images, patch_size),
+        sample=_patchify_sample,
+        backward_args=lambda kw, g: [g[0], kw["images"].shape[-3], kw["images"].shape[-2], kw["patch_size"]],
+    ),
+    OpEntry(
+        name="factorized_posemb",
+        args=("posemb", "positions_xy", "table_dim"),
+        differentiable=("posemb",),
+        wrapper=lambda posemb, positions_xy, table_dim: factorized_posemb(
+            posemb, positions_xy, layout=_TABLE_LAYOUTS[table_dim]),
+        reference=lambda posemb, positions_xy, table_dim: reference.factorized_posemb(posemb, positions_xy, table_dim),
+        sample=_posemb_sample,
+        backward_args=lambda kw, g: [g[0], kw["positions_xy"], kw["posemb"].shape[1 - kw["table_dim"]],
+                                     kw["table_dim"]],
+    ),
+    OpEntry(
+        name="apply_multidimensional_rope",
+        args=("inputs", "positions", "base_frequency", "rotary_fraction", "scale_factor"),
+        differentiable=("inputs",),
+        wrapper=lambda inputs, positions, **kw: apply_multidimensional_rope(
+            inputs, positions, **kw),
+        reference=lambda inputs, positions, **kw: reference.apply_multidimensional_rope(inputs, positions, **kw),
+        sample=_rope_sample,
+        backward_args=lambda kw, g: [g[0], kw["positions"], kw["base_frequency"], kw["rotary_fraction"],
+                                     kw["scale_factor"]],
+    ),
+    OpEntry(
+        name="avg_pool_by_positions",
+        args=("x", "positions_xy", "length"),
+        differentiable=("x",),
+        wrapper=lambda x, positions_xy, length: avg_pool_by_positions(
+            x, positions_xy=positions_xy, length=length),
+        reference=lambda x, positions_xy, length: reference.avg_pool_by_positions(x, positions_xy, length),
+        sample=_pool_sample,
+        backward_args=lambda kw, g: [g[0], kw["positions_xy"], kw["length"], kw["x"].shape[1]],
+    ),
+    OpEntry(
+        name="avg_pool_scale_standardize",
+        args=("x", "positions_xy", "length", "scale", "std_bias", "std_scale"),
+        differentiable=("x",),
+        wrapper=lambda **kw: avg_pool_scale_standardize(**kw),
+        reference=lambda **kw: reference.avg_pool_scale_standardize(**kw),
+        sample=_exit_sample,
+        backward_args=lambda kw, g: [g[0], kw["positions_xy"], kw["length"], kw["x"].shape[1], kw["scale"],
+                                     kw["std_scale"]],
+    ),
+    OpEntry(
+        name="qkv_norm_rope",
+        args=("q", "k", "v", "q_weight", "k_weight", "positions", *_QKV_OPTIONS),
+        differentiable=("q", "k", "v", "q_weight", "k_weight"),
+        # the wrapper and the reference return [B, N, L, hd] views; the raw op [B, L, N, hd]
+        wrapper=lambda q, k, v, q_weight, k_weight, positions, **kw: _transposed(
+            qkv_norm_rope(q, k, v, q_weight, k_weight, positions, **kw)),
+        reference=lambda q, k, v, q_weight, k_weight, positions, **kw: _transposed(
+            reference.qkv_norm_rope(q, k, v, q_weight, k_weight, positions, **kw)),
+        sample=_qkv_sample,
+        # gradients in the outputs' [B, L, N, hd] layout, then the forward's arguments
+        backward_args=lambda kw, g: [*g[:3], *(kw[n] for n in ("q", "k", "v", "q_weight", "k_weight", "positions",
+                                                                *_QKV_OPTIONS))],
+    ),
+)
+
+_BY_NAME = {e.name: e for e in MANIFEST}
+
+
+def entry(name: str) -> OpEntry:
+    return _BY_NAME[name]
