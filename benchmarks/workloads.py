@@ -517,7 +517,7 @@ def build_g3_tower(shape, device, dtype):
         return proj(vis(pixel_values=pixels).last_hidden_state)
 
     def vit():
-        from_hf = require_module("vitops.models.gemma3_vision", "from_hf")
+        from_hf = require_module("vitops.hf.gemma3", "from_hf")
         vmodel = from_hf(vis, proj)
         return lambda pixels: vmodel(pixels)
 
@@ -536,7 +536,7 @@ def build_l4_tower(shape, device, dtype):
         return model(pixels).last_hidden_state
 
     def vit():
-        from_hf = require_module("vitops.models.llama4_vision", "from_hf")
+        from_hf = require_module("vitops.hf.llama4", "from_hf")
         vmodel = from_hf(model)
         return lambda pixels: vmodel(pixels)
 

@@ -140,3 +140,33 @@ def test_gemma3_query_pre_attn_scalar():
     assert gemma3.get_query_pre_attn_scalar(cfg) == 168**-0.5
     with pytest.raises(ValueError, match="Unsupported model name: gemma3-1b"):
         gemma3.get_query_pre_attn_scalar(SimpleNamespace(model_name="gemma3-1b", head_dim=256))
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared kernels cover the other families' layouts (what the Llama 4 and Gemma 3 ops build on)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side,ratio,channels", [(4, 0.5, 3), (8, 0.25, 5), (24, 0.5, 16), (6, 1 / 3, 2)])
+def test_llama4_pixel_shuffle_is_patchify_of_the_token_grid(side, ratio, channels):
+    """HF's Llama 4 pixel_shuffle with ratio 1/n equals patchify (csrc/kernels/permute) of the
+    [side, side, C] token grid with patch n: same (dh, dw, c) order, tokens row-major."""
+    llama4_hf = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+    x = torch.randn(2, side * side, channels)
+    n = round(1 / ratio)
+    patches, _ = vitops.patchify(x.view(2, side, side, channels), n)
+    assert torch.equal(patches, llama4_hf.pixel_shuffle(x, ratio))
+
+
+@pytest.mark.parametrize("side,pooled", [(8, 4), (12, 3), (6, 6), (64, 16)])
+def test_gemma3_square_avg_pool_is_the_full_grid_case_of_position_pooling(side, pooled):
+    """HF Gemma 3's exit (AvgPool2d over the square token grid, flattened row-major) equals
+    avg_pool_by_positions (csrc/kernels/pool) with the full grid's positions."""
+    d = 24
+    x = torch.randn(2, side * side, d)
+    k = side // pooled
+    grid = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(2, d, side, side), k, k)
+    want = grid.flatten(2).transpose(1, 2)
+    idx = torch.arange(side * side)
+    pos = torch.stack([idx % side, idx // side], -1).expand(2, -1, -1)
+    got, mask = vitops.avg_pool_by_positions(x, positions_xy=pos, length=pooled * pooled)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert mask.all()

@@ -1,9 +1,11 @@
 // Patch permutations (host and device code): where an element of a patch layout lives in the image
 // layout. patchify cuts images[..., H, W, C] into p x p patches, patches row-major, each flattened in
 // (row, col, channel) order (HF / MaxText Gemma 4); one patch row is a run of p * C elements that is
-// contiguous in both layouts, which is what the CPU copy loop and the CUDA vector path rely on. Llama 4's
-// unfold order ((channel, row, col) per patch) and pixel shuffle's (dh, dw, c) blocks are other orders
-// over the same grid, for the ops that will need them.
+// contiguous in both layouts, which is what the CPU copy loop and the CUDA vector path rely on.
+// Llama 4's pixel shuffle with ratio 1/n is exactly this permutation over the [side, side, C] token
+// grid with patch n (tests/test_layout.py checks it against HF). Llama 4's unfold patch extraction reads
+// a [C, H, W] tile in (channel, row, col) order inside a patch: the channel-first variant of this grid
+// (runs of p elements), added with the op option that uses it.
 #pragma once
 
 #include <cstdint>

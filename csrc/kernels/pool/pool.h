@@ -8,6 +8,7 @@
 // AvgPool over a full row-major grid is the case without padding (positions of a square grid).
 #pragma once
 #include <cmath>
+#include <tuple>
 
 #include "vitops/common.h"
 #include "vitops/device_math.h"
@@ -146,6 +147,16 @@ template <typename acc>
 VITOPS_HOST_DEVICE acc unfinish_grad(acc grad, const Epilogue& e, int64_t d) {
   if (e.standardize) grad = mul_rounded(grad, load_as<acc>(e.std_scale, e.scale_kind, d * e.scale_stride));
   return mul_rounded(grad, static_cast<acc>(e.scale));
+}
+
+// The outputs every pooling op allocates: (pooled [B, length, D] in x's dtype, mask [B, length] bool),
+// and the input gradient [B, L, D] of the backward.
+inline std::tuple<Tensor, Tensor> allocate_forward(const Tensor& x, const Geometry& g) {
+  return {new_empty(x, {g.batch, g.length, g.dim}, x.scalar_type()),
+          new_empty(x, {g.batch, g.length}, ScalarType::Bool)};
+}
+inline Tensor allocate_backward(const Tensor& grad_output, const Geometry& g) {
+  return new_empty(grad_output, {g.batch, g.seq_len, g.dim}, grad_output.scalar_type());
 }
 
 }  // namespace vitops::pool

@@ -199,4 +199,28 @@ inline Tensor allocate_weight_grad(const Tensor& like, const Geometry& g, const 
                             : new_empty(like, {0}, like.scalar_type());
 }
 
+// What both backward kernels start from: the checked gradients as views with a contiguous head dim,
+// the fresh input gradients ([B, L, N, hd] like q, k, v, in q's dtype) and the weight gradients.
+struct BackwardBuffers {
+  Tensor grads[kNumHeadTensors];
+  Tensor grad_in[kNumHeadTensors];
+  Tensor grad_weight[kNumWeights];
+};
+
+inline BackwardBuffers prepare_backward(const char* op, const Geometry& g, const Tensor& grad_q, const Tensor& grad_k,
+                                        const Tensor& grad_v, const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight) {
+  const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
+  check_grads(op, g, raw_grads, q);
+  const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
+  BackwardBuffers b;
+  for (int t = 0; t < kNumHeadTensors; ++t) {
+    b.grads[t] = with_contiguous_head_dim(*raw_grads[t]);
+    b.grad_in[t] = new_empty(q, sizes_of(*inputs[t]), q.scalar_type());
+  }
+  b.grad_weight[0] = allocate_weight_grad(q, g, q_weight);
+  b.grad_weight[1] = allocate_weight_grad(q, g, k_weight);
+  return b;
+}
+
 }  // namespace vitops::qkv_norm_rope

@@ -15,8 +15,8 @@ using cpu::unit_stride_rows;
 std::tuple<Tensor, Tensor> avg_pool_by_positions_cpu(const Tensor& x, const Tensor& positions_xy, int64_t length) {
   const char* op = "avg_pool_by_positions";
   const Geometry g = check_forward("avg_pool_by_positions", x, positions_xy, length, /*allow_double=*/true);
-  Tensor out = new_empty(x, {g.batch, g.length, g.dim}, x.scalar_type());
-  Tensor mask = new_empty(x, {g.batch, g.length}, ScalarType::Bool);
+  Tensor out, mask;
+  std::tie(out, mask) = allocate_forward(x, g);
   const std::vector<int64_t> slots = slots_for(positions_xy, g, op);  // validates even when x is empty
   if (mask.numel() == 0) return {out, mask};
   const Tensor src = unit_stride_rows(x);
@@ -29,7 +29,7 @@ Tensor avg_pool_by_positions_backward_cpu(const Tensor& grad_output, const Tenso
                                           int64_t seq_len) {
   const char* op = "_avg_pool_by_positions_backward";
   const Geometry g = check_backward("_avg_pool_by_positions_backward", grad_output, positions_xy, length, seq_len, /*allow_double=*/true);
-  Tensor grad_x = new_empty(grad_output, {g.batch, g.seq_len, g.dim}, grad_output.scalar_type());
+  Tensor grad_x = allocate_backward(grad_output, g);
   const std::vector<int64_t> slots = slots_for(positions_xy, g, op);
   if (grad_x.numel() == 0) return grad_x;
   const Tensor src = unit_stride_rows(grad_output);

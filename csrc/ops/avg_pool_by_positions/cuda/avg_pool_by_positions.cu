@@ -10,8 +10,8 @@ using namespace pool;  // Geometry, Epilogue, the checks and the kernels
 std::tuple<Tensor, Tensor> avg_pool_by_positions_cuda(const Tensor& x, const Tensor& positions_xy, int64_t length) {
   const Geometry g = check_forward("avg_pool_by_positions", x, positions_xy, length, /*allow_double=*/false);
   CudaDeviceGuard guard(x.get_device());
-  Tensor out = new_empty(x, {g.batch, g.length, g.dim}, x.scalar_type());
-  Tensor mask = new_empty(x, {g.batch, g.length}, ScalarType::Bool);
+  Tensor out, mask;
+  std::tie(out, mask) = allocate_forward(x, g);
   if (mask.numel() == 0) return {out, mask};
   cudaStream_t stream = current_cuda_stream(x.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(x.scalar_type(), "avg_pool_by_positions_cuda", [&] {
@@ -24,7 +24,7 @@ Tensor avg_pool_by_positions_backward_cuda(const Tensor& grad_output, const Tens
                                            int64_t seq_len) {
   const Geometry g = check_backward("_avg_pool_by_positions_backward", grad_output, positions_xy, length, seq_len, /*allow_double=*/false);
   CudaDeviceGuard guard(grad_output.get_device());
-  Tensor grad_x = new_empty(grad_output, {g.batch, g.seq_len, g.dim}, grad_output.scalar_type());
+  Tensor grad_x = allocate_backward(grad_output, g);
   if (grad_x.numel() == 0) return grad_x;
   cudaStream_t stream = current_cuda_stream(grad_output.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(grad_output.scalar_type(), "avg_pool_by_positions_backward_cuda", [&] {

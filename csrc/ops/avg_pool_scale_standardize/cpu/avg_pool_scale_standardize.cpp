@@ -14,8 +14,8 @@ std::tuple<Tensor, Tensor> avg_pool_scale_standardize_cpu(const Tensor& x, const
   const char* op = "avg_pool_scale_standardize";
   const Geometry g = check_forward(op, x, positions_xy, length, std_bias, std_scale, /*allow_double=*/true);
   const pool::Geometry& pg = g.pool;
-  Tensor out = new_empty(x, {pg.batch, length, pg.dim}, x.scalar_type());
-  Tensor mask = new_empty(x, {pg.batch, length}, ScalarType::Bool);
+  Tensor out, mask;
+  std::tie(out, mask) = pool::allocate_forward(x, pg);
   const std::vector<int64_t> slots = pool::cpu::slots_for(positions_xy, pg, op);  // validates even when x is empty
   if (mask.numel() == 0) return {out, mask};
   const pool::Epilogue epilogue = make_epilogue(g, scale, std_bias, std_scale);
@@ -30,7 +30,7 @@ Tensor avg_pool_scale_standardize_backward_cpu(const Tensor& grad_output, const 
   const char* op = "_avg_pool_scale_standardize_backward";
   const Geometry g = check_backward(op, grad_output, positions_xy, length, seq_len, std_scale, /*allow_double=*/true);
   const pool::Geometry& pg = g.pool;
-  Tensor grad_x = new_empty(grad_output, {pg.batch, seq_len, pg.dim}, grad_output.scalar_type());
+  Tensor grad_x = pool::allocate_backward(grad_output, pg);
   const std::vector<int64_t> slots = pool::cpu::slots_for(positions_xy, pg, op);
   if (grad_x.numel() == 0) return grad_x;
   const pool::Epilogue epilogue = make_epilogue(g, scale, std::nullopt, std_scale);

@@ -15,8 +15,8 @@ std::tuple<Tensor, Tensor> avg_pool_scale_standardize_cuda(const Tensor& x, cons
   const Geometry g = check_forward(op, x, positions_xy, length, std_bias, std_scale, /*allow_double=*/false);
   const pool::Geometry& pg = g.pool;
   CudaDeviceGuard guard(x.get_device());
-  Tensor out = new_empty(x, {pg.batch, length, pg.dim}, x.scalar_type());
-  Tensor mask = new_empty(x, {pg.batch, length}, ScalarType::Bool);
+  Tensor out, mask;
+  std::tie(out, mask) = pool::allocate_forward(x, pg);
   if (mask.numel() == 0) return {out, mask};
   const pool::Epilogue epilogue = make_epilogue(g, scale, std_bias, std_scale);
   cudaStream_t stream = current_cuda_stream(x.get_device());
@@ -32,7 +32,7 @@ Tensor avg_pool_scale_standardize_backward_cuda(const Tensor& grad_output, const
   const Geometry g = check_backward(op, grad_output, positions_xy, length, seq_len, std_scale, /*allow_double=*/false);
   const pool::Geometry& pg = g.pool;
   CudaDeviceGuard guard(grad_output.get_device());
-  Tensor grad_x = new_empty(grad_output, {pg.batch, seq_len, pg.dim}, grad_output.scalar_type());
+  Tensor grad_x = pool::allocate_backward(grad_output, pg);
   if (grad_x.numel() == 0) return grad_x;
   const pool::Epilogue epilogue = make_epilogue(g, scale, std::nullopt, std_scale);
   cudaStream_t stream = current_cuda_stream(grad_output.get_device());

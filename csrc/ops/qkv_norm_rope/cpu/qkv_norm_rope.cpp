@@ -259,15 +259,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
   const char* op = "_qkv_norm_rope_backward";
   Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm_name,
                             v_norm, pairing, rope_freqs, /*allow_double=*/true);
-  const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
-  check_grads(op, g, raw_grads, q);
+  BackwardBuffers buf = prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
-  Tensor grads[kNumHeadTensors], grad_in[kNumHeadTensors];
-  for (int t = 0; t < kNumHeadTensors; ++t) {
-    grads[t] = with_contiguous_head_dim(*raw_grads[t]);
-    grad_in[t] = new_empty(q, sizes_of(*inputs[t]), q.scalar_type());
-  }
-  Tensor grad_weight[kNumWeights] = {allocate_weight_grad(q, g, q_weight), allocate_weight_grad(q, g, k_weight)};
+  const Tensor* grads = buf.grads;
+  Tensor* grad_in = buf.grad_in;
+  Tensor* grad_weight = buf.grad_weight;
   if (g.head_dim > 0) {
     VITOPS_DISPATCH_FLOATING(q.scalar_type(), "qkv_norm_rope_backward_cpu", [&] {
       HeadIO<scalar_t> io;

@@ -139,6 +139,40 @@ __device__ __forceinline__ HeadItem split_head(const Params& p, int64_t h) {
   return {2, h - p.heads[0] - p.heads[1]};
 }
 
+// One (row, head) item of a tile: where the row is, which tensor and head, and the row's cos/sin.
+struct HeadRow {
+  int64_t r, b, l;  // row within the tile, batch, position
+  int tensor;
+  int64_t head;
+  const float* cos_row;
+  const float* sin_row;
+};
+
+// The tile loop both kernels run: tiles of kRowsPerTile rows strided over the grid, the tile's cos/sin
+// tables filled by the whole block, then one warp per (row, head) item: body(item) does the head row
+// and ends with the warp converged (its scratch row is reused by the next item).
+template <int kWarps, typename Body>
+__device__ __forceinline__ void for_each_head_row(const Params& p, const float* inverse_frequency, float* cos_tab,
+                                                  float* sin_tab, int warp, Body&& body) {
+  const int64_t half = p.head_dim / 2;
+  const int64_t rows = p.batch * p.seq_len;
+  const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
+  const int64_t num_tiles = ceil_div(rows, kRowsPerTile);
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * kRowsPerTile;
+    __syncthreads();  // previous tile's tables are no longer read (and block constants are ready)
+    fill_tile_tables(p, row0, inverse_frequency, cos_tab, sin_tab);
+    __syncthreads();
+    const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
+    for (int64_t item = warp; item < tile_rows * total_heads; item += kWarps) {
+      const int64_t r = item / total_heads;
+      const HeadItem which = split_head(p, item - r * total_heads);
+      const int64_t row = row0 + r, b = row / p.seq_len;
+      body(HeadRow{r, b, row - b * p.seq_len, which.tensor, which.head, cos_tab + r * half, sin_tab + r * half});
+    }
+  }
+}
+
 // Params (~1.4 KB) stays in the kernel parameter space: __grid_constant__ lets the lambdas below take
 // its address without the compiler copying it to per-thread local memory.
 template <typename scalar_t>
@@ -154,65 +188,52 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
   float* row_buf = scratch + warp * hd;
 
   fill_block_constants(p, inverse_frequency, weights);
-  const int64_t rows = p.batch * p.seq_len;
-  const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
-  const int64_t num_tiles = ceil_div(rows, kRowsPerTile);
-  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const int64_t row0 = tile * kRowsPerTile;
-    __syncthreads();  // previous tile's tables are no longer read (and block constants are ready)
-    fill_tile_tables(p, row0, inverse_frequency, cos_tab, sin_tab);
-    __syncthreads();
-    const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
-    for (int64_t item = warp; item < tile_rows * total_heads; item += kForwardWarps) {
-      const int64_t r = item / total_heads;
-      const HeadItem which = split_head(p, item - r * total_heads);
-      const int tensor = which.tensor;
-      const int64_t head = which.head;
-      const int64_t row = row0 + r, b = row / p.seq_len, l = row - b * p.seq_len;
-      const HeadStrides& s = p.in_strides[tensor];
-      const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
-      const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, row_buf, lane));
-      const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
-      // each lane rewrites exactly the channels it loaded, so no sync is needed before this pass
-      const bool rotate = tensor < 2;
-      // q/k: the op's norm; v: its weightless RMS norm, or nothing (then the row is copied)
-      const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
-      const float* w = weights + (rotate ? tensor : 0) * hd;
-      auto normalise = [&](int64_t e) {
-        if (kind == norm::Kind::None) return;  // row_buf holds the input, exactly
-        const float u = mul_rounded(row_buf[e], inv_rms);
-        row_buf[e] = norm::has_weight(kind) ? round_to<scalar_t>(mul_rounded(u, w[e])) : round_to<scalar_t>(u);
-      };
-      if (p.in_vectorized[tensor]) {
-        constexpr int kVec = Vec16<scalar_t>::kSize;
-        for (int64_t i = lane; i < hd / kVec; i += kWarpSize)
-          for (int j = 0; j < kVec; ++j) normalise(i * kVec + j);
-      } else {
-        for (int64_t e = lane; e < hd; e += kWarpSize) normalise(e);
-      }
-      __syncwarp();
-      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
-      const float* cos_row = cos_tab + r * half;
-      const float* sin_row = sin_tab + r * half;
-      auto output = [&](int64_t e) -> scalar_t {
-        if (!rotate) return static_cast<scalar_t>(row_buf[e]);
-        const ChannelRole role = rope::channel_role(p.layout, e);
-        return static_cast<scalar_t>(rope::rotate_channel(row_buf, cos_row, sin_row, role, e));
-      };
-      using V = Vec16<scalar_t>;
-      if (hd % V::kSize == 0) {  // the output is a fresh contiguous tensor: aligned rows
-        for (int64_t i = lane; i < hd / V::kSize; i += kWarpSize) {
-          V vec;
-#pragma unroll
-          for (int j = 0; j < V::kSize; ++j) vec.v[j] = output(i * V::kSize + j);
-          reinterpret_cast<V*>(dst)[i] = vec;
-        }
-      } else {
-        for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = output(e);
-      }
-      __syncwarp();  // the scratch row is reused by this warp's next item
+  for_each_head_row<kForwardWarps>(p, inverse_frequency, cos_tab, sin_tab, warp, [&](const HeadRow& it) {
+    const int tensor = it.tensor;
+    const int64_t head = it.head, b = it.b, l = it.l;
+    const HeadStrides& s = p.in_strides[tensor];
+    const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
+    const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, row_buf, lane));
+    const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
+    // each lane rewrites exactly the channels it loaded, so no sync is needed before this pass
+    const bool rotate = tensor < 2;
+    // q/k: the op's norm; v: its weightless RMS norm, or nothing (then the row is copied)
+    const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
+    const float* w = weights + (rotate ? tensor : 0) * hd;
+    auto normalise = [&](int64_t e) {
+      if (kind == norm::Kind::None) return;  // row_buf holds the input, exactly
+      const float u = mul_rounded(row_buf[e], inv_rms);
+      row_buf[e] = norm::has_weight(kind) ? round_to<scalar_t>(mul_rounded(u, w[e])) : round_to<scalar_t>(u);
+    };
+    if (p.in_vectorized[tensor]) {
+      constexpr int kVec = Vec16<scalar_t>::kSize;
+      for (int64_t i = lane; i < hd / kVec; i += kWarpSize)
+        for (int j = 0; j < kVec; ++j) normalise(i * kVec + j);
+    } else {
+      for (int64_t e = lane; e < hd; e += kWarpSize) normalise(e);
     }
-  }
+    __syncwarp();
+    scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
+    const float* cos_row = it.cos_row;
+    const float* sin_row = it.sin_row;
+    auto output = [&](int64_t e) -> scalar_t {
+      if (!rotate) return static_cast<scalar_t>(row_buf[e]);
+      const ChannelRole role = rope::channel_role(p.layout, e);
+      return static_cast<scalar_t>(rope::rotate_channel(row_buf, cos_row, sin_row, role, e));
+    };
+    using V = Vec16<scalar_t>;
+    if (hd % V::kSize == 0) {  // the output is a fresh contiguous tensor: aligned rows
+      for (int64_t i = lane; i < hd / V::kSize; i += kWarpSize) {
+        V vec;
+#pragma unroll
+        for (int j = 0; j < V::kSize; ++j) vec.v[j] = output(i * V::kSize + j);
+        reinterpret_cast<V*>(dst)[i] = vec;
+      }
+    } else {
+      for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = output(e);
+    }
+    __syncwarp();  // the scratch row is reused by this warp's next item
+  });
 }
 
 template <typename scalar_t>
@@ -233,69 +254,56 @@ __global__ void backward_kernel(const __grid_constant__ Params p) {
 
   fill_block_constants(p, inverse_frequency, weights);
   for (int64_t e = threadIdx.x; e < kBackwardWarps * kNumWeights * hd; e += blockDim.x) weight_grads[e] = 0.f;
-  const int64_t rows = p.batch * p.seq_len;
-  const int64_t total_heads = p.heads[0] + p.heads[1] + p.heads[2];
-  const int64_t num_tiles = ceil_div(rows, kRowsPerTile);
-  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const int64_t row0 = tile * kRowsPerTile;
-    __syncthreads();
-    fill_tile_tables(p, row0, inverse_frequency, cos_tab, sin_tab);
-    __syncthreads();
-    const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
-    for (int64_t item = warp; item < tile_rows * total_heads; item += kBackwardWarps) {
-      const int64_t r = item / total_heads;
-      const HeadItem which = split_head(p, item - r * total_heads);
-      const int tensor = which.tensor;
-      const int64_t head = which.head;
-      const int64_t row = row0 + r, b = row / p.seq_len, l = row - b * p.seq_len;
-      const HeadStrides& s = p.in_strides[tensor];
-      const HeadStrides& gs = p.grad_strides[tensor];
-      const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
-      const scalar_t* gsrc = static_cast<const scalar_t*>(p.grad[tensor]) + b * gs.batch + l * gs.seq + head * gs.head;
-      const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, x_row, lane));
-      load_row(gsrc, p.grad_vectorized[tensor], hd, g_row, lane);
-      __syncwarp();  // lanes read partners loaded by other lanes
-      const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
-      const bool rotate = tensor < 2;
-      const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
-      const bool weighted = rotate && norm::has_weight(kind);
-      const float* cos_row = cos_tab + r * half;
-      const float* sin_row = sin_tab + r * half;
-      // d(loss)/d(normalised, weighted row) at channel e
-      auto grad_normed = [&](int64_t e) -> float {
-        if (!rotate) return g_row[e];
-        const ChannelRole role = rope::channel_role(p.layout, e);
-        return rope::rotate_channel_backward(g_row, cos_row, sin_row, role, e);
-      };
-      scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
-      if (kind == norm::Kind::None) {  // no normalisation: the (transposed) rotation alone
-        for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = static_cast<scalar_t>(grad_normed(e));
-        __syncwarp();
-        continue;
-      }
-      // Pass 1: weight gradients and the projection term mean(gu * u).
-      float dot = 0.f;
-      for (int64_t e = lane; e < hd; e += kWarpSize) {
-        const float u = x_row[e] * inv_rms;
-        const float gn = grad_normed(e);
-        float gu = gn;
-        if (weighted) {
-          my_weight_grads[tensor * hd + e] += gn * u;
-          gu = gn * weights[tensor * hd + e];
-        }
-        dot += gu * u;
-      }
-      const float mean_dot = warp_sum(dot) / static_cast<float>(hd);
-      // Pass 2: dx = inv_rms * (gu - u * mean(gu * u)), written to [B, L, N, hd].
-      for (int64_t e = lane; e < hd; e += kWarpSize) {
-        const float u = x_row[e] * inv_rms;
-        const float gn = grad_normed(e);
-        const float gu = weighted ? gn * weights[tensor * hd + e] : gn;
-        dst[e] = static_cast<scalar_t>(inv_rms * (gu - mul_rounded(u, mean_dot)));
-      }
+  for_each_head_row<kBackwardWarps>(p, inverse_frequency, cos_tab, sin_tab, warp, [&](const HeadRow& it) {
+    const int tensor = it.tensor;
+    const int64_t head = it.head, b = it.b, l = it.l;
+    const HeadStrides& s = p.in_strides[tensor];
+    const HeadStrides& gs = p.grad_strides[tensor];
+    const scalar_t* src = static_cast<const scalar_t*>(p.in[tensor]) + b * s.batch + l * s.seq + head * s.head;
+    const scalar_t* gsrc = static_cast<const scalar_t*>(p.grad[tensor]) + b * gs.batch + l * gs.seq + head * gs.head;
+    const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, x_row, lane));
+    load_row(gsrc, p.grad_vectorized[tensor], hd, g_row, lane);
+    __syncwarp();  // lanes read partners loaded by other lanes
+    const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
+    const bool rotate = tensor < 2;
+    const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
+    const bool weighted = rotate && norm::has_weight(kind);
+    const float* cos_row = it.cos_row;
+    const float* sin_row = it.sin_row;
+    // d(loss)/d(normalised, weighted row) at channel e
+    auto grad_normed = [&](int64_t e) -> float {
+      if (!rotate) return g_row[e];
+      const ChannelRole role = rope::channel_role(p.layout, e);
+      return rope::rotate_channel_backward(g_row, cos_row, sin_row, role, e);
+    };
+    scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
+    if (kind == norm::Kind::None) {  // no normalisation: the (transposed) rotation alone
+      for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = static_cast<scalar_t>(grad_normed(e));
       __syncwarp();
+      return;
     }
-  }
+    // Pass 1: weight gradients and the projection term mean(gu * u).
+    float dot = 0.f;
+    for (int64_t e = lane; e < hd; e += kWarpSize) {
+      const float u = x_row[e] * inv_rms;
+      const float gn = grad_normed(e);
+      float gu = gn;
+      if (weighted) {
+        my_weight_grads[tensor * hd + e] += gn * u;
+        gu = gn * weights[tensor * hd + e];
+      }
+      dot += gu * u;
+    }
+    const float mean_dot = warp_sum(dot) / static_cast<float>(hd);
+    // Pass 2: dx = inv_rms * (gu - u * mean(gu * u)), written to [B, L, N, hd].
+    for (int64_t e = lane; e < hd; e += kWarpSize) {
+      const float u = x_row[e] * inv_rms;
+      const float gn = grad_normed(e);
+      const float gu = weighted ? gn * weights[tensor * hd + e] : gn;
+      dst[e] = static_cast<scalar_t>(inv_rms * (gu - mul_rounded(u, mean_dot)));
+    }
+    __syncwarp();
+  });
   __syncthreads();
   if (p.weight_partials == nullptr) return;  // a norm without weights
   // Block partial of the weight gradients: warps summed in index order.
@@ -436,17 +444,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
   const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
                                   norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
-  const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
-  check_grads(op, g, raw_grads, q);
   CudaDeviceGuard guard(q.get_device());
+  BackwardBuffers buf = prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
-  Tensor grads[kNumHeadTensors], grad_in[kNumHeadTensors];
-  for (int t = 0; t < kNumHeadTensors; ++t) {
-    grads[t] = with_contiguous_head_dim(*raw_grads[t]);
-    grad_in[t] = new_empty(q, sizes_of(*inputs[t]), q.scalar_type());
-  }
-  Tensor grad_q_weight = allocate_weight_grad(q, g, q_weight);
-  Tensor grad_k_weight = allocate_weight_grad(q, g, k_weight);
+  const Tensor* grads = buf.grads;
+  Tensor* grad_in = buf.grad_in;
+  Tensor& grad_q_weight = buf.grad_weight[0];
+  Tensor& grad_k_weight = buf.grad_weight[1];
   const bool weighted = norm::has_weight(g.options.norm);
   const int64_t tiles = ceil_div(g.rows(), kRowsPerTile);
   const int64_t blocks = std::max<int64_t>(1, std::min(tiles, kMaxBackwardBlocks));
