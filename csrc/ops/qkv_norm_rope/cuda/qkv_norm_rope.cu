@@ -139,6 +139,26 @@ __device__ __forceinline__ HeadItem split_head(const Params& p, int64_t h) {
   return {2, h - p.heads[0] - p.heads[1]};
 }
 
+// The shared-memory tables both kernels start with: [hd/2] inverse frequencies, [2, hd] weight
+// factors, the tile's [rows, hd/2] cos and sin; each kernel's scratch follows at `rest`.
+struct SharedTables {
+  float *inverse_frequency, *weights, *cos_tab, *sin_tab, *rest;
+};
+
+VITOPS_HOST_DEVICE int64_t shared_table_floats(int64_t hd) {
+  return hd / 2 + kNumWeights * hd + 2 * kRowsPerTile * (hd / 2);
+}
+
+__device__ __forceinline__ SharedTables shared_tables(float* smem, int64_t hd) {
+  SharedTables t;
+  t.inverse_frequency = smem;
+  t.weights = t.inverse_frequency + hd / 2;
+  t.cos_tab = t.weights + kNumWeights * hd;
+  t.sin_tab = t.cos_tab + kRowsPerTile * (hd / 2);
+  t.rest = smem + shared_table_floats(hd);
+  return t;
+}
+
 // One (row, head) item of a tile: where the row is, which tensor and head, and the row's cos/sin.
 struct HeadRow {
   int64_t r, b, l;  // row within the tile, batch, position
@@ -178,17 +198,16 @@ __device__ __forceinline__ void for_each_head_row(const Params& p, const float* 
 template <typename scalar_t>
 __global__ void forward_kernel(const __grid_constant__ Params p) {
   VITOPS_DYNAMIC_SHARED(float, smem);
-  const int64_t hd = p.head_dim, half = hd / 2;
-  float* inverse_frequency = smem;                        // [hd/2]
-  float* weights = inverse_frequency + half;              // [2, hd]
-  float* cos_tab = weights + kNumWeights * hd;            // [rows, hd/2]
-  float* sin_tab = cos_tab + kRowsPerTile * half;         // [rows, hd/2]
-  float* scratch = sin_tab + kRowsPerTile * half;         // [warps, hd]
+  const int64_t hd = p.head_dim;
+  const SharedTables tables = shared_tables(smem, hd);
+  float* inverse_frequency = tables.inverse_frequency;
+  float* weights = tables.weights;
+  float* scratch = tables.rest;  // [warps, hd]
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* row_buf = scratch + warp * hd;
 
   fill_block_constants(p, inverse_frequency, weights);
-  for_each_head_row<kForwardWarps>(p, inverse_frequency, cos_tab, sin_tab, warp, [&](const HeadRow& it) {
+  for_each_head_row<kForwardWarps>(p, inverse_frequency, tables.cos_tab, tables.sin_tab, warp, [&](const HeadRow& it) {
     const int tensor = it.tensor;
     const int64_t head = it.head, b = it.b, l = it.l;
     const HeadStrides& s = p.in_strides[tensor];
@@ -239,12 +258,11 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
 template <typename scalar_t>
 __global__ void backward_kernel(const __grid_constant__ Params p) {
   VITOPS_DYNAMIC_SHARED(float, smem);
-  const int64_t hd = p.head_dim, half = hd / 2;
-  float* inverse_frequency = smem;                                 // [hd/2]
-  float* weights = inverse_frequency + half;                       // [2, hd]
-  float* cos_tab = weights + kNumWeights * hd;                     // [rows, hd/2]
-  float* sin_tab = cos_tab + kRowsPerTile * half;                  // [rows, hd/2]
-  float* x_rows = sin_tab + kRowsPerTile * half;                   // [warps, hd]
+  const int64_t hd = p.head_dim;
+  const SharedTables tables = shared_tables(smem, hd);
+  float* inverse_frequency = tables.inverse_frequency;
+  float* weights = tables.weights;
+  float* x_rows = tables.rest;                                     // [warps, hd]
   float* g_rows = x_rows + kBackwardWarps * hd;                    // [warps, hd]
   float* weight_grads = g_rows + kBackwardWarps * hd;              // [warps, 2, hd]
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -254,7 +272,7 @@ __global__ void backward_kernel(const __grid_constant__ Params p) {
 
   fill_block_constants(p, inverse_frequency, weights);
   for (int64_t e = threadIdx.x; e < kBackwardWarps * kNumWeights * hd; e += blockDim.x) weight_grads[e] = 0.f;
-  for_each_head_row<kBackwardWarps>(p, inverse_frequency, cos_tab, sin_tab, warp, [&](const HeadRow& it) {
+  for_each_head_row<kBackwardWarps>(p, inverse_frequency, tables.cos_tab, tables.sin_tab, warp, [&](const HeadRow& it) {
     const int tensor = it.tensor;
     const int64_t head = it.head, b = it.b, l = it.l;
     const HeadStrides& s = p.in_strides[tensor];
@@ -386,12 +404,11 @@ void check_head_dim_fits(const char* op, int64_t hd) {
 }
 
 size_t forward_smem_bytes(int64_t hd) {
-  return sizeof(float) * (hd / 2 + kNumWeights * hd + 2 * kRowsPerTile * (hd / 2) + kForwardWarps * hd);
+  return sizeof(float) * (shared_table_floats(hd) + kForwardWarps * hd);
 }
 
 size_t backward_smem_bytes(int64_t hd) {
-  return sizeof(float) * (hd / 2 + kNumWeights * hd + 2 * kRowsPerTile * (hd / 2) + 2 * kBackwardWarps * hd +
-                          kBackwardWarps * kNumWeights * hd);
+  return sizeof(float) * (shared_table_floats(hd) + 2 * kBackwardWarps * hd + kBackwardWarps * kNumWeights * hd);
 }
 
 // Launch helpers (kept out of the dispatch macros: launch configurations contain commas).
