@@ -16,9 +16,15 @@
 
 VITOPS_STABLE_TORCH_LIBRARY(VITOPS_OPS_NAMESPACE, m) {
   // images[..., H, W, C] -> patches[..., N, p*p*C] in (row, col, channel) order and
-  // positions_xy[..., N, 2] int64 (x = column, y = row, patch units, row-major patch order).
-  m.def("patchify(Tensor images, SymInt patch_size) -> (Tensor patches, Tensor positions_xy)");
-  m.def("_patchify_backward(Tensor grad_patches, SymInt height, SymInt width, SymInt patch_size) -> Tensor");
+  // positions_xy[..., N, 2] int64 (x = column, y = row, patch units, row-major patch order);
+  // channels_first: images[..., C, H, W], patches in (channel, row, col) order (Llama 4's unfold).
+  m.def("patchify(Tensor images, SymInt patch_size, bool channels_first=False) -> (Tensor patches, Tensor positions_xy)");
+  m.def("_patchify_backward(Tensor grad_patches, SymInt height, SymInt width, SymInt patch_size, bool channels_first=False) -> Tensor");
+
+  // input_tensor[..., L, C] (a square token grid) -> [..., L r², C / r²] for shuffle_ratio r = 1/n:
+  // n x n token blocks in (dh, dw, c) channel order (HF / MaxText / Meta Llama 4 pixel_shuffle).
+  m.def("pixel_shuffle(Tensor input_tensor, float shuffle_ratio) -> Tensor");
+  m.def("_pixel_shuffle_backward(Tensor grad_output, float shuffle_ratio) -> Tensor");
 
   // posemb: [2, N_pos, D] (table_dim=0, HF) or [N_pos, 2, D] (table_dim=1, MaxText), any strides.
   // out[..., D] = posemb[x] (x table) + posemb[y] (y table); a coordinate of -1 contributes zero.

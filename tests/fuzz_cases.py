@@ -100,7 +100,19 @@ def _patchify(rng, namespace):
     lead = _rand_dims(rng, rng.randint(0, 2), 0, 3)
     h, w, c = p * rng.randint(0, 4), p * rng.randint(0, 4), rng.randint(1, 4)
     images = _strided(rng, _randn(rng, (*lead, h, w, c), dtype))
-    return dict(images=images, patch_size=p)
+    channels_first = rng.random() < 0.3  # Llama 4's unfold order (drawn last: the other cases stay as they were)
+    if channels_first:
+        images = images.movedim(-1, -3)  # [..., C, H, W], a strided view
+    return dict(images=images, patch_size=p, channels_first=channels_first)
+
+
+def _pixel_shuffle(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    n = rng.choice([1, 2, 2, 3, 4])
+    side = n * rng.randint(0, 4)
+    lead = _rand_dims(rng, rng.randint(0, 2), 0, 3)
+    x = _strided(rng, _randn(rng, (*lead, side * side, rng.randint(0, 6)), dtype))
+    return dict(input_tensor=x, shuffle_ratio=1.0 / n)
 
 
 def _posemb(rng, namespace):
@@ -218,6 +230,7 @@ def _qkv(rng, namespace):
 
 GENERATORS = {
     "patchify": _patchify,
+    "pixel_shuffle": _pixel_shuffle,
     "factorized_posemb": _posemb,
     "apply_multidimensional_rope": _rope,
     "avg_pool_by_positions": _pool_inputs,
@@ -289,8 +302,23 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
             (0, 2**31 * p, 2**31 * p, 3), kw["images"].dtype)}, True))
         if kw["patch_size"] > 1:
             img = kw["images"]
-            out.append(("H not divisible", {**kw, "images": torch.zeros(*img.shape[:-3], kw["patch_size"] + 1,
-                                                                       img.shape[-2], img.shape[-1], dtype=img.dtype)}, True))
+            h_dim = -2 if kw["channels_first"] else -3
+            shape = list(img.shape)
+            shape[h_dim] = kw["patch_size"] + 1
+            out.append(("H not divisible", {**kw, "images": torch.zeros(shape, dtype=img.dtype)}, True))
+    elif op == "pixel_shuffle":
+        x, r = kw["input_tensor"], kw["shuffle_ratio"]
+        for bad in (0.0, -0.5, 0.3, 2.0, 1.5, f, float("inf"), 1e-300):
+            out.append((f"shuffle_ratio {bad}", {**kw, "shuffle_ratio": bad}, True))
+        side = math.isqrt(x.shape[-2])
+        out.append(("non-square L", {**kw, "input_tensor": torch.zeros(*x.shape[:-2], side * side + 1, x.shape[-1],
+                                                                        dtype=x.dtype)}, True))
+        n = round(1 / r)
+        if n > 1:
+            out.append(("side not a multiple of 1/ratio", {**kw, "input_tensor": torch.zeros(
+                *x.shape[:-2], (n + 1) ** 2, x.shape[-1], dtype=x.dtype)}, True))
+        out.append(("expanded input of 2^62 rows", {**kw, "input_tensor": _huge_expanded((0, 2**62, 2), x.dtype),
+                                                    "shuffle_ratio": 0.5}, True))
     elif op == "factorized_posemb":
         d = kw["posemb"].shape[2]
         huge = _huge_expanded((0, 2**62, 2), kw["positions_xy"].dtype)
@@ -381,6 +409,12 @@ def _backward_mutations(op: str, kw: dict, rng: random.Random):
         for h, w, p in ((-4, 4, 2), (4, -4, 2), (0, 0, 2**32), (0, 0, 0), (INT64_MAX, 1, 1), (2**62, 2**62, 1)):
             out.append((f"_patchify_backward(height={h}, width={w}, patch_size={p})",
                         "_patchify_backward", [grad, h, w, p], True))
+    elif op == "pixel_shuffle":
+        for shape in ((2, 5, 4), (2, 4, 3), (3,)):
+            out.append((f"_pixel_shuffle_backward(grad_output {list(shape)})", "_pixel_shuffle_backward",
+                        [torch.zeros(shape), 0.5], True))
+        out.append(("_pixel_shuffle_backward(shuffle_ratio nan)", "_pixel_shuffle_backward",
+                    [torch.zeros(2, 4, 8), float("nan")], True))
     elif op == "factorized_posemb":
         g = torch.zeros(*kw["positions_xy"].shape[:-1], 3)
         for n in (-1, INT64_MIN):

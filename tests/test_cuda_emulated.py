@@ -142,6 +142,40 @@ def test_patchify(dtype, shape, p):
         exact(emu("_patchify_backward", variant, h, w, p), ref_images.grad)
 
 
+# channels_first (Llama 4's unfold): runs of p elements, vectorized when p * element size is 16 bytes
+CHANNELS_FIRST_SHAPES = [((2, 3, 32, 16), 8), ((1, 3, 28, 14), 14), ((2, 2, 12, 8), 4), ((1, 3, 6, 9), 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,p", CHANNELS_FIRST_SHAPES)
+def test_patchify_channels_first(dtype, shape, p):
+    images = randn(*shape, dtype=dtype)
+    ref_patches, ref_pos = reference.patchify(images, p, channels_first=True)
+    for variant in (images, offset_by_one(images), noncontiguous(images, dim=-2)):
+        patches, pos = emu("patchify", variant, p, True)
+        exact(patches, ref_patches)
+        exact(pos, ref_pos)
+    grad = randn(*ref_patches.shape, dtype=dtype)
+    cpu = torch.ops.vitops._patchify_backward(grad, shape[-2], shape[-1], p, True)
+    for variant in (grad, offset_by_one(grad)):
+        exact(emu("_patchify_backward", variant, shape[-2], shape[-1], p, True), cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel_shuffle: the patch permutation over the token grid (vector path when n * C fills 16 bytes)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,side,c,ratio", [(2, 24, 16, 0.5), (1, 8, 3, 0.25), (2, 6, 5, 1 / 3), (1, 4, 8, 1.0),
+                                             (0, 4, 8, 0.5)])
+def test_pixel_shuffle(dtype, b, side, c, ratio):
+    x = randn(b, side * side, c, dtype=dtype)
+    want = reference.pixel_shuffle(x, ratio)
+    for variant in (x, offset_by_one(x), noncontiguous(x, dim=-1)):
+        exact(emu("pixel_shuffle", variant, ratio), want)
+    grad = randn(*want.shape, dtype=dtype)
+    exact(emu("_pixel_shuffle_backward", grad, ratio), torch.ops.vitops._pixel_shuffle_backward(grad, ratio))
+
+
 # ---------------------------------------------------------------------------------------------
 # factorized_posemb: forward VEC/scalar, int32/int64 positions, both table layouts, padding and
 # poisoned (out-of-range) rows; backward: keys kernel, radix sort, one block per table row.

@@ -138,3 +138,65 @@ def test_patch_width_overflow_is_rejected():
     images = torch.empty(0, 0, 0, 1).expand(0, 0, 0, 2**40)  # no storage: sizes only
     with pytest.raises(RuntimeError, match="patch width .* does not fit in int64"):
         vitops.patchify(images, 2**12)
+
+
+# --------------------------------------------------------------------------------------------
+# channels_first: Llama 4's unfold patch extraction (NCHW tiles, (channel, row, col) patches)
+# --------------------------------------------------------------------------------------------
+CHANNELS_FIRST_SHAPES = [
+    ((2, 3, 28, 42), 14),  # NCHW tiles, Llama 4's patch size
+    ((2, 2, 3, 12, 8), 4),  # two leading dims [b, t, C, H, W]
+    ((5, 9, 6), 3),  # no batch dim, odd channel count
+    ((1, 4, 8, 8), 1),  # patch 1: runs of one element
+    ((0, 3, 8, 8), 4),  # empty batch
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("shape,p", CHANNELS_FIRST_SHAPES)
+def test_channels_first_matches_unfold(device, dtype, shape, p):
+    images = randn(*shape, dtype=dtype, device=device)
+    patches, pos = vitops.patchify(images, p, channels_first=True)
+    ref_patches, ref_pos = reference.patchify(images, p, channels_first=True)
+    torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
+    # the positions do not depend on the layout
+    assert torch.equal(pos, reference.patchify(images.movedim(-3, -1), p)[1]) and torch.equal(pos, ref_pos)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_first_equals_hf_llama4_unfold_and_backward(device):
+    """HF's Llama4UnfoldConvolution is torch.nn.Unfold + transpose + a linear: our patches are its
+    unfold bit for bit, and the gradient is the inverse permutation."""
+    images = randn(2, 3, 56, 42, device=device).requires_grad_()
+    unfold = torch.nn.Unfold(kernel_size=14, stride=14)
+    want = unfold(images).permute(0, 2, 1)
+    got, _ = vitops.patchify(images, 14, channels_first=True)
+    assert torch.equal(got, want)
+    grad = torch.randn_like(got)
+    (g,) = torch.autograd.grad(got, images, grad)
+    (w,) = torch.autograd.grad(want, images, grad)
+    assert torch.equal(g, w)
+    # strided (channels-last memory) input: same result
+    strided = images.detach().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert torch.equal(vitops.patchify(strided, 14, channels_first=True)[0], want)
+
+
+def test_channels_first_gradcheck_opcheck_compile():
+    x = torch.randn(2, 3, 8, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: vitops.patchify(t, 2, channels_first=True)[0], (x,))
+    torch.library.opcheck(torch.ops.vitops.patchify.default, (x.float().detach().requires_grad_(), 2, True))
+    torch.library.opcheck(torch.ops.vitops._patchify_backward.default, (torch.randn(2, 8, 12), 8, 4, 2, True))
+    for dynamic in (False, True):
+        f = torch.compile(lambda t: vitops.patchify(t, 2, channels_first=True)[0], fullgraph=True, dynamic=dynamic)
+        for b in (2, 3):
+            t = torch.randn(b, 3, 8, 6)
+            assert torch.equal(f(t), reference.patchify(t, 2, channels_first=True)[0])
+
+
+def test_channels_first_bad_input_names_the_layout():
+    with pytest.raises(RuntimeError, match=r"`images` must have shape \[\.\.\., C, H, W\]"):
+        vitops.patchify(torch.randn(4, 4), 2, channels_first=True)
+    with pytest.raises(RuntimeError, match=r"image height and width \(5, 8\) must be divisible"):
+        vitops.patchify(torch.randn(3, 5, 8), 2, channels_first=True)
+    with pytest.raises(RuntimeError, match=r"image height and width \(5, 8\) must be divisible"):
+        vitops.patchify(torch.randn(3, 5, 8, device="meta"), 2, channels_first=True)

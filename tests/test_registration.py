@@ -10,8 +10,10 @@ from vitops import _build_info, _loader
 from vitops.ops._manifest import MANIFEST
 
 GOLDEN_SCHEMAS = {
-    "patchify": "vitops::patchify(Tensor images, SymInt patch_size) -> (Tensor patches, Tensor positions_xy)",
-    "_patchify_backward": "vitops::_patchify_backward(Tensor grad_patches, SymInt height, SymInt width, SymInt patch_size) -> Tensor",
+    "patchify": "vitops::patchify(Tensor images, SymInt patch_size, bool channels_first=False) -> (Tensor patches, Tensor positions_xy)",
+    "_patchify_backward": "vitops::_patchify_backward(Tensor grad_patches, SymInt height, SymInt width, SymInt patch_size, bool channels_first=False) -> Tensor",
+    "pixel_shuffle": "vitops::pixel_shuffle(Tensor input_tensor, float shuffle_ratio) -> Tensor",
+    "_pixel_shuffle_backward": "vitops::_pixel_shuffle_backward(Tensor grad_output, float shuffle_ratio) -> Tensor",
     "factorized_posemb": "vitops::factorized_posemb(Tensor posemb, Tensor positions_xy, int table_dim) -> Tensor",
     "_factorized_posemb_backward": "vitops::_factorized_posemb_backward(Tensor grad_output, Tensor positions_xy, SymInt num_positions, int table_dim) -> Tensor",
     "apply_multidimensional_rope": "vitops::apply_multidimensional_rope(Tensor inputs, Tensor positions, float base_frequency, float? rotary_fraction=None, float scale_factor=1.) -> Tensor",

@@ -24,6 +24,7 @@ from .ops import (  # noqa: E402
     avg_pool_scale_standardize,
     factorized_posemb,
     patchify,
+    pixel_shuffle,
     qkv_norm_rope,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "factorized_posemb",
     "ops",
     "patchify",
+    "pixel_shuffle",
     "qkv_norm_rope",
     "reference",
 ]

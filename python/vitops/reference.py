@@ -17,6 +17,7 @@ from .layers import rms_norm
 
 __all__ = [
     "patchify",
+    "pixel_shuffle",
     "factorized_posemb",
     "apply_multidimensional_rope",
     "avg_pool_by_positions",
@@ -29,18 +30,45 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # patchify
 # --------------------------------------------------------------------------------------------
-def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def patchify(images: torch.Tensor, patch_size: int, channels_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """images[..., H, W, C] -> (patches[..., N, p*p*C] in (row, col, channel) order,
-    positions_xy[..., N, 2] int64 with x = column and y = row in patch units, row-major)."""
-    *lead, h, w, c = images.shape
+    positions_xy[..., N, 2] int64 with x = column and y = row in patch units, row-major).
+    ``channels_first``: images[..., C, H, W], patches in (channel, row, col) order, as HF's
+    Llama4UnfoldConvolution (``torch.nn.Unfold`` then a transpose)."""
     p = patch_size
-    x = images.reshape(*lead, h // p, p, w // p, p, c).transpose(-4, -3)
-    patches = x.reshape(*lead, (h // p) * (w // p), p * p * c)
+    if channels_first:
+        *lead, c, h, w = images.shape
+        flat = images.reshape(math.prod(lead), c, h, w)
+        cols = torch.nn.functional.unfold(flat, kernel_size=p, stride=p) if flat.numel() else flat.new_empty(
+            flat.shape[0], c * p * p, (h // p) * (w // p))
+        patches = cols.transpose(1, 2).reshape(*lead, (h // p) * (w // p), c * p * p)
+    else:
+        *lead, h, w, c = images.shape
+        x = images.reshape(*lead, h // p, p, w // p, p, c).transpose(-4, -3)
+        patches = x.reshape(*lead, (h // p) * (w // p), p * p * c)
     ys, xs = torch.meshgrid(
         torch.arange(h // p, device=images.device), torch.arange(w // p, device=images.device), indexing="ij"
     )
     pos = torch.stack([xs, ys], dim=-1).reshape(-1, 2)
     return patches, pos.expand(*lead, *pos.shape).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# pixel_shuffle (Llama 4)
+# --------------------------------------------------------------------------------------------
+def pixel_shuffle(input_tensor: torch.Tensor, shuffle_ratio: float) -> torch.Tensor:
+    """HF's Llama 4 ``pixel_shuffle`` (views and permutes), for any leading dims: [..., L, C] of a
+    square grid -> [..., L r², C / r²], channels in (dh, dw, c) order."""
+    *lead, length, channels = input_tensor.shape
+    side = math.isqrt(length)
+    n = round(1 / shuffle_ratio)
+    if side * side != length or side % n or abs(n * shuffle_ratio - 1) > 1e-9:
+        raise ValueError(f"pixel_shuffle: cannot shuffle L = {length} tokens with ratio {shuffle_ratio}")
+    x = input_tensor.reshape(math.prod(lead), side, side, channels)
+    b = x.shape[0]
+    x = x.reshape(b, side, side // n, channels * n).permute(0, 2, 1, 3).contiguous()
+    x = x.reshape(b, side // n, side // n, channels * n * n).permute(0, 2, 1, 3).contiguous()
+    return x.reshape(*lead, (side // n) ** 2, channels * n * n)
 
 
 # --------------------------------------------------------------------------------------------

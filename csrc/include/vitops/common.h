@@ -2,6 +2,8 @@
 // torch/headeronly), so the compiled library loads on every torch >= TORCH_TARGET_VERSION (2.10).
 #pragma once
 
+#include <cmath>
+
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -257,6 +259,17 @@ inline torch::headeronly::BFloat16 narrow<torch::headeronly::BFloat16>(float v) 
   uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   rounded = (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN -> canonical quiet NaN
   return torch::headeronly::BFloat16(static_cast<uint16_t>(rounded), torch::headeronly::BFloat16::from_bits());
+}
+
+// floor(sqrt(n)) for any n >= 0, exact: the double estimate is corrected in integer arithmetic that
+// cannot overflow (r <= 3037000499 for n <= INT64_MAX, so r * r fits).
+inline int64_t isqrt(int64_t n) {
+  if (n < 2) return n;
+  int64_t r = static_cast<int64_t>(std::sqrt(static_cast<double>(n)));
+  if (r > 3037000499) r = 3037000499;
+  while (r * r > n) --r;
+  while (r < 3037000499 && (r + 1) * (r + 1) <= n) ++r;
+  return r;
 }
 
 }  // namespace vitops

@@ -27,17 +27,6 @@ struct Geometry {
   int64_t batch, seq_len, dim, length, kernel;
 };
 
-// floor(sqrt(n)) for any n >= 0, exact: the double estimate is corrected in integer arithmetic that
-// cannot overflow (r <= 3037000499 for n <= INT64_MAX, so r * r fits).
-inline int64_t isqrt(int64_t n) {
-  if (n < 2) return n;
-  int64_t r = static_cast<int64_t>(std::sqrt(static_cast<double>(n)));
-  if (r > 3037000499) r = 3037000499;
-  while (r * r > n) --r;
-  while (r < 3037000499 && (r + 1) * (r + 1) <= n) ++r;
-  return r;
-}
-
 // k with k*k*length == seq_len, or 0 when there is none. Written as "length divides seq_len and
 // the quotient is a perfect square" so no product can overflow.
 inline int64_t kernel_size(int64_t seq_len, int64_t length) {

@@ -1,11 +1,12 @@
-// patchify: shape checks shared by the CPU and CUDA kernels.
+// patchify: shape checks shared by the CPU and CUDA kernels (the permutation: kernels/permute/).
 #pragma once
 #include "kernels/permute/permute.h"
 #include "vitops/common.h"
 
 namespace vitops::patchify {
 
-// images[..., H, W, C] cut into p x p patches: `batch` images of one patch grid.
+// images[..., H, W, C] (or [..., C, H, W] with channels_first) cut into p x p patches: `batch`
+// images of one patch grid.
 struct Geometry : permute::PatchGrid {
   int64_t batch = 0;  // product of the leading dims
 };
@@ -18,17 +19,20 @@ inline void check_patch_size(const char* op, int64_t patch_size) {
                ") is too large: patch_size * patch_size must fit in int64");
 }
 
-inline Geometry check_forward(const Tensor& images, int64_t patch_size, bool allow_double) {
+inline const char* image_layout(bool channels_first) { return channels_first ? "[..., C, H, W]" : "[..., H, W, C]"; }
+
+inline Geometry check_forward(const Tensor& images, int64_t patch_size, bool channels_first, bool allow_double) {
   const char* op = "patchify";
-  VITOPS_CHECK(images.dim() >= 3, "vitops.patchify: `images` must have shape [..., H, W, C] (at least 3 dims), got ",
-               shape_str(images));
+  VITOPS_CHECK(images.dim() >= 3, "vitops.patchify: `images` must have shape ", image_layout(channels_first),
+               " (at least 3 dims), got ", shape_str(images));
   check_float(op, "images", images, allow_double);
   check_patch_size(op, patch_size);
   Geometry g;
   const int64_t d = images.dim();
-  g.height = images.size(d - 3);
-  g.width = images.size(d - 2);
-  g.channels = images.size(d - 1);
+  g.order = channels_first ? permute::Order::ChannelsFirst : permute::Order::ChannelsLast;
+  g.height = images.size(channels_first ? d - 2 : d - 3);
+  g.width = images.size(channels_first ? d - 1 : d - 2);
+  g.channels = images.size(channels_first ? d - 3 : d - 1);
   g.patch = patch_size;
   VITOPS_CHECK(g.height % patch_size == 0 && g.width % patch_size == 0, "vitops.patchify: image height and width (",
                g.height, ", ", g.width, ") must be divisible by `patch_size` (", patch_size, "); `images` has shape ",
@@ -47,7 +51,7 @@ inline Geometry check_forward(const Tensor& images, int64_t patch_size, bool all
 }
 
 inline Geometry check_backward(const Tensor& grad, int64_t height, int64_t width, int64_t patch_size,
-                               bool allow_double) {
+                               bool channels_first, bool allow_double) {
   const char* op = "_patchify_backward";
   VITOPS_CHECK(grad.dim() >= 2, "vitops._patchify_backward: `grad_patches` must have shape [..., N, p*p*C], got ",
                shape_str(grad));
@@ -59,6 +63,7 @@ inline Geometry check_backward(const Tensor& grad, int64_t height, int64_t width
                ") and `width` (", width, ") must be multiples of `patch_size` (", patch_size, ")");
   Geometry g;
   const int64_t d = grad.dim();
+  g.order = channels_first ? permute::Order::ChannelsFirst : permute::Order::ChannelsLast;
   g.height = height;
   g.width = width;
   g.patch = patch_size;
@@ -70,10 +75,13 @@ inline Geometry check_backward(const Tensor& grad, int64_t height, int64_t width
                width, " image with patch_size ", patch_size, " (expected [..., ", num_patches,
                ", patch_size**2 * C])");
   g.channels = pd / (patch_size * patch_size);
-  std::vector<int64_t> sizes;  // grad_images[..., H, W, C] must be representable
+  std::vector<int64_t> sizes;  // grad_images[..., H, W, C] ([..., C, H, W]) must be representable
   for (int64_t i = 0; i < d - 2; ++i) sizes.push_back(grad.size(i));
   g.batch = checked_product(op, "the batch size (product of the leading dims)", sizes);
-  sizes.insert(sizes.end(), {height, width, g.channels});
+  if (channels_first)
+    sizes.insert(sizes.end(), {g.channels, height, width});
+  else
+    sizes.insert(sizes.end(), {height, width, g.channels});
   checked_product(op, "the image size (leading dims) * H * W * C", sizes);
   check_shape_fits(op, "the gradient of images", sizes);
   return g;
@@ -85,7 +93,8 @@ inline std::vector<int64_t> leading_sizes(const Tensor& t, int64_t trailing) {
   return s;
 }
 
-// Allocates patches[..., N, p*p*C] and positions_xy[..., N, 2] (int64) for images[..., H, W, C].
+// Allocates patches[..., N, p*p*C] and positions_xy[..., N, 2] (int64) for images[..., H, W, C]
+// (or [..., C, H, W]).
 inline std::tuple<Tensor, Tensor> allocate_forward(const Tensor& images, const Geometry& g) {
   auto psizes = leading_sizes(images, 3), qsizes = leading_sizes(images, 3);
   psizes.push_back(g.num_patches());
@@ -95,12 +104,13 @@ inline std::tuple<Tensor, Tensor> allocate_forward(const Tensor& images, const G
   return {new_empty(images, psizes, images.scalar_type()), new_empty(images, qsizes, ScalarType::Long)};
 }
 
-// Allocates grad_images[..., H, W, C] for grad_patches[..., N, p*p*C].
+// Allocates grad_images[..., H, W, C] ([..., C, H, W] channels first) for grad_patches[..., N, p*p*C].
 inline Tensor allocate_backward(const Tensor& grad, const Geometry& g) {
   auto sizes = leading_sizes(grad, 2);
-  sizes.push_back(g.height);
-  sizes.push_back(g.width);
-  sizes.push_back(g.channels);
+  if (g.order == permute::Order::ChannelsFirst)
+    sizes.insert(sizes.end(), {g.channels, g.height, g.width});
+  else
+    sizes.insert(sizes.end(), {g.height, g.width, g.channels});
   return new_empty(grad, sizes, grad.scalar_type());
 }
 

@@ -8,6 +8,7 @@ knows (e.g. the vision tower and the projector) and the layout changes of single
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -22,11 +23,14 @@ __all__ = [
     "KeyMap",
     "Layout",
     "LoadReport",
+    "Part",
     "check_part",
     "compress_keys",
     "detect_prefix",
+    "export_parts",
     "finish_load",
     "load_into",
+    "load_parts",
     "mismatch_message",
     "read_checkpoint",
 ]
@@ -209,6 +213,69 @@ def load_into(module: torch.nn.Module, sub: dict[str, torch.Tensor]) -> None:
     # trainable as they would be after a regular load
     for p in module.parameters():
         p.requires_grad_(True)
+
+
+@dataclasses.dataclass
+class Part:
+    """One module of a checkpoint load (a vision tower, a projector) and how its keys are named."""
+
+    kind: str  # "tower", "projector", ... (for messages)
+    module: torch.nn.Module
+    key_map: KeyMap
+    prefix: str | None  # the text before its HF names in the checkpoint; None: no key of it was found
+    default_prefix: str  # where its missing keys are reported when no key of it was found
+    layouts: Mapping[str, Layout] = dataclasses.field(default_factory=dict)
+    ignored: re.Pattern | None = None  # HF names under the prefix that are harmless (non-persistent buffers)
+
+
+def load_parts(parts: list[Part], checkpoint: Mapping[str, torch.Tensor], strict: bool,
+               message: Callable[[LoadReport], str]) -> LoadReport:
+    """Routes every checkpoint key to the part whose prefix (the longest that matches) and key map
+    name it; keys under a part's prefix that map to nothing, or to a tensor its module does not have
+    (e.g. a layer past ``num_layers``), are unexpected; keys under no prefix are ignored (the rest
+    of a full checkpoint). Then checks every part (:func:`check_part`) and loads them all, or raises
+    :class:`CheckpointMismatchError` (``strict``, before anything is copied)."""
+    located = sorted((p for p in parts if p.prefix is not None), key=lambda p: len(p.prefix), reverse=True)
+    sources: dict[int, dict[str, str]] = {id(p): {} for p in parts}
+    unexpected = []
+    for key in checkpoint.keys():
+        owner = None
+        for part in located:
+            if not key.startswith(part.prefix):
+                continue
+            owner = owner or part
+            ours = part.key_map.to_ours(key[len(part.prefix):])
+            if ours is not None:
+                sources[id(part)][ours] = key
+                owner = None
+                break
+        if owner is not None and not (owner.ignored is not None and owner.ignored.match(key[len(owner.prefix):])):
+            unexpected.append(key)
+    missing, mismatched, loads = [], [], []
+    for part in parts:
+        src = sources[id(part)]
+        prefix = part.prefix if part.prefix is not None else part.default_prefix
+        sub, miss, bad = check_part(part.module, src, checkpoint, part.key_map.to_hf, prefix, part.layouts)
+        expected = part.module.state_dict()
+        unexpected += [k for name, k in src.items() if name not in expected]
+        missing += miss
+        mismatched += bad
+        loads.append((part.module, sub))
+    report = LoadReport(sorted(missing), sorted(unexpected), sorted(mismatched))
+    return finish_load(report, strict, lambda: message(report), loads)
+
+
+def export_parts(parts: list[Part]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`load_parts`: HF-named, HF-layout tensors of every part under its prefix."""
+    out = {}
+    for part in parts:
+        prefix = part.prefix if part.prefix is not None else part.default_prefix
+        for name, tensor in part.module.state_dict().items():
+            layout = part.layouts.get(name)
+            if layout is not None:
+                tensor = layout.to_checkpoint(tensor)
+            out[prefix + part.key_map.to_hf(name)] = tensor.detach().contiguous()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 ``nn.Module``\\ s; the math lives in the ops and ``vitops.layers``):
 
 * ``vitops.models.gemma4_vision``: the Gemma 4 vision tower (``maxtext.models.gemma4_vision``);
-* ``vitops.models.llama4``: Llama 4 (``maxtext.models.llama4``);
+* ``vitops.models.llama4``: the Llama 4 vision model and projector (``maxtext.models.llama4``);
 * ``vitops.models.gemma3``: Gemma 3 (``maxtext.models.gemma3``).
 
 Each loads on first use. The Gemma 4 names stay importable from here.

@@ -1,15 +1,190 @@
-"""Llama 4, mirroring ``maxtext.models.llama4`` (PyTorch form: a config object instead of config + mesh).
+"""Llama 4 vision model as PyTorch modules, mirroring ``maxtext.models.llama4`` (PyTorch form: a
+config object instead of config + mesh), with HF ``transformers``' numerics (the reference where
+MaxText and HF differ; spec: ``shared/specs/llama4_gemma3_vision.md`` part A and
+``facts_transformers_5_18.md``).
 
-The layer-pattern helpers of the decoder are here; the vision tower and the decoder layers build
-on ``vitops.layers`` and the ``vitops.ops`` kernels (``qkv_norm_rope`` with ``pairing="interleaved"``
-computes the vision RoPE).
+Data flow of :class:`Llama4VisionModel` per 336² tile: unfold patches (``patchify`` with
+``channels_first``, (c, ph, pw) order) -> linear -> CLS appended last -> + position table ->
+LayerNorm -> encoder layers (LayerNorm, attention with the interleaved 2-D RoPE of
+``qkv_norm_rope(norm="none", pairing="interleaved")``, LayerNorm, exact-GELU MLP) -> LayerNorm ->
+drop CLS -> ``pixel_shuffle`` -> the adapter MLP (GELU after both linears).
+
+Differences from MaxText, all deliberate: a :class:`Llama4VisionConfig` replaces config + mesh;
+weights use PyTorch layouts (``nn.Linear`` weights are ``[out, in]``); ``deterministic=None``
+follows ``module.training``. The decoder's layer-pattern helpers live here too.
 """
 
 from __future__ import annotations
 
-__all__ = ["determine_is_moe_layer", "determine_is_nope_layer"]
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import dropout as _dropout
+from ..layers import dropout_active as _dropout_active
+from ..ops import patchify, qkv_norm_rope
+from ..ops import pixel_shuffle as _pixel_shuffle_op
+
+__all__ = [
+    "Llama4MultiModalProjector",
+    "Llama4UnfoldConvolution",
+    "Llama4VisionConfig",
+    "Llama4VisionEncoder",
+    "Llama4VisionEncoderLayer",
+    "Llama4VisionMLP",
+    "Llama4VisionMLP2",
+    "Llama4VisionModel",
+    "Llama4VisionPixelShuffleMLP",
+    "determine_is_moe_layer",
+    "determine_is_nope_layer",
+    "pixel_shuffle",
+    "vision_positions",
+]
 
 
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Llama4VisionConfig:
+    """Hyper-parameters of the Llama 4 vision model (+ projector into the text model).
+
+    Defaults are the released Scout / Maverick values (HF's class defaults are not, and are not
+    self-consistent). MaxText names in brackets: hidden_size [hidden_size_for_vit], intermediate_size
+    [intermediate_size_for_vit], num_layers [num_hidden_layers_for_vit], num_heads
+    [num_attention_heads_for_vit], image_size [image_size_for_vit = tile_size_for_vit], patch_size
+    [patch_size_for_vit], rope_theta [rope_theta_for_vit], pixel_shuffle_ratio
+    [pixel_shuffle_ratio_for_vit], projector_input_dim / projector_output_dim / vision_output_dim
+    [..._for_vit], projector_dropout [projector_dropout_for_vit], norm_eps [normalization_layer_epsilon],
+    text_hidden_size [base_emb_dim].
+    """
+
+    hidden_size: int = 1408
+    intermediate_size: int = 5632
+    num_layers: int = 34
+    num_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 336
+    patch_size: int = 14
+    rope_theta: float = 10000.0
+    pixel_shuffle_ratio: float = 0.5
+    projector_input_dim: int = 4096
+    projector_output_dim: int = 4096
+    vision_output_dim: int = 4096
+    projector_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # HF hard-codes nn.LayerNorm's default 1e-5 and ignores its config's norm_eps; MaxText uses
+    # normalization_layer_epsilon (1e-5 in the Llama 4 configs)
+    norm_eps: float = 1e-5
+    text_hidden_size: int | None = 5120
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_heads", "num_channels", "image_size", "patch_size",
+                     "projector_input_dim", "projector_output_dim", "vision_output_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Llama4VisionConfig: `{name}` must be a positive int, got {value!r}")
+        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ValueError(f"Llama4VisionConfig: `num_layers` must be an int >= 0, got {self.num_layers!r}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"Llama4VisionConfig: hidden_size ({self.hidden_size}) / num_heads ({self.num_heads}) must be a head "
+                "dim divisible by 4 (its 2-D RoPE gives each axis half of the complex pairs)")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"Llama4VisionConfig: image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size})")
+        n = round(1 / self.pixel_shuffle_ratio) if self.pixel_shuffle_ratio > 0 else 0
+        if n < 1 or abs(n * self.pixel_shuffle_ratio - 1) > 1e-9 or self.grid_side % n:
+            raise ValueError(
+                f"Llama4VisionConfig: pixel_shuffle_ratio ({self.pixel_shuffle_ratio}) must be 1/n with the patch grid "
+                f"side ({self.grid_side}) a multiple of n")
+        if self.hidden_size * n * n != self.intermediate_size:
+            # HF sizes the adapter's fc1 input by intermediate_size; the pixel shuffle produces hidden / r²
+            raise ValueError(
+                f"Llama4VisionConfig: the pixel-shuffled width hidden_size / pixel_shuffle_ratio**2 = "
+                f"{self.hidden_size * n * n} must equal intermediate_size ({self.intermediate_size}), as HF's adapter "
+                "assumes")
+        if self.projector_input_dim != self.projector_output_dim:
+            raise ValueError(
+                f"Llama4VisionConfig: projector_input_dim ({self.projector_input_dim}) must equal projector_output_dim "
+                f"({self.projector_output_dim}): HF's adapter fc2 takes projector_output_dim inputs")
+        for name in ("projector_dropout", "attention_dropout"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"Llama4VisionConfig: `{name}` must be in [0, 1), got {rate}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per tile (without CLS)."""
+        return self.grid_side**2
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Soft tokens per tile after the pixel shuffle (144 for the released models)."""
+        n = round(1 / self.pixel_shuffle_ratio)
+        return self.num_patches // (n * n)
+
+    def replace(self, **changes) -> "Llama4VisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides) -> "Llama4VisionConfig":
+        """From an HF ``Llama4Config`` (vision_config + text_config) or ``Llama4VisionConfig`` (object or dict)."""
+        get = _getter(hf_config)
+        vision = get("vision_config")
+        text = get("text_config")
+        v = _getter(vision if vision is not None else hf_config)
+        rope = v("rope_parameters") or {}
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        kwargs = dict(
+            hidden_size=v("hidden_size"), intermediate_size=v("intermediate_size"), num_layers=v("num_hidden_layers"),
+            num_heads=v("num_attention_heads"), num_channels=v("num_channels"), image_size=_side(v("image_size")),
+            patch_size=_side(v("patch_size")), rope_theta=theta if theta is not None else v("rope_theta"),
+            pixel_shuffle_ratio=v("pixel_shuffle_ratio"), projector_input_dim=v("projector_input_dim"),
+            projector_output_dim=v("projector_output_dim"), vision_output_dim=v("vision_output_dim"),
+            projector_dropout=v("projector_dropout"), attention_dropout=v("attention_dropout"),
+        )
+        kwargs = {k: val for k, val in kwargs.items() if val is not None}
+        for name in ("projector_dropout", "attention_dropout", "rope_theta", "pixel_shuffle_ratio"):
+            if name in kwargs:
+                kwargs[name] = float(kwargs[name])
+        kwargs["text_hidden_size"] = _getter(text)("hidden_size") if text is not None else None
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _getter(obj):
+    if obj is None:
+        return lambda name: None
+    if isinstance(obj, dict):
+        return obj.get
+    return lambda name: getattr(obj, name, None)
+
+
+def _side(size):
+    """HF allows image_size / patch_size as an int or a square (h, w) pair."""
+    if size is None or isinstance(size, int):
+        return size
+    h, w = size
+    if h != w:
+        raise ValueError(f"Llama4VisionConfig: only square tiles and patches are supported, got {tuple(size)}")
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-pattern helpers of the decoder (MaxText semantics)
+# ---------------------------------------------------------------------------------------------
 def determine_is_nope_layer(layer_id: int, nope_layer_interval: int | None) -> bool:
     """True if the 0-based layer ``layer_id`` uses no RoPE (NoPE): every ``nope_layer_interval``-th
     layer, i.e. ``(layer_id + 1) % interval == 0`` (interval 4: layers 3, 7, 11, ...). None or an
@@ -24,3 +199,219 @@ def determine_is_moe_layer(layer_id: int, interleave_moe_layer_step: int | None)
     step <= 0 means no MoE layer (HF raises instead)."""
     return (interleave_moe_layer_step is not None and interleave_moe_layer_step > 0
             and (layer_id + 1) % interleave_moe_layer_step == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+def pixel_shuffle(input_tensor: torch.Tensor, shuffle_ratio: float) -> torch.Tensor:
+    """MaxText's ``pixel_shuffle``: [B, L, C] -> [B, L r², C / r²] ((dh, dw, c) channels; the
+    ``vitops.pixel_shuffle`` kernel)."""
+    return _pixel_shuffle_op(input_tensor, shuffle_ratio)
+
+
+def vision_positions(grid_side: int, device=None) -> torch.Tensor:
+    """The 2-D RoPE coordinates of a tile's tokens ``[side² + 1, 2]`` int32: 1-based (column, row)
+    of each patch, row-major, then (0, 0) for the CLS token (angle 0: unrotated, as HF masks its
+    frequencies)."""
+    idx = torch.arange(grid_side * grid_side, device=device, dtype=torch.int32)
+    pos = torch.stack([idx % grid_side + 1, idx // grid_side + 1], dim=-1)
+    return torch.cat([pos, torch.zeros(1, 2, dtype=torch.int32, device=device)])
+
+
+class Llama4UnfoldConvolution(nn.Module):
+    """Patch embedding: unfold the NCHW tile into (channel, row, col) patches, then a bias-free linear
+    (HF ``patch_embedding``; MaxText ``vit_unfold_linear``)."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.vit_unfold_linear = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size, bias=False,
+                                           device=device, dtype=dtype)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs [B, C, H, W]`` -> ``[B, (H/p)(W/p), D]``."""
+        patches, _ = patchify(inputs, self.patch_size, channels_first=True)
+        return self.vit_unfold_linear(patches)
+
+
+class Llama4VisionMLP(nn.Module):
+    """Encoder MLP: ``fc2(gelu(fc1(x)))`` with biases and the exact (erf) GELU."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.vit_encoder_layer_mlp_fc1 = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.vit_encoder_layer_mlp_fc2 = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.vit_encoder_layer_mlp_fc2(F.gelu(self.vit_encoder_layer_mlp_fc1(h)))
+
+
+class Llama4VisionMLP2(nn.Module):
+    """Adapter MLP: ``gelu(fc2(dropout(gelu(fc1(x)))))``, bias-free, exact GELU after both linears."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.dropout_rate = config.projector_dropout
+        self.vit_pixel_shuffle_mlp_fc1 = nn.Linear(config.intermediate_size, config.projector_input_dim, bias=False,
+                                                   **kw)
+        self.vit_pixel_shuffle_mlp_fc2 = nn.Linear(config.projector_input_dim, config.projector_output_dim,
+                                                   bias=False, **kw)
+
+    def forward(self, h: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        h = F.gelu(self.vit_pixel_shuffle_mlp_fc1(h))
+        h = _dropout(h, self.dropout_rate, _dropout_active(self, deterministic))
+        return F.gelu(self.vit_pixel_shuffle_mlp_fc2(h))
+
+
+class Llama4VisionPixelShuffleMLP(nn.Module):
+    """``pixel_shuffle`` then :class:`Llama4VisionMLP2` (HF ``vision_adapter``)."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.pixel_shuffle_ratio = config.pixel_shuffle_ratio
+        self.pixel_shuffle_mlp = Llama4VisionMLP2(config, device=device, dtype=dtype)
+
+    def forward(self, encoded_patches: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        return self.pixel_shuffle_mlp(pixel_shuffle(encoded_patches, self.pixel_shuffle_ratio), deterministic)
+
+
+class Llama4MultiModalProjector(nn.Module):
+    """Into the text model: a bias-free linear ``vision_output_dim -> text_hidden_size``;
+    ``[b, t, c, d]`` (or any leading dims) in, ``[b, t, c, text_hidden_size]`` out."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        if config.text_hidden_size is None:
+            raise ValueError("Llama4MultiModalProjector needs config.text_hidden_size (the text model's hidden size)")
+        self.vit_multi_modal_projector = nn.Linear(config.vision_output_dim, config.text_hidden_size, bias=False,
+                                                   device=device, dtype=dtype)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.vit_multi_modal_projector(image_features)
+
+
+class Llama4VisionAttention(nn.Module):
+    """Bidirectional multi-head attention with biases and Llama 4's 2-D RoPE (interleaved complex
+    pairs, the first half of the pairs by the column, the second by the row, float32 cos/sin), scale
+    head_dim^-0.5, SDPA."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        d = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.rope_theta = config.rope_theta
+        self.dropout_rate = config.attention_dropout
+        self.query = nn.Linear(d, d, **kw)
+        self.key = nn.Linear(d, d, **kw)
+        self.value = nn.Linear(d, d, **kw)
+        self.out = nn.Linear(d, d, **kw)
+
+    def forward(self, inputs_q: torch.Tensor, positions: torch.Tensor, deterministic: bool | None = None
+                ) -> torch.Tensor:
+        """``inputs_q [B, L, D]``, ``positions [B, L, 2]`` (:func:`vision_positions`)."""
+        b, length, _ = inputs_q.shape
+        shape = (b, length, self.num_heads, self.head_dim)
+        q, k, v = (proj(inputs_q).view(shape) for proj in (self.query, self.key, self.value))
+        # HF rotates in float32 with float32 cos/sin and rounds once (vision_apply_rotary_emb)
+        q, k, v = qkv_norm_rope(q, k, v, None, None, positions, base_frequency=self.rope_theta,
+                                rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved")
+        active = _dropout_active(self, deterministic)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if active else 0.0)
+        return self.out(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class Llama4VisionEncoderLayer(nn.Module):
+    """Pre-LayerNorm block: ``h = x + attn(ln1(x))``, ``out = h + mlp(ln2(h))``."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.input_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, **kw)
+        self.self_attention_vision = Llama4VisionAttention(config, **kw)
+        self.post_attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, **kw)
+        self.mlp = Llama4VisionMLP(config, **kw)
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor, deterministic: bool | None = None
+                ) -> torch.Tensor:
+        h = hidden_states + self.self_attention_vision(self.input_layer_norm(hidden_states), positions, deterministic)
+        return h + self.mlp(self.post_attention_layer_norm(h))
+
+
+class Llama4VisionEncoder(nn.Module):
+    """The encoder layers ``layers_{i}`` (MaxText's names)."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.num_layers = config.num_layers
+        for i in range(config.num_layers):
+            self.add_module(f"layers_{i}", Llama4VisionEncoderLayer(config, device=device, dtype=dtype))
+
+    @property
+    def layers(self) -> list[Llama4VisionEncoderLayer]:
+        return [getattr(self, f"layers_{i}") for i in range(self.num_layers)]
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor, deterministic: bool | None = None
+                ) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, positions, deterministic)
+        return hidden_states
+
+
+class Llama4VisionModel(nn.Module):
+    """The Llama 4 vision model (HF ``Llama4VisionModel``): tiles ``[b, t, C, H, W]`` -> ``[b, t, 144,
+    vision_output_dim]`` (MaxText), or HF's ``[B, C, H, W]`` -> ``[B, 144, vision_output_dim]``."""
+
+    def __init__(self, config: Llama4VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        d = config.hidden_size
+        self.unfold_convolution = Llama4UnfoldConvolution(config, **kw)
+        scale = d**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(d, device=device, dtype=dtype))
+        self.positional_embedding_vlm = nn.Parameter(scale * torch.randn(config.num_patches + 1, d, device=device,
+                                                                         dtype=dtype))
+        self.layernorm_pre = nn.LayerNorm(d, eps=config.norm_eps, **kw)
+        self.layernorm_post = nn.LayerNorm(d, eps=config.norm_eps, **kw)
+        self.encoder = Llama4VisionEncoder(config, **kw)
+        self.pixel_shuffle_mlp = Llama4VisionPixelShuffleMLP(config, **kw)
+
+    def positions(self, batch: int, device) -> torch.Tensor:
+        """The tokens' RoPE coordinates ``[batch, side² + 1, 2]`` (:func:`vision_positions`; made per call,
+        not a buffer, so that a module loaded from the meta device has no tensor left without data)."""
+        return vision_positions(self.config.grid_side, device).expand(batch, -1, -1)
+
+    def encode(self, tiles: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        """``[B, C, H, W]`` tiles -> the encoder output after ``layernorm_post``, ``[B, side² + 1, D]``
+        (CLS last)."""
+        c = self.config
+        if tiles.dim() != 4 or tiles.shape[1:] != (c.num_channels, c.image_size, c.image_size):
+            raise ValueError(
+                f"Llama4VisionModel: tiles must be [B, {c.num_channels}, {c.image_size}, {c.image_size}] (NCHW), got "
+                f"shape {tuple(tiles.shape)}")
+        x = self.unfold_convolution(tiles.to(self.unfold_convolution.vit_unfold_linear.weight.dtype))
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([x, cls], dim=1)
+        x = x + self.positional_embedding_vlm.to(x.dtype)  # HF casts the table to the activations' dtype
+        x = self.layernorm_pre(x)
+        x = self.encoder(x, self.positions(x.shape[0], x.device), deterministic)
+        return self.layernorm_post(x)
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions=None, output_hidden_states=None,
+                return_dict=None, deterministic: bool | None = None) -> torch.Tensor:
+        """``pixel_values [b, t, C, H, W]`` -> ``[b, t, 144, vision_output_dim]``; ``[B, C, H, W]`` ->
+        ``[B, 144, vision_output_dim]``. ``output_attentions`` / ``output_hidden_states`` /
+        ``return_dict`` are MaxText's signature and must stay unset (SDPA computes no attention maps)."""
+        if output_attentions or output_hidden_states or return_dict:
+            raise NotImplementedError("Llama4VisionModel returns the adapter output only (MaxText's tensor result)")
+        if pixel_values.dim() not in (4, 5):
+            raise ValueError(f"Llama4VisionModel: pixel_values must be [b, t, C, H, W] or [B, C, H, W], got shape "
+                             f"{tuple(pixel_values.shape)}")
+        tiles = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values
+        x = self.encode(tiles, deterministic)[:, :-1]  # drop CLS
+        out = self.pixel_shuffle_mlp(x, deterministic)
+        return out.unflatten(0, pixel_values.shape[:2]) if pixel_values.dim() == 5 else out

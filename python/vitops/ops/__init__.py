@@ -9,6 +9,7 @@ from .avg_pool_by_positions import avg_pool_by_positions
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
 from .patchify import patchify
+from .pixel_shuffle import pixel_shuffle
 from .qkv_norm_rope import qkv_norm_rope
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "avg_pool_scale_standardize",
     "factorized_posemb",
     "patchify",
+    "pixel_shuffle",
     "qkv_norm_rope",
 ]

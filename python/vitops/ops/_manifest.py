@@ -24,6 +24,7 @@ from .avg_pool_by_positions import avg_pool_by_positions
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
 from .patchify import patchify
+from .pixel_shuffle import pixel_shuffle
 from .qkv_norm_rope import qkv_norm_rope
 
 __all__ = ["DEFAULT_TOLERANCES", "MANIFEST", "OpEntry", "entry"]
@@ -83,7 +84,13 @@ def _generator() -> torch.Generator:
 
 
 def _patchify_sample(device, dtype, empty):
-    return dict(images=_rand(_generator(), device, dtype, 0 if empty else 2, 48, 96, 3), patch_size=16)
+    return dict(images=_rand(_generator(), device, dtype, 0 if empty else 2, 48, 96, 3), patch_size=16,
+                channels_first=False)
+
+
+def _pixel_shuffle_sample(device, dtype, empty):
+    # Llama 4's adapter input: a 24 x 24 token grid (CLS dropped), shuffle ratio 0.5
+    return dict(input_tensor=_rand(_generator(), device, dtype, 0 if empty else 2, 576, 48), shuffle_ratio=0.5)
 
 
 def _posemb_sample(device, dtype, empty):
@@ -119,6 +126,10 @@ def _qkv_sample(device, dtype, empty):
                 rope_freqs=None)
 
 
+def _image_hw(images, channels_first):
+    return tuple(images.shape[-2:]) if channels_first else tuple(images.shape[-3:-1])
+
+
 _TABLE_LAYOUTS = ("hf", "maxtext")  # factorized_posemb's table_dim 0 / 1
 
 
@@ -131,12 +142,22 @@ _QKV_OPTIONS = ("eps", "base_frequency", "rope_dtype", "norm", "v_norm", "pairin
 MANIFEST: tuple[OpEntry, ...] = (
     OpEntry(
         name="patchify",
-        args=("images", "patch_size"),
+        args=("images", "patch_size", "channels_first"),
         differentiable=("images",),
-        wrapper=lambda images, patch_size: patchify(images, patch_size),
-        reference=lambda images, patch_size: reference.patchify(images, patch_size),
+        wrapper=lambda images, patch_size, channels_first: patchify(images, patch_size, channels_first=channels_first),
+        reference=lambda images, patch_size, channels_first: reference.patchify(images, patch_size, channels_first),
         sample=_patchify_sample,
-        backward_args=lambda kw, g: [g[0], kw["images"].shape[-3], kw["images"].shape[-2], kw["patch_size"]],
+        backward_args=lambda kw, g: [g[0], *_image_hw(kw["images"], kw["channels_first"]), kw["patch_size"],
+                                     kw["channels_first"]],
+    ),
+    OpEntry(
+        name="pixel_shuffle",
+        args=("input_tensor", "shuffle_ratio"),
+        differentiable=("input_tensor",),
+        wrapper=lambda input_tensor, shuffle_ratio: pixel_shuffle(input_tensor, shuffle_ratio),
+        reference=lambda input_tensor, shuffle_ratio: reference.pixel_shuffle(input_tensor, shuffle_ratio),
+        sample=_pixel_shuffle_sample,
+        backward_args=lambda kw, g: [g[0], kw["shuffle_ratio"]],
     ),
     OpEntry(
         name="factorized_posemb",
