@@ -1,6 +1,7 @@
 """Image preprocessing, one module per family, each reproducing its HF image processor:
 
-* ``vitops.preprocess.gemma4``: :class:`Gemma4ImageProcessor` (``Gemma4ImageProcessorPil``).
+* ``vitops.preprocess.gemma4``: :class:`Gemma4ImageProcessor` (``Gemma4ImageProcessorPil``);
+* ``vitops.preprocess.llama4``: :class:`Llama4ImageProcessor` (``Llama4ImageProcessor``).
 
 The input forms and resizes they share live in ``vitops.preprocess._images``. Modules load on first
 use; the Gemma 4 names stay importable from here.
@@ -15,9 +16,11 @@ _NAMES = {
     "get_aspect_ratio_preserving_size": "gemma4",
     "preprocess_gemma4": "gemma4",
     "demo_image": "_images",
+    "Llama4ImageProcessor": "llama4",
+    "Llama4Preprocessed": "llama4",
 }
-__all__ = ["gemma4", *_NAMES]
-__getattr__ = lazy_getattr(__name__, ("gemma4",), _NAMES)
+__all__ = ["gemma4", "llama4", *_NAMES]
+__getattr__ = lazy_getattr(__name__, ("gemma4", "llama4"), _NAMES)
 
 
 def __dir__():
