@@ -430,8 +430,19 @@ def build_l4_rope(shape, device, dtype):
         return vision_apply_rotary_emb(q, k, freqs)
 
     def vit():
-        op = require_op("llama4_vision_rope", device)
-        return lambda qkv, freqs: op(*views(qkv))
+        # the one RoPE op: interleaved pairs, 1-based (column, row) positions, CLS at (0, 0), float32
+        # cos/sin; it also writes v (copied) in attention's layout, which HF's rotation does not
+        op = require_op("qkv_norm_rope", device)
+        from vitops.models.llama4 import vision_positions
+
+        pos = vision_positions(cfg.image_size // cfg.patch_size, device).expand(tiles, -1, -1)
+        v = qkv[..., 2 * h * hd :].view(tiles, seq, h, hd)
+        def run(qkv, freqs):
+            q, k, _ = op(*views(qkv), v, None, None, pos, base_frequency=cfg.rope_parameters["rope_theta"],
+                         rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved")
+            return q.transpose(1, 2), k.transpose(1, 2)  # HF's [B, L, H, hd] (views of the op's rows)
+
+        return run
 
     fwd = 4 * tiles * seq * h * hd * _isz(dtype)
     return Setup((qkv, freqs), hf, vit, [qkv], fwd, 2 * fwd)
@@ -537,7 +548,8 @@ def build_l4_tower(shape, device, dtype):
 
     def vit():
         from_hf = require_module("vitops.hf.llama4", "from_hf")
-        vmodel = from_hf(model)
+        sd = {f"vision_model.{k}": v for k, v in model.state_dict().items()}
+        vmodel, _ = from_hf(cfg, sd, projector=False, dtype=dtype, device=device)
         return lambda pixels: vmodel(pixels)
 
     return Setup((pixels,), hf, vit, [], None, None)

@@ -35,3 +35,24 @@ def test_checkpoint_that_does_not_match(tmp_path):
     proc = run("--checkpoint", str(tmp_path / "model.safetensors"), "--preset", "e2b")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("python -m vitops: error: --checkpoint")
+
+
+def test_llama4_main_job_reports_tiles_and_checksum():
+    proc = run("--model", "llama4", "--num-layers", "1", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "vitops Llama 4 vision model: random weights (seed 3), 1 layers" in out
+    assert "2 x 2 tiles of 336² + a global tile (5 tiles, 144 soft tokens each)" in out
+    assert "soft tokens (after the projector): shape (720, 5120)" in out and "sha256[:16]" in out
+    again = run("--model", "llama4", "--num-layers", "1", "--seed", "3")
+    checksum = [line for line in out.splitlines() if line.startswith("checksum")]
+    assert checksum == [line for line in again.stdout.splitlines() if line.startswith("checksum")]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "llama4", "--max-tiles", "0"], "--max-tiles 0: must be at least 1"),
+    (["--model", "qwen"], "invalid choice: 'qwen'"),
+])
+def test_llama4_bad_arguments(args, says):
+    proc = run(*args)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr

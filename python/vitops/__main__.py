@@ -1,8 +1,8 @@
 """`python -m vitops`: the main job.
 
-  python -m vitops [encode] [--image PATH] [--checkpoint PATH] [--preset e2b] ...
-        encode an image (the bundled demo picture by default) with a Gemma 4 vision tower and
-        print the soft-token tensor's shape, a checksum and the time taken
+  python -m vitops [encode] [--model gemma4|llama4] [--image PATH] [--checkpoint PATH] ...
+        encode an image (the bundled demo picture by default) with a vision tower (Gemma 4 by
+        default) and print the soft-token tensor's shape, a checksum and the time taken
   python -m vitops selfcheck
         run every op on every built backend against its reference and print a table
   python -m vitops info
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     from . import _demo
 
-    _demo.add_arguments(sub.add_parser("encode", help="encode an image with a Gemma 4 vision tower"))
+    _demo.add_arguments(sub.add_parser("encode", help="encode an image with a vision tower (--model)"))
     sub.add_parser("selfcheck", help="run every op against its reference and print a table")
     sub.add_parser("info", help="print build information as JSON")
     args = parser.parse_args(argv)

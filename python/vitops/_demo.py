@@ -1,8 +1,9 @@
-"""The main job: encode an image with a Gemma 4 vision tower and report the soft tokens.
+"""The main job: encode an image with a vision tower (``--model gemma4`` or ``llama4``) and report
+the soft tokens.
 
 Random weights by default (seeded, so the checksum is reproducible on one machine), or an HF
-checkpoint: a directory with ``config.json`` and ``*.safetensors`` (a Gemma 4 model or its vision
-tower), or a single ``.safetensors`` file together with ``--preset``.
+checkpoint: a directory with ``config.json`` and ``*.safetensors`` (a model or its vision tower), or
+a single ``.safetensors`` file (the released vision config of ``--preset`` / Llama 4).
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ import torch
 PRESETS = ("e2b", "e4b", "26b", "31b")
 
 
+MODELS = ("gemma4", "llama4")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="gemma4", choices=MODELS,
+                        help="the vision tower: gemma4 (default) or llama4 (Scout / Maverick)")
     parser.add_argument("--image", help="image file (default: the bundled demo picture)")
     parser.add_argument("--checkpoint", help="HF checkpoint directory (config.json + safetensors) or .safetensors file")
     parser.add_argument("--preset", default="e2b", choices=PRESETS,
                         help="released vision config to build when no config.json is given (default e2b)")
-    parser.add_argument("--max-soft-tokens", type=int, default=280, choices=(70, 140, 280, 560, 1120))
+    parser.add_argument("--max-soft-tokens", type=int, default=280, choices=(70, 140, 280, 560, 1120),
+                        help="gemma4: the soft-token budget")
+    parser.add_argument("--max-tiles", type=int, default=16, help="llama4: the most 336² tiles per image (16)")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="override the config's encoder layer count (random weights only; for quick runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -54,6 +64,10 @@ def check_arguments(args) -> str | None:
             return f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
     elif device.type != "cpu":
         return f"--device {args.device}: vitops runs on cpu or cuda"
+    if args.max_tiles < 1:
+        return f"--max-tiles {args.max_tiles}: must be at least 1"
+    if args.num_layers is not None and (args.num_layers < 0 or args.checkpoint):
+        return f"--num-layers {args.num_layers}: an int >= 0, with random weights only (not with --checkpoint)"
     return None
 
 
@@ -78,6 +92,8 @@ def build(args):
         config = Gemma4VisionConfig.from_hf(hf_config)
     else:
         config = Gemma4VisionConfig.preset(args.preset)
+    if args.num_layers is not None:
+        config = config.replace(num_layers=args.num_layers)
     torch.manual_seed(args.seed)
     tower = Gemma4VisionEncoderLayer(config, device=args.device, dtype=dtype).eval()
     projector = None
@@ -95,20 +111,96 @@ def build(args):
     return config, tower, projector
 
 
-def run(args) -> int:
-    from .preprocess import Gemma4ImageProcessor, demo_image
+def _load_image(args):
+    from .preprocess import demo_image
 
-    config, tower, projector = build(args)
     if args.image:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            image, source = Image.open(args.image), args.image
+            image = Image.open(args.image)
             image.load()
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"--image {args.image}: not an image PIL can read ({e})") from e
-    else:
-        image, source = demo_image(), "bundled demo image"
+        return image, args.image
+    return demo_image(), "bundled demo image"
+
+
+def _report(soft_tokens: torch.Tensor, what: str, t0: float, t1: float, t2: float) -> None:
+    digest = hashlib.sha256(soft_tokens.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    print(f"{what}: shape {tuple(soft_tokens.shape)} dtype {soft_tokens.dtype}")
+    print(f"checksum: sum {soft_tokens.double().sum().item():.6f}  mean|x| {soft_tokens.double().abs().mean().item():.6f}"
+          f"  sha256[:16] {digest}")
+    print(f"time: preprocess {(t1 - t0) * 1e3:.1f} ms, encode {(t2 - t1) * 1e3:.1f} ms")
+
+
+def run(args) -> int:
+    return run_llama4(args) if args.model == "llama4" else run_gemma4(args)
+
+
+def build_llama4(args):
+    from .hf import llama4 as hf_llama4
+    from .hf._checkpoint import CheckpointMismatchError
+    from .models.llama4 import Llama4MultiModalProjector, Llama4VisionConfig, Llama4VisionModel
+
+    dtype = getattr(torch, args.dtype)
+    config = Llama4VisionConfig()
+    if args.checkpoint and os.path.isdir(args.checkpoint) and os.path.exists(os.path.join(args.checkpoint,
+                                                                                         "config.json")):
+        try:
+            config = hf_llama4.config_from_hf(args.checkpoint)
+        except Exception as e:  # noqa: BLE001 - an unreadable or foreign config.json
+            raise UserError(f"--checkpoint {args.checkpoint}: not a Llama 4 config.json ({type(e).__name__}: {e})") from e
+    if args.num_layers is not None:
+        config = config.replace(num_layers=args.num_layers)
+    torch.manual_seed(args.seed)
+    model = Llama4VisionModel(config, device=args.device, dtype=dtype).eval()
+    projector = None
+    if not args.no_projector and config.text_hidden_size is not None:
+        projector = Llama4MultiModalProjector(config, device=args.device, dtype=dtype).eval()
+    if args.checkpoint:
+        try:
+            hf_llama4.load_hf_state_dict((model, projector), args.checkpoint)
+        except CheckpointMismatchError as e:
+            raise UserError(f"--checkpoint {args.checkpoint}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - any failure to read the user's file
+            raise UserError(f"--checkpoint {args.checkpoint}: cannot be read ({type(e).__name__}: {e})") from e
+    return config, model, projector
+
+
+def run_llama4(args) -> int:
+    from .preprocess import Llama4ImageProcessor
+
+    config, model, projector = build_llama4(args)
+    image, source = _load_image(args)
+    processor = Llama4ImageProcessor(max_patches=args.max_tiles, size=config.image_size)
+    t0 = time.perf_counter()
+    batch = processor(image).to(args.device)
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        tokens = model(batch.pixel_values.to(getattr(torch, args.dtype)))  # [tiles, 144, vision_output_dim]
+        if projector is not None:
+            tokens = projector(tokens)
+        soft_tokens = tokens.flatten(0, 1)  # every tile's tokens in order: local tiles row-major, then global
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (seed {args.seed})"
+    print(f"vitops Llama 4 vision model: {weights}, {config.num_layers} layers, {args.dtype} on {args.device}")
+    rows, cols = batch.aspect_ratios[0].tolist()
+    print(f"image: {source}, H x W {image.size[1]} x {image.size[0]} -> {rows} x {cols} tiles of {config.image_size}²"
+          f"{' + a global tile' if rows * cols > 1 else ''} ({batch.tiles_per_image[0]} tiles, "
+          f"{config.tokens_per_tile} soft tokens each)")
+    what = "soft tokens (after the projector)" if projector is not None else "vision model output"
+    _report(soft_tokens, what, t0, t1, t2)
+    return 0
+
+
+def run_gemma4(args) -> int:
+    from .preprocess import Gemma4ImageProcessor
+
+    config, tower, projector = build(args)
+    image, source = _load_image(args)
     processor = Gemma4ImageProcessor(patch_size=config.patch_size, pooling_kernel_size=config.pooling_kernel_size,
                                      max_soft_tokens=args.max_soft_tokens)
     t0 = time.perf_counter()
@@ -127,15 +219,11 @@ def run(args) -> int:
     t2 = time.perf_counter()
 
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (preset {args.preset}, seed {args.seed})"
-    digest = hashlib.sha256(soft_tokens.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     print(f"vitops Gemma 4 vision tower: {weights}, {args.dtype} on {args.device}")
     (rh, rw), (gh, gw) = batch.resized_hw[0], batch.patch_grid_hw[0]
     print(f"image: {source}, H x W {image.size[1]} x {image.size[0]} -> resized {rh} x {rw}, "
           f"patch grid {gh} x {gw}, "
           f"{batch.num_soft_tokens_per_image[0]} soft tokens (budget {args.max_soft_tokens})")
     what = "soft tokens (after the projector)" if projector is not None else "vision tower output"
-    print(f"{what}: shape {tuple(soft_tokens.shape)} dtype {soft_tokens.dtype}")
-    print(f"checksum: sum {soft_tokens.double().sum().item():.6f}  mean|x| {soft_tokens.double().abs().mean().item():.6f}"
-          f"  sha256[:16] {digest}")
-    print(f"time: preprocess {(t1 - t0) * 1e3:.1f} ms, encode {(t2 - t1) * 1e3:.1f} ms")
+    _report(soft_tokens, what, t0, t1, t2)
     return 0

@@ -176,16 +176,26 @@ class RowAngles {
 };
 
 // Rotates the first `layout.rotated` channels of one head row src -> dst with the row's cos/sin per
-// pair; in_t may be the storage type or acc (staged rows). Half-split chunks run as contiguous half
-// loops (they vectorize); interleaved pairs as one strided loop.
+// pair; in_t may be the storage type or acc (staged rows). Both pairings run chunk by chunk as
+// branch-free loops over the chunk's pairs (half-split: two contiguous halves; interleaved: stride-2
+// pairs), so the compiler vectorizes them; the pair index of chunk c's first pair is chunk_start / 2.
+// With sin negated this is the transposed rotation (the backward), to the same bits as
+// rotate_channel_backward (x - (-y) == x + y exactly).
 template <typename in_t, typename out_t, typename acc>
 inline void rotate_row(const Layout& l, const in_t* src, out_t* dst, const acc* cos_table, const acc* sin_table) {
   if (l.pairing == Pairing::Interleaved) {
-    for (int64_t p = 0; p < l.num_pairs(); ++p) {
-      const int64_t a = l.channel_a(p);
-      const acc av = widen(src[a]), bv = widen(src[a + 1]);
-      dst[a] = narrow<out_t>(av * cos_table[p] - bv * sin_table[p]);
-      dst[a + 1] = narrow<out_t>(bv * cos_table[p] + av * sin_table[p]);
+    for (int64_t c = 0; c < l.num_chunks; ++c) {
+      const int64_t start = l.chunk_start(c);
+      const int64_t pairs = l.width(c) / 2;
+      const in_t* __restrict__ x = src + start;
+      out_t* __restrict__ y = dst + start;
+      const acc* __restrict__ cs = cos_table + start / 2;
+      const acc* __restrict__ sn = sin_table + start / 2;
+      for (int64_t i = 0; i < pairs; ++i) {
+        const acc av = widen(x[2 * i]), bv = widen(x[2 * i + 1]);
+        y[2 * i] = narrow<out_t>(av * cs[i] - bv * sn[i]);
+        y[2 * i + 1] = narrow<out_t>(bv * cs[i] + av * sn[i]);
+      }
     }
     return;
   }

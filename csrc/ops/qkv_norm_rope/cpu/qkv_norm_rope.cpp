@@ -15,8 +15,6 @@
 namespace vitops::qkv_norm_rope {
 namespace {
 
-using rope::ChannelRole;
-
 // Rows per weight-gradient partial; fixed so the summation order is independent of threading.
 constexpr int64_t kRowsPerChunk = 32;
 
@@ -26,11 +24,10 @@ struct HeadIO {
   HeadStrides strides[kNumHeadTensors];
 };
 
-// Everything a row needs that does not depend on the row: weight factors, channel roles, angles.
+// Everything a row needs that does not depend on the row: weight factors, angles.
 template <typename acc>
 struct Tables {
   std::vector<acc> weights[kNumWeights];  // w, or 1 + w (norm::weight_factor); empty without weights
-  std::vector<ChannelRole> roles;
   std::optional<rope::cpu::RowAngles<acc>> angles;
 };
 
@@ -58,8 +55,6 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
       t.weights[w][e] = norm::weight_factor(
           g.options.norm, load_as<acc>((*weights[w])->const_data_ptr(), g.weight_kind[w], e * g.weight_stride[w]));
   }
-  t.roles.resize(hd);
-  for (int64_t e = 0; e < hd; ++e) t.roles[e] = rope::channel_role(g.layout, e);
   rope::cpu::PositionView pos;
   pos.data = positions;
   pos.kind = g.position_kind;
@@ -126,16 +121,18 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
             for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(x[e] * r);
             continue;
           }
+          if (kind == norm::Kind::None) {  // no normalisation: rotate the input row straight into the output
+            rope::cpu::rotate_row(g.layout, src, dst, cos.data(), sin.data());
+            continue;
+          }
           for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
           if (norm::has_weight(kind)) {
             const acc r = norm::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
             const acc* w = t.weights[tensor].data();
             for (int64_t e = 0; e < hd; ++e) n[e] = widen(narrow<scalar_t>((x[e] * r) * w[e]));
-          } else if (kind == norm::Kind::Rms) {
+          } else {  // Rms
             const acc r = norm::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
             for (int64_t e = 0; e < hd; ++e) n[e] = widen(narrow<scalar_t>(x[e] * r));
-          } else {
-            std::copy(x.begin(), x.end(), n.begin());  // no normalisation: rotate the input itself
           }
           if constexpr (std::is_same_v<scalar_t, acc>) {
             rope::cpu::rotate_row(g.layout, n.data(), dst, cos.data(), sin.data());
@@ -174,6 +171,8 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
       for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
         const int64_t b = row / L, l = row % L;
         t.angles->fill(row, cos.data(), sin.data());
+        // the transposed rotation is the rotation with sin negated (rope::cpu::rotate_row)
+        for (int64_t k = 0; k < hd / 2; ++k) sin[k] = -sin[k];
         for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
           const HeadStrides& s = in.strides[tensor];
           const HeadStrides& gs = grad.strides[tensor];
@@ -186,8 +185,7 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
             for (int64_t e = 0; e < hd; ++e) gy[e] = widen(gsrc[e]);
             // d(loss)/d(normalised row): the transposed rotation for q and k
             if (tensor < 2)
-              for (int64_t e = 0; e < hd; ++e)
-                gu[e] = rope::rotate_channel_backward(gy.data(), cos.data(), sin.data(), t.roles[e], e);
+              rope::cpu::rotate_row(g.layout, gy.data(), gu.data(), cos.data(), sin.data());
             else
               std::copy(gy.begin(), gy.end(), gu.begin());
             if (!normalized) {
