@@ -540,7 +540,10 @@ def build_l4_tower(shape, device, dtype):
 
     cfg = _l4_config(shape.get("smoke", False))
     cfg._attn_implementation = "sdpa"
-    model = Llama4VisionModel(cfg).to(device=device, dtype=dtype).eval()
+    # .float()/.bfloat16()/.half() convert the floating tensors only: .to(dtype) would also cast HF's
+    # complex RoPE buffer (freqs_ci) to a real dtype, dropping its imaginary part
+    model = Llama4VisionModel(cfg).to(device=device).eval()
+    model = {torch.float32: model.float, torch.bfloat16: model.bfloat16, torch.float16: model.half}[dtype]()
     pixels = torch.rand(shape["tiles"], 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
 
     def hf(pixels):
@@ -595,7 +598,7 @@ WORKLOADS: list[Workload] = [
     Workload("W8", "g3_tower", "Gemma 3 SigLIP tower + projector end to end (SDPA)",
              [dict(B=b) for b in (1, 8)], [dict(B=1, smoke=True)], build_g3_tower, backward=False),
     Workload("W8", "l4_tower", "Llama 4 vision encoder + pixel-shuffle adapter end to end (SDPA)",
-             [dict(tiles=17)], [dict(tiles=1, smoke=True)], build_l4_tower, backward=False),
+             [dict(tiles=1), dict(tiles=17)], [dict(tiles=1, smoke=True)], build_l4_tower, backward=False),
 ]
 
 

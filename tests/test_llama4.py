@@ -243,3 +243,18 @@ def test_released_config_float32(num_layers, tiles):
     err = ((got - want).norm() / want.norm()).item()
     print(f"llama4 released vision config, {num_layers} layers, {tiles} tiles, float32 model+projector: rel err {err:.2e}")
     assert err <= 1e-4
+
+
+def test_older_config_json_with_int_temperature_tuning(tmp_path):
+    """transformers 5.18 rejects an int attn_temperature_tuning (older saved configs have 4): the
+    loaders read the file themselves and coerce it."""
+    import json
+
+    data = hf_llama4.to_hf_config(CONFIGS["r0.5"]).to_dict()
+    data["text_config"]["attn_temperature_tuning"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert hf_llama4.config_from_hf(tmp_path) == CONFIGS["r0.5"].replace(text_hidden_size=data["text_config"]["hidden_size"])
+    hf_cfg = hf_llama4.load_hf_config(tmp_path / "config.json")
+    assert hf_cfg.text_config.attn_temperature_tuning is True
+    model, proj = hf_llama4.from_hf(tmp_path)
+    assert proj is not None and model.config.num_layers == 2

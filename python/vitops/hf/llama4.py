@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "config_from_hf",
+    "load_hf_config",
     "from_hf",
     "load_hf_state_dict",
     "save_hf_safetensors",
@@ -64,6 +65,24 @@ def _as_config(hf_config: Any) -> Any:
         with open(path) as f:
             return json.load(f)
     return hf_config
+
+
+def load_hf_config(hf_config: Any):
+    """An HF ``Llama4Config`` from a dict, a ``config.json`` path or a checkpoint directory. Older saved
+    configs give ``text_config.attn_temperature_tuning`` as an int (4), which transformers 5.18's strict
+    config rejects: it is coerced to bool (any non-zero value enables the tuning, as it did)."""
+    from transformers import Llama4Config
+
+    data = _as_config(hf_config)
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    text = dict(data.get("text_config") or {})
+    if isinstance(text.get("attn_temperature_tuning"), int) and not isinstance(text["attn_temperature_tuning"], bool):
+        text["attn_temperature_tuning"] = bool(text["attn_temperature_tuning"])
+        data["text_config"] = text
+    return Llama4Config(**{k: v for k, v in data.items() if k not in ("architectures", "model_type",
+                                                                          "transformers_version")})
 
 
 def config_from_hf(hf_config: Any, **overrides) -> Llama4VisionConfig:
