@@ -170,7 +170,8 @@ def test_patchify_channels_first(dtype, shape, p):
 def test_pixel_shuffle(dtype, b, side, c, ratio):
     x = randn(b, side * side, c, dtype=dtype)
     want = reference.pixel_shuffle(x, ratio)
-    for variant in (x, offset_by_one(x), noncontiguous(x, dim=-1)):
+    cls_dropped = torch.cat([x, randn(b, 1, c, dtype=dtype)], dim=1)[:, :-1]  # grids read in place, strided
+    for variant in (x, offset_by_one(x), noncontiguous(x, dim=-1), cls_dropped):
         exact(emu("pixel_shuffle", variant, ratio), want)
     grad = randn(*want.shape, dtype=dtype)
     exact(emu("_pixel_shuffle_backward", grad, ratio), torch.ops.vitops._pixel_shuffle_backward(grad, ratio))

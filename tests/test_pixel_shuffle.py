@@ -104,3 +104,14 @@ def test_bad_dtype_and_backward_shapes():
         vitops.pixel_shuffle(torch.zeros(2, 16, 4, dtype=torch.int64), 0.5)
     with pytest.raises(RuntimeError, match=r"`grad_output` shape \[2, 4, 6\] is not a pixel_shuffle output"):
         torch.ops.vitops._pixel_shuffle_backward(torch.zeros(2, 4, 6), 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_read_in_place_or_copied(device):
+    """Llama 4 shuffles the CLS-dropped view x[:, :-1]: read in place; views whose grids are not
+    contiguous or whose leading dims do not flatten are copied first; all give the reference."""
+    full = randn(3, 2, 17, 8, device=device)
+    views = [full[:, 0, :-1], full[:, :, :-1], full.transpose(0, 1)[:, :, 1:],
+             full[:1, 0, :16].expand(4, 16, 8), full[:, 0, :16, :].transpose(-1, -2).contiguous().transpose(-1, -2)]
+    for x in views:
+        assert torch.equal(vitops.pixel_shuffle(x, 0.5), reference.pixel_shuffle(x.contiguous(), 0.5))

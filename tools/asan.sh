@@ -6,7 +6,7 @@
 #     kernel thread is reported with its stack),
 #   * tests/test_fuzz.py with VITOPS_FUZZ_SCALE (default 4) times the cases of a normal run: valid
 #     and invalid calls of every op on the CPU kernels and the emulated CUDA kernels,
-#   * the per-op test files (tests/test_<op>.py).
+#   * the per-op test files (tests/test_<op>.py) and the shared op tests of the manifest (test_ops_common.py).
 #   PYTHON=/path/to/python tools/asan.sh [extra pytest arguments]
 # PYTHON's environment needs torch, pytest and the test dependencies (tools/setup.sh installs them).
 set -euo pipefail
@@ -50,7 +50,8 @@ fi
 set +e
 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py tests/test_fuzz.py tests/test_patchify.py \
   tests/test_factorized_posemb.py tests/test_apply_multidimensional_rope.py tests/test_avg_pool_by_positions.py \
-  tests/test_avg_pool_scale_standardize.py tests/test_qkv_norm_rope.py "$@"
+  tests/test_avg_pool_scale_standardize.py tests/test_qkv_norm_rope.py tests/test_pixel_shuffle.py \
+  tests/test_ops_common.py "$@"
 rc=$?
 set -e
 # ASan warns once that it does not fully support swapcontext (the emulator's fibers); only an

@@ -79,36 +79,39 @@ def _hf_config(checkpoint: str | None):
     return None
 
 
-def build(args):
-    from .hf import load_hf_state_dict
-    from .models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+def _instantiate(args, config, model_cls, projector_cls, load):
+    """The model and (unless --no-projector) its projector for ``config``, seeded random weights, loaded
+    from --checkpoint when given; a checkpoint that does not fit or cannot be read is a UserError."""
+    from .hf._checkpoint import CheckpointMismatchError
 
     dtype = getattr(torch, args.dtype)
-    try:
-        hf_config = _hf_config(args.checkpoint)
-    except Exception as e:  # noqa: BLE001 - an unreadable config.json
-        raise UserError(f"--checkpoint {args.checkpoint}: config.json cannot be read ({type(e).__name__}: {e})") from e
-    if hf_config is not None:
-        config = Gemma4VisionConfig.from_hf(hf_config)
-    else:
-        config = Gemma4VisionConfig.preset(args.preset)
     if args.num_layers is not None:
         config = config.replace(num_layers=args.num_layers)
     torch.manual_seed(args.seed)
-    tower = Gemma4VisionEncoderLayer(config, device=args.device, dtype=dtype).eval()
+    model = model_cls(config, device=args.device, dtype=dtype).eval()
     projector = None
     if not args.no_projector and config.text_hidden_size is not None:
-        projector = Gemma4VisionProjector(config, device=args.device, dtype=dtype).eval()
+        projector = projector_cls(config, device=args.device, dtype=dtype).eval()
     if args.checkpoint:
-        from .hf import CheckpointMismatchError
-
         try:
-            load_hf_state_dict((tower, projector), args.checkpoint)
+            load((model, projector), args.checkpoint)
         except CheckpointMismatchError as e:
             raise UserError(f"--checkpoint {args.checkpoint}: {e}") from e
         except Exception as e:  # noqa: BLE001 - any failure to read the user's file (safetensors, torch.load)
             raise UserError(f"--checkpoint {args.checkpoint}: cannot be read ({type(e).__name__}: {e})") from e
-    return config, tower, projector
+    return config, model, projector
+
+
+def build(args):
+    from .hf import load_hf_state_dict
+    from .models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+
+    try:
+        hf_config = _hf_config(args.checkpoint)
+    except Exception as e:  # noqa: BLE001 - an unreadable config.json
+        raise UserError(f"--checkpoint {args.checkpoint}: config.json cannot be read ({type(e).__name__}: {e})") from e
+    config = Gemma4VisionConfig.from_hf(hf_config) if hf_config is not None else Gemma4VisionConfig.preset(args.preset)
+    return _instantiate(args, config, Gemma4VisionEncoderLayer, Gemma4VisionProjector, load_hf_state_dict)
 
 
 def _load_image(args):
@@ -140,10 +143,8 @@ def run(args) -> int:
 
 def build_llama4(args):
     from .hf import llama4 as hf_llama4
-    from .hf._checkpoint import CheckpointMismatchError
     from .models.llama4 import Llama4MultiModalProjector, Llama4VisionConfig, Llama4VisionModel
 
-    dtype = getattr(torch, args.dtype)
     config = Llama4VisionConfig()
     if args.checkpoint and os.path.isdir(args.checkpoint) and os.path.exists(os.path.join(args.checkpoint,
                                                                                          "config.json")):
@@ -151,21 +152,7 @@ def build_llama4(args):
             config = hf_llama4.config_from_hf(args.checkpoint)
         except Exception as e:  # noqa: BLE001 - an unreadable or foreign config.json
             raise UserError(f"--checkpoint {args.checkpoint}: not a Llama 4 config.json ({type(e).__name__}: {e})") from e
-    if args.num_layers is not None:
-        config = config.replace(num_layers=args.num_layers)
-    torch.manual_seed(args.seed)
-    model = Llama4VisionModel(config, device=args.device, dtype=dtype).eval()
-    projector = None
-    if not args.no_projector and config.text_hidden_size is not None:
-        projector = Llama4MultiModalProjector(config, device=args.device, dtype=dtype).eval()
-    if args.checkpoint:
-        try:
-            hf_llama4.load_hf_state_dict((model, projector), args.checkpoint)
-        except CheckpointMismatchError as e:
-            raise UserError(f"--checkpoint {args.checkpoint}: {e}") from e
-        except Exception as e:  # noqa: BLE001 - any failure to read the user's file
-            raise UserError(f"--checkpoint {args.checkpoint}: cannot be read ({type(e).__name__}: {e})") from e
-    return config, model, projector
+    return _instantiate(args, config, Llama4VisionModel, Llama4MultiModalProjector, hf_llama4.load_hf_state_dict)
 
 
 def run_llama4(args) -> int:

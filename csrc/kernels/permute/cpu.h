@@ -8,16 +8,19 @@
 
 namespace vitops::permute::cpu {
 
-// `batch` images of `grid`, contiguous: to_patches=true moves images -> patches, false patches ->
-// images (the backward: the same permutation, inverted).
+// `batch` images of `grid`: to_patches=true moves images -> patches, false patches -> images (the
+// backward: the same permutation, inverted). Each image is contiguous; consecutive images are
+// `image_stride` elements apart (image_elems() for a contiguous batch; more for a view such as
+// Llama 4's CLS-dropped tokens); the patches are contiguous.
 template <typename scalar_t>
-void permute_runs(const scalar_t* src, scalar_t* dst, const PatchGrid& grid, int64_t batch, bool to_patches) {
+void permute_runs(const scalar_t* src, scalar_t* dst, const PatchGrid& grid, int64_t batch, bool to_patches,
+                  int64_t image_stride) {
   const int64_t lines = grid.lines(), line_elems = grid.line_elems();
   const int64_t run = grid.run(), cols = grid.cols(), pd = grid.patch_dim(), image_elems = grid.image_elems();
   torch::stable::parallel_for(0, batch * lines, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / lines, line = row % lines;
-      const int64_t image_off = b * image_elems + line * line_elems;
+      const int64_t image_off = b * image_stride + line * line_elems;
       const int64_t patch_base = b * image_elems + grid.line_patch_offset(line);
       for (int64_t wp = 0; wp < cols; ++wp) {
         const int64_t i_off = image_off + wp * run;

@@ -177,13 +177,18 @@ class RowAngles {
 
 // Rotates the first `layout.rotated` channels of one head row src -> dst with the row's cos/sin per
 // pair; in_t may be the storage type or acc (staged rows). Both pairings run chunk by chunk as
-// branch-free loops over the chunk's pairs (half-split: two contiguous halves; interleaved: stride-2
-// pairs), so the compiler vectorizes them; the pair index of chunk c's first pair is chunk_start / 2.
+// branch-free loops over the chunk's pairs (half-split: two contiguous halves; interleaved: blocks of
+// de-interleaved pairs), so the compiler vectorizes them; chunk c's first pair is chunk_start / 2.
 // With sin negated this is the transposed rotation (the backward), to the same bits as
 // rotate_channel_backward (x - (-y) == x + y exactly).
 template <typename in_t, typename out_t, typename acc>
 inline void rotate_row(const Layout& l, const in_t* src, out_t* dst, const acc* cos_table, const acc* sin_table) {
   if (l.pairing == Pairing::Interleaved) {
+    // De-interleaved through small blocks: written as one stride-2 loop, GCC's SLP vectorizer turns
+    // the (a c - b s, b c + a s) pair into vfmaddsub, fusing the products despite -ffp-contract=off
+    // (seen for float64 with GCC 12), which changes the last bit.
+    constexpr int64_t kBlock = 64;
+    acc a[kBlock], b[kBlock];
     for (int64_t c = 0; c < l.num_chunks; ++c) {
       const int64_t start = l.chunk_start(c);
       const int64_t pairs = l.width(c) / 2;
@@ -191,10 +196,22 @@ inline void rotate_row(const Layout& l, const in_t* src, out_t* dst, const acc* 
       out_t* __restrict__ y = dst + start;
       const acc* __restrict__ cs = cos_table + start / 2;
       const acc* __restrict__ sn = sin_table + start / 2;
-      for (int64_t i = 0; i < pairs; ++i) {
-        const acc av = widen(x[2 * i]), bv = widen(x[2 * i + 1]);
-        y[2 * i] = narrow<out_t>(av * cs[i] - bv * sn[i]);
-        y[2 * i + 1] = narrow<out_t>(bv * cs[i] + av * sn[i]);
+      for (int64_t i0 = 0; i0 < pairs; i0 += kBlock) {
+        const int64_t n = pairs - i0 < kBlock ? pairs - i0 : kBlock;
+        for (int64_t i = 0; i < n; ++i) {
+          a[i] = widen(x[2 * (i0 + i)]);
+          b[i] = widen(x[2 * (i0 + i) + 1]);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const acc ra = a[i] * cs[i0 + i] - b[i] * sn[i0 + i];
+          const acc rb = b[i] * cs[i0 + i] + a[i] * sn[i0 + i];
+          a[i] = ra;
+          b[i] = rb;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          y[2 * (i0 + i)] = narrow<out_t>(a[i]);
+          y[2 * (i0 + i) + 1] = narrow<out_t>(b[i]);
+        }
       }
     }
     return;

@@ -83,6 +83,26 @@ inline Geometry check_backward(const char* op, const Tensor& grad, double shuffl
   return g;
 }
 
+// Elements between consecutive [L, C] grids when every grid is contiguous and the leading dims
+// flatten to one stride (e.g. Llama 4's CLS-dropped view x[:, :-1] of [B, L + 1, C]), so the kernels
+// read the input in place; -1 when it needs a contiguous copy.
+inline int64_t grid_stride(const Tensor& t, const Geometry& g) {
+  const int64_t d = t.dim(), length = t.size(d - 2), channels = t.size(d - 1);
+  if (channels > 1 && t.stride(d - 1) != 1) return -1;
+  if (length > 1 && t.stride(d - 2) != channels) return -1;
+  int64_t unit = g.image_elems(), count = 1;
+  for (int64_t i = d - 3; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (count == 1) {
+      unit = t.stride(i);
+    } else if (t.stride(i) != unit * count) {
+      return -1;
+    }
+    count *= t.size(i);
+  }
+  return unit;
+}
+
 inline Tensor allocate_forward(const Tensor& input, const Geometry& g) {
   std::vector<int64_t> sizes = leading_sizes(input);
   sizes.push_back(g.num_patches());

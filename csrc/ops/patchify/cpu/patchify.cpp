@@ -13,7 +13,7 @@ std::tuple<Tensor, Tensor> patchify_cpu(const Tensor& images, int64_t patch_size
     const Tensor src = as_contiguous(images);
     VITOPS_DISPATCH_FLOATING(images.scalar_type(), "patchify_cpu", [&] {
       permute::cpu::permute_runs<scalar_t>(src.const_data_ptr<scalar_t>(), patches.mutable_data_ptr<scalar_t>(), g,
-                                           g.batch, /*to_patches=*/true);
+                                           g.batch, /*to_patches=*/true, g.image_elems());
     });
   }
   if (positions.numel() > 0) permute::cpu::fill_positions(positions.mutable_data_ptr<int64_t>(), g, g.batch);
@@ -28,7 +28,7 @@ Tensor patchify_backward_cpu(const Tensor& grad, int64_t height, int64_t width, 
     const Tensor src = as_contiguous(grad);
     VITOPS_DISPATCH_FLOATING(grad.scalar_type(), "patchify_backward_cpu", [&] {
       permute::cpu::permute_runs<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g,
-                                           g.batch, /*to_patches=*/false);
+                                           g.batch, /*to_patches=*/false, g.image_elems());
     });
   }
   return out;

@@ -14,7 +14,7 @@ std::tuple<Tensor, Tensor> patchify_cuda(const Tensor& images, int64_t patch_siz
   cudaStream_t stream = current_cuda_stream(images.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(images.scalar_type(), "patchify_cuda", [&] {
     permute::cuda::launch<scalar_t>(src.const_data_ptr<scalar_t>(), patches.mutable_data_ptr<scalar_t>(),
-                                    positions.mutable_data_ptr<int64_t>(), g, g.batch, /*to_patches=*/true, stream);
+                                    positions.mutable_data_ptr<int64_t>(), g, g.batch, /*to_patches=*/true, g.image_elems(), stream);
   });
   return {patches, positions};
 }
@@ -28,7 +28,7 @@ Tensor patchify_backward_cuda(const Tensor& grad, int64_t height, int64_t width,
   cudaStream_t stream = current_cuda_stream(grad.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(grad.scalar_type(), "patchify_backward_cuda", [&] {
     permute::cuda::launch<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), nullptr, g,
-                                    g.batch, /*to_patches=*/false, stream);
+                                    g.batch, /*to_patches=*/false, g.image_elems(), stream);
   });
   return out;
 }

@@ -5,12 +5,14 @@
 namespace vitops::pixel_shuffle {
 namespace {
 
+// As the CPU kernel: the input grid read in place when grid_stride allows.
 Tensor run(const Tensor& src_tensor, const Geometry& g, Tensor out, bool to_patches) {
-  const Tensor src = as_contiguous(src_tensor);
+  const int64_t stride = to_patches ? grid_stride(src_tensor, g) : -1;
+  const Tensor src = stride >= 0 ? src_tensor : as_contiguous(src_tensor);
   cudaStream_t stream = current_cuda_stream(src.get_device());
   VITOPS_DISPATCH_CUDA_FLOATING(src.scalar_type(), "pixel_shuffle_cuda", [&] {
     permute::cuda::launch<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), nullptr, g,
-                                    g.batch, to_patches, stream);
+                                    g.batch, to_patches, stride >= 0 ? stride : g.image_elems(), stream);
   });
   return out;
 }
