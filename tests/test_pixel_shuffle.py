@@ -88,6 +88,8 @@ def test_compile_dynamic_no_recompile_for_another_batch(ratio):
         ((2, 36, 4), 0.25, r"`shuffle_ratio` 1/4 needs the grid side to be a multiple of 4, got side 6"),
         ((2, 16, 4), 0.3, r"`shuffle_ratio` must be 1/n for a whole n >= 1 \(0.5, 0.25, ...\), got 0.3"),
         ((2, 16, 4), 2.0, r"`shuffle_ratio` must be 1/n"),
+        ((2, 16, 4), 0.5000001, r"`shuffle_ratio` must be 1/n"),
+        ((2, 36, 4), float(torch.tensor(1 / 3, dtype=torch.float32)), r"`shuffle_ratio` must be 1/n"),
         ((2, 16, 4), 0.0, r"`shuffle_ratio` must be 1/n"),
         ((2, 16, 4), float("nan"), r"`shuffle_ratio` must be 1/n"),
         ((16,), 0.5, r"`input_tensor` must have shape \[\.\.\., L, C\] \(at least 2 dims\)"),

@@ -62,7 +62,7 @@ def pixel_shuffle(input_tensor: torch.Tensor, shuffle_ratio: float) -> torch.Ten
     *lead, length, channels = input_tensor.shape
     side = math.isqrt(length)
     n = round(1 / shuffle_ratio)
-    if side * side != length or side % n or abs(n * shuffle_ratio - 1) > 1e-9:
+    if side * side != length or side % n or abs(n * shuffle_ratio - 1) > 1e-12:
         raise ValueError(f"pixel_shuffle: cannot shuffle L = {length} tokens with ratio {shuffle_ratio}")
     x = input_tensor.reshape(math.prod(lead), side, side, channels)
     b = x.shape[0]

@@ -20,12 +20,16 @@ struct Geometry : permute::PatchGrid {
   int64_t batch = 0;  // product of the leading dims
 };
 
+// How far n * shuffle_ratio may be from 1: the rounding of 1/n to a double (a few ulps), not a
+// nearby ratio such as 0.5000001, for which HF's views would fail.
+constexpr double kRatioTolerance = 1e-12;
+
 // shuffle_ratio = 1/n for a whole n >= 1; returns n.
 inline int64_t block_of(const char* op, double shuffle_ratio) {
   const bool finite = std::isfinite(shuffle_ratio) && shuffle_ratio > 0.0 && shuffle_ratio <= 1.0;
   const double inverse = finite ? 1.0 / shuffle_ratio : 0.0;
   const int64_t n = finite && inverse < 3037000499.0 ? static_cast<int64_t>(std::llround(inverse)) : 0;
-  VITOPS_CHECK(n >= 1 && std::fabs(static_cast<double>(n) * shuffle_ratio - 1.0) <= 1e-9, "vitops.", op,
+  VITOPS_CHECK(n >= 1 && std::fabs(static_cast<double>(n) * shuffle_ratio - 1.0) <= kRatioTolerance, "vitops.", op,
                ": `shuffle_ratio` must be 1/n for a whole n >= 1 (0.5, 0.25, ...), got ", shuffle_ratio);
   return n;
 }

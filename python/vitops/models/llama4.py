@@ -97,7 +97,7 @@ class Llama4VisionConfig:
             raise ValueError(f"Llama4VisionConfig: image_size ({self.image_size}) must be a multiple of patch_size "
                              f"({self.patch_size})")
         n = round(1 / self.pixel_shuffle_ratio) if self.pixel_shuffle_ratio > 0 else 0
-        if n < 1 or abs(n * self.pixel_shuffle_ratio - 1) > 1e-9 or self.grid_side % n:
+        if n < 1 or abs(n * self.pixel_shuffle_ratio - 1) > 1e-12 or self.grid_side % n:
             raise ValueError(
                 f"Llama4VisionConfig: pixel_shuffle_ratio ({self.pixel_shuffle_ratio}) must be 1/n with the patch grid "
                 f"side ({self.grid_side}) a multiple of n")

@@ -42,7 +42,7 @@ def _block_of(op, shuffle_ratio):
     ok = is_finite_number(shuffle_ratio) and 0.0 < shuffle_ratio <= 1.0
     inverse = 1.0 / shuffle_ratio if ok else 0.0
     n = int(round(inverse)) if ok and inverse < 3037000499.0 else 0
-    fail_unless(n >= 1 and abs(n * shuffle_ratio - 1.0) <= 1e-9, lambda: (
+    fail_unless(n >= 1 and abs(n * shuffle_ratio - 1.0) <= 1e-12, lambda: (
         f"vitops.{op}: `shuffle_ratio` must be 1/n for a whole n >= 1 (0.5, 0.25, ...), got {shuffle_ratio}"))
     return n
 
