@@ -27,6 +27,7 @@
 #   GPU_CHECK_JOBS=$(nproc)         build parallelism
 #   GPU_CHECK_SANITIZER_TESTS="..." pytest node ids for memcheck/racecheck (space-separated)
 #   GPU_CHECK_BENCH_ARGS="..."      benchmarks/run.py arguments of the op benchmark
+#   GPU_CHECK_BENCH_L4_ARGS="..."   the same for Llama 4's ops ("" skips them)
 #   GPU_CHECK_BENCH_TOWER_ARGS=".." benchmarks/run.py arguments of the tower benchmark ("" = none)
 #   GPU_CHECK_COMMIT=<sha>          recorded in env.json (the GPU machine's copy may have no .git)
 # Test hooks (tests/test_gpu_check.py):
@@ -74,12 +75,18 @@ tests/test_avg_pool_scale_standardize.py::test_backward_matches_reference_autogr
 tests/test_avg_pool_scale_standardize.py::test_cuda_skips_huge_coordinates[wide_image]
 tests/test_qkv_norm_rope.py::test_backward_matches_reference_autograd[shape0-cuda-bfloat16]
 tests/test_qkv_norm_rope.py::test_contiguous_inputs_and_three_axes[cuda]
+tests/test_patchify.py::test_channels_first_equals_hf_llama4_unfold_and_backward[cuda]
+tests/test_pixel_shuffle.py::test_leading_dims_strided_and_backward[cuda]
+tests/test_pixel_shuffle.py::test_views_read_in_place_or_copied[cuda]
 "
 # memcheck only (racecheck would also report on cuBLAS / SDPA kernels that are not ours)
 MEMCHECK_EXTRA_TESTS="tests/test_gemma4_modules.py::test_cuda_padded_forward_does_not_sync"
 
 BENCH_ARGS_DEFAULT="--dtypes bf16 --ops g4_posemb,g4_rope,g4_qkv_norm_rope,g4_pool,g4_pool_by_positions,g4_patchify \
 --where T=280 --max-batch 8 --contenders eager,vitops --reps 7 --warmup 2"
+# Llama 4's ops (their shapes count tiles, not tokens: a run of their own)
+BENCH_L4_ARGS_DEFAULT="--dtypes bf16 --ops l4_pixel_shuffle,l4_rope --max-batch 17 --contenders eager,vitops \
+--reps 7 --warmup 2"
 BENCH_TOWER_ARGS_DEFAULT="--dtypes bf16 --ops g4_tower --where model=g4-e4b,B=1 --modes fwd \
 --contenders eager,vitops --reps 5 --warmup 2 --merge"
 
@@ -723,12 +730,18 @@ step_racecheck() {
 
 step_bench() {
   local args=${GPU_CHECK_BENCH_ARGS:-$BENCH_ARGS_DEFAULT}
+  local l4_args=${GPU_CHECK_BENCH_L4_ARGS-$BENCH_L4_ARGS_DEFAULT}
   local tower_args=${GPU_CHECK_BENCH_TOWER_ARGS-$BENCH_TOWER_ARGS_DEFAULT}
   local rc=0 rc2=0
   mkdir -p "$OUT/bench"
   section "ops: benchmarks/run.py --devices cuda $args"
   # shellcheck disable=SC2086
   "$PY" benchmarks/run.py --devices cuda --no-progress --out "$OUT/bench" $args || rc=$?
+  if [ -n "$l4_args" ]; then
+    section "Llama 4 ops: benchmarks/run.py --devices cuda $l4_args"
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/run.py --devices cuda --no-progress --out "$OUT/bench" --merge $l4_args || rc=$?
+  fi
   if [ -n "$tower_args" ]; then
     section "tower: benchmarks/run.py --devices cuda $tower_args"
     # shellcheck disable=SC2086
