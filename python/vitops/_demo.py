@@ -137,6 +137,15 @@ def _report(soft_tokens: torch.Tensor, what: str, t0: float, t1: float, t2: floa
     print(f"time: preprocess {(t1 - t0) * 1e3:.1f} ms, encode {(t2 - t1) * 1e3:.1f} ms")
 
 
+def _encode(args, encode):
+    """``encode()`` under inference mode, finished on the device before the clock is read."""
+    with torch.inference_mode():
+        out = encode()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return out
+
+
 def run(args) -> int:
     return run_llama4(args) if args.model == "llama4" else run_gemma4(args)
 
@@ -164,13 +173,13 @@ def run_llama4(args) -> int:
     t0 = time.perf_counter()
     batch = processor(image).to(args.device)
     t1 = time.perf_counter()
-    with torch.inference_mode():
+    def encode():
         tokens = model(batch.pixel_values.to(getattr(torch, args.dtype)))  # [tiles, 144, vision_output_dim]
         if projector is not None:
             tokens = projector(tokens)
-        soft_tokens = tokens.flatten(0, 1)  # every tile's tokens in order: local tiles row-major, then global
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        return tokens.flatten(0, 1)  # every tile's tokens in order: local tiles row-major, then global
+
+    soft_tokens = _encode(args, encode)
     t2 = time.perf_counter()
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (seed {args.seed})"
     print(f"vitops Llama 4 vision model: {weights}, {config.num_layers} layers, {args.dtype} on {args.device}")
@@ -193,16 +202,14 @@ def run_gemma4(args) -> int:
     t0 = time.perf_counter()
     batch = processor(image).to(args.device)
     t1 = time.perf_counter()
-    dtype = getattr(torch, args.dtype)
-    with torch.inference_mode():
-        pixels = batch.pixel_values.to(dtype)
-        tokens, mask = tower(pixels, image_position_ids=batch.pixel_position_ids,
-                             output_length=args.max_soft_tokens)
+    def encode():
+        tokens, mask = tower(batch.pixel_values.to(getattr(torch, args.dtype)),
+                             image_position_ids=batch.pixel_position_ids, output_length=args.max_soft_tokens)
         if projector is not None:
             tokens = projector(tokens)
-        soft_tokens = tokens[mask]  # HF's flattened form: padding slots removed
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        return tokens[mask]  # HF's flattened form: padding slots removed
+
+    soft_tokens = _encode(args, encode)
     t2 = time.perf_counter()
 
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (preset {args.preset}, seed {args.seed})"

@@ -25,8 +25,7 @@ from torch import nn
 
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
-from ..ops import patchify, qkv_norm_rope
-from ..ops import pixel_shuffle as _pixel_shuffle_op
+from ..ops import patchify, pixel_shuffle, qkv_norm_rope  # pixel_shuffle: MaxText's function, the kernel itself
 
 __all__ = [
     "Llama4MultiModalProjector",
@@ -204,12 +203,6 @@ def determine_is_moe_layer(layer_id: int, interleave_moe_layer_step: int | None)
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
-def pixel_shuffle(input_tensor: torch.Tensor, shuffle_ratio: float) -> torch.Tensor:
-    """MaxText's ``pixel_shuffle``: [B, L, C] -> [B, L r², C / r²] ((dh, dw, c) channels; the
-    ``vitops.pixel_shuffle`` kernel)."""
-    return _pixel_shuffle_op(input_tensor, shuffle_ratio)
-
-
 def vision_positions(grid_side: int, device=None) -> torch.Tensor:
     """The 2-D RoPE coordinates of a tile's tokens ``[side² + 1, 2]`` int32: 1-based (column, row)
     of each patch, row-major, then (0, 0) for the CLS token (angle 0: unrotated, as HF masks its
