@@ -431,14 +431,14 @@ def build_l4_rope(shape, device, dtype):
 
     def vit():
         # the one RoPE op: interleaved pairs, 1-based (column, row) positions, CLS at (0, 0), float32
-        # cos/sin; it also writes v (copied) in attention's layout, which HF's rotation does not
+        # cos/sin; v=None as Llama4VisionAttention calls it (v is not normalised, attention reads its
+        # projection view), so it moves the bytes HF's rotation moves
         op = require_op("qkv_norm_rope", device)
         from vitops.models.llama4 import vision_positions
 
         pos = vision_positions(cfg.image_size // cfg.patch_size, device).expand(tiles, -1, -1)
-        v = qkv[..., 2 * h * hd :].view(tiles, seq, h, hd)
         def run(qkv, freqs):
-            q, k, _ = op(*views(qkv), v, None, None, pos, base_frequency=cfg.rope_parameters["rope_theta"],
+            q, k, _ = op(*views(qkv), None, None, None, pos, base_frequency=cfg.rope_parameters["rope_theta"],
                          rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved")
             return q.transpose(1, 2), k.transpose(1, 2)  # HF's [B, L, H, hd] (views of the op's rows)
 

@@ -225,6 +225,8 @@ def _qkv(rng, namespace):
             freqs = (_randn(rng, (hd // 2,), torch.float32, 0.2).abs() + 0.01).to(rng.choice([torch.float32, wdt]))
         case.update(norm=norm, v_norm=rng.random() < 0.6, pairing=rng.choice(["half_split", "interleaved"]),
                     rope_freqs=freqs)
+        if not case["v_norm"] and rng.random() < 0.4:
+            case["v"] = None  # attention reads v's projection itself (Llama 4, Gemma 3)
     return case
 
 
@@ -380,13 +382,15 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
             for v in vals:
                 out.append((f"{name} {v}", {**kw, name: v}, True))
         out.append(("rope_dtype int64", {**kw, "rope_dtype": torch.int64}, True))
-        big = {n: _huge_expanded((0, 2**62, kw[n].shape[2], kw[n].shape[3]), kw[n].dtype) for n in ("q", "k", "v")}
+        big = {n: _huge_expanded((0, 2**62, kw[n].shape[2], kw[n].shape[3]), kw[n].dtype) for n in ("q", "k", "v")
+               if kw[n] is not None}
         out.append(("expanded q/k/v of 2^62 rows", {**kw, **big, "positions": _huge_expanded(
             (0, 2**62, kw["positions"].shape[2]), kw["positions"].dtype)}, True))
         q = kw["q"]
         if q.shape[3] > 1:
             out.append(("q with a strided head dim", {**kw, "q": torch.zeros(*q.shape[:3], 2 * q.shape[3], dtype=q.dtype)[..., ::2]}, True))
         out.append(("k_weight wrong size", {**kw, "k_weight": torch.ones(q.shape[3] + 2)}, True))
+        out.append(("v None with v_norm", {**kw, "v": None, "v_norm": True}, True))
         pos = kw["positions"]
         if pos.numel() and q.numel():
             p2 = pos.clone().float()
@@ -437,7 +441,11 @@ def _backward_mutations(op: str, kw: dict, rng: random.Random):
         q, k, v = kw["q"], kw["k"], kw["v"]
         gq = torch.zeros(q.shape, dtype=q.dtype)
         gk = torch.zeros(k.shape, dtype=q.dtype)
-        args = [gq, gk, gk.clone(), *_args(op, kw)]
+        args = [gq, gk, None if v is None else gk.clone(), *_args(op, kw)]
+        bad = list(args)
+        bad[2] = gk.clone() if v is None else None
+        out.append(("_qkv_norm_rope_backward(grad_v given without v, or missing with it)",
+                    "_qkv_norm_rope_backward", bad, True))
         bad = list(args)
         bad[1] = gk.to("meta")
         out.append(("_qkv_norm_rope_backward(grad_k on meta)", "_qkv_norm_rope_backward", bad, True))

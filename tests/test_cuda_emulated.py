@@ -573,6 +573,34 @@ def test_qkv_norm_rope_options(dtype, options, shape):
         torch.testing.assert_close(g, c, rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * scale)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [o for o in QKV_OPTIONS if not o[1]], ids=lambda o: "-".join(map(str, o)))
+@pytest.mark.parametrize("shape", [(2, 7, 4, 2, 88), (2, 9, 2, 1, 8), (1, 0, 2, 2, 8)])
+def test_qkv_norm_rope_without_v(dtype, options, shape):
+    """v=None: the kernels see a v with no heads; q/k outputs and gradients equal the call with v."""
+    norm, v_norm, pairing, with_table, ndim = options
+    b, length, h, kv, hd = shape
+    q, k, v = _fused_qkv(*shape, dtype)
+    weights = (1 + 0.5 * torch.randn(hd), 1 + 0.5 * torch.randn(hd)) if norm in ("scale", "scale_plus_one") else (None, None)
+    args = (*weights, _qkv_positions(b, length, ndim=ndim), 1e-6, 100.0, None, norm, False, pairing,
+            torch.rand(hd // 2) + 0.01 if with_table else None)
+    with_v = emu("qkv_norm_rope", q, k, v, *args)
+    without = emu("qkv_norm_rope", q, k, None, *args)
+    assert without[2].shape == (b, length, 0, hd)
+    for o, w in zip(without[:2], with_v[:2]):
+        torch.testing.assert_close(o, w, rtol=0, atol=0)
+    grads = [randn(*o.shape, dtype=dtype) for o in with_v]
+    got = emu("_qkv_norm_rope_backward", grads[0], grads[1], None, q, k, None, *args)
+    want = emu("_qkv_norm_rope_backward", *grads, q, k, v, *args)
+    assert got[2].shape == (b, length, 0, hd)
+    for i in (0, 1):
+        torch.testing.assert_close(got[i], want[i], rtol=0, atol=0)
+    # weight gradients: the warps' (row, head) items shift without v's heads, and with them the
+    # order of the per-warp partial sums
+    for i in (3, 4):
+        torch.testing.assert_close(got[i], want[i], **tol(dtype))
+
+
 def test_qkv_norm_rope_backward_many_tiles_per_block():
     """More than 1024 tiles: backward blocks loop over several tiles and the weight-gradient
     reduction sums 1024 block partials."""

@@ -614,3 +614,117 @@ def test_matches_hf_llama4_vision_rope(device, dtype):
         torch.testing.assert_close(o.transpose(1, 2), r, **(dict(rtol=0, atol=2e-6) if dtype == torch.float32
                                                              else tol(dtype)))
     assert torch.equal(ours[0].transpose(1, 2)[:, -1], q[:, -1])  # CLS unrotated
+
+
+# --------------------------------------------------------------------------------------------
+# v=None: q and k only (attention reads v's projection itself; Llama 4, Gemma 3)
+# --------------------------------------------------------------------------------------------
+_WITHOUT_V_OPTIONS = [
+    dict(norm="none", pairing="interleaved", rope_dtype=torch.float32, base_frequency=10000.0),  # Llama 4 vision
+    dict(norm="scale_plus_one", pairing="half_split"),  # Gemma 3 text
+    dict(norm="rms", pairing="interleaved"),
+    dict(norm="scale", pairing="half_split"),
+]
+
+
+def _weights_for(opts, hd, device):
+    return random_weights(hd, device) if opts["norm"] in ("scale", "scale_plus_one") else (None, None)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("opts", _WITHOUT_V_OPTIONS, ids=lambda o: f"{o['norm']}-{o['pairing']}")
+@pytest.mark.parametrize("shape", [(2, 9, 4, 2, 16), (1, 7, 3, 3, 88), (2, 0, 2, 1, 8), (0, 3, 2, 1, 8)])
+def test_without_v_equals_the_q_k_outputs_with_v(device, dtype, opts, shape):
+    """v=None gives q_out and k_out bitwise equal to the call with v, v_out None, and the same q/k gradients."""
+    b, length, h, kv, hd = shape
+    buf, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device, requires_grad=True)
+    qw, kw = _weights_for(opts, hd, device)
+    pos = random_positions(b, length, device)
+    with_v = qkv_norm_rope(q, k, v, qw, kw, pos, v_norm=False, **opts)
+    without = qkv_norm_rope(q, k, None, qw, kw, pos, v_norm=False, **opts)
+    assert without[2] is None
+    ref = reference.qkv_norm_rope(q, k, None, qw, kw, pos, v_norm=False, **opts)
+    assert ref[2] is None
+    for o, w, r in zip(without[:2], with_v[:2], ref[:2]):
+        assert o.shape == w.shape and o.dtype == dtype and o.transpose(1, 2).is_contiguous()
+        assert torch.equal(o, w)
+        torch.testing.assert_close(o, r, **tol(dtype))
+    grads = [randn(*o.shape, device=device, dtype=dtype) for o in without[:2]]
+    got = torch.autograd.grad(without[:2], buf, grads)[0]
+    want = torch.autograd.grad(with_v[:2], buf, grads)[0]
+    assert torch.equal(got, want)
+    assert not got[..., (h + kv) * hd :].any()  # v's slice gets nothing
+
+
+def test_without_v_gradcheck_float64():
+    b, length, h, kv, hd = 2, 4, 2, 1, 8
+    pos = random_positions(b, length)
+    for opts in _WITHOUT_V_OPTIONS:
+        q = torch.randn(b, length, h, hd, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(b, length, kv, hd, dtype=torch.float64, requires_grad=True)
+        weights = [(1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_() for _ in range(2)]
+        weighted = opts["norm"] in ("scale", "scale_plus_one")
+
+        def f(q, k, qw, kw):
+            out = qkv_norm_rope(q, k, None, qw if weighted else None, kw if weighted else None, pos, v_norm=False,
+                                **opts)
+            assert out[2] is None
+            return out[:2]
+
+        assert torch.autograd.gradcheck(f, (q, k, *weights)), opts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_v_opcheck(device):
+    _, q, k, _ = fused_qkv(2, 5, 4, 2, 12, device=device)
+    pos = random_positions(2, 5, device)
+    qw, kw = random_weights(12, device)
+    for args in ((q, k, None, None, None, pos, 1e-6, 1e4, torch.float32, "none", False, "interleaved", None),
+                 (q, k, None, qw, kw, pos, 1e-6, 1e4, None, "scale_plus_one", False, "half_split", None)):
+        leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() and i < 5
+                  else t for i, t in enumerate(args)]
+        torch.library.opcheck(torch.ops.vitops.qkv_norm_rope.default, tuple(leaves))
+        grads = (randn(*q.shape, device=device), randn(*k.shape, device=device), None)
+        torch.library.opcheck(torch.ops.vitops._qkv_norm_rope_backward.default, (*grads, *args))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_without_v_compile_fullgraph(dynamic):
+    opts = _WITHOUT_V_OPTIONS[0]
+
+    def f(q, k, pos):
+        q_out, k_out, v_out = qkv_norm_rope(q, k, None, None, None, pos, v_norm=False, **opts)
+        assert v_out is None
+        return q_out, k_out
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for length in (5, 8):
+        q, k = (randn(2, length, 2, 8, requires_grad=True) for _ in range(2))
+        pos = random_positions(2, length)
+        out = compiled(q, k, pos)
+        ref = reference.qkv_norm_rope(q, k, None, None, None, pos, v_norm=False, **opts)[:2]
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r)
+        got = torch.autograd.grad(sum(o.square().sum() for o in out), (q, k))
+        want = torch.autograd.grad(sum(r.square().sum() for r in ref), (q, k))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_without_v_bad_input():
+    args = _bad(v=None)
+    for call_args in (args, {n: t.to("meta") if isinstance(t, torch.Tensor) else t for n, t in args.items()}):
+        with pytest.raises(RuntimeError, match=r"`v_norm` must be False when `v` is None"):
+            qkv_norm_rope(**call_args)  # v_norm defaults to True (Gemma 4)
+        with pytest.raises(RuntimeError, match=r"`q` and `k` must have the same dtype, got float32 and float64"):
+            qkv_norm_rope(**{**call_args, "k": call_args["k"].double()}, v_norm=False)
+    _, q, k, v = fused_qkv(2, 3, 2, 1, 8)
+    pos = random_positions(2, 3)
+    gq, gk = randn(2, 3, 2, 8), randn(2, 3, 1, 8)
+    bwd = torch.ops.vitops._qkv_norm_rope_backward
+    for device in ("cpu", "meta"):
+        t = [x.to(device) for x in (gq, gk, q, k, v, pos)]
+        with pytest.raises(RuntimeError, match=r"`grad_v` must be None when `v` is None"):
+            bwd(t[0], t[1], t[1], t[2], t[3], None, None, None, t[5], 1e-6, 100.0, None, "none", False)
+        with pytest.raises(RuntimeError, match=r"`grad_v` must be given when `v` is given"):
+            bwd(t[0], t[1], None, t[2], t[3], t[4], None, None, t[5], 1e-6, 100.0, None, "none", False)

@@ -236,7 +236,7 @@ def avg_pool_by_positions(
 def qkv_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
+    v: torch.Tensor | None,
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     positions: torch.Tensor,
@@ -248,12 +248,13 @@ def qkv_norm_rope(
     v_norm: bool = True,
     pairing: str = "half_split",
     rope_freqs: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """q [B, L, H, hd], k/v [B, L, KV, hd] -> (q_out [B, H, L, hd], k_out, v_out [B, KV, L, hd]):
     q_norm/k_norm (``vitops.layers.rms_norm`` of kind `norm`, or none) and v_norm (weightless, if `v_norm`) as HF,
     N-D RoPE of q and k by positions [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each
     rotated like _rope_chunk with `pairing`, cos/sin rounded to rope_dtype, default q's dtype, and
-    the chunk's slice of `rope_freqs` when given), then transpose(1, 2).contiguous()."""
+    the chunk's slice of `rope_freqs` when given), then transpose(1, 2).contiguous(); v None: v_out
+    None."""
     widths = rope_chunks(q.shape[-1], positions.shape[-1], None)
 
     def rope(x):
@@ -270,6 +271,8 @@ def qkv_norm_rope(
 
     q_out = rope(qk_norm(q, q_weight))
     k_out = rope(qk_norm(k, k_weight))
+    if v is None:
+        return q_out.transpose(1, 2).contiguous(), k_out.transpose(1, 2).contiguous(), None
     v_out = rms_norm(v, None, eps, "rms") if v_norm else v
     return tuple(t.transpose(1, 2).contiguous() for t in (q_out, k_out, v_out))
 

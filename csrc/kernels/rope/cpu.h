@@ -130,89 +130,99 @@ class AngleTable {
   std::vector<acc> cos_, sin_;
 };
 
-// cos/sin per pair of every row: validated positions, tabulated when integer, each value rounded to
-// `round_kind` (HF casts cos/sin to a dtype) and sin multiplied by `sin_sign` (-1: the transposed
-// rotation of the backward; the negation commutes with the rounding).
+// Length of the per-row cos/sin tables that RowAngles::fill writes and rotate_row reads: one entry
+// per rotated pair for half-split chunks; one per rotated channel for interleaved pairs, where
+// channel 2k and 2k + 1 both carry pair k's cos, and sin carries the sign of the channel's term
+// (-sin for 2k, +sin for 2k + 1). With those tables the interleaved rotation is a single loop over
+// the row's adjacent pairs, y[2k] = x[2k] C[2k] + x[2k+1] S[2k], y[2k+1] = x[2k+1] C[2k+1] +
+// x[2k] S[2k+1]: no per-chunk short loops and no add/sub mix. It is the same arithmetic to the bit:
+// x1 (-s) is -(x1 s) exactly, and a + (-b) is a - b.
+inline int64_t table_length(const Layout& l) {
+  return l.pairing == Pairing::Interleaved ? l.rotated : l.num_pairs();
+}
+
+// cos/sin of every row in rotate_row's table form (table_length): validated positions, tabulated
+// when integer, each value rounded to `round_kind` (HF casts cos/sin to a dtype) and sin multiplied
+// by `sin_sign` (-1: the transposed rotation of the backward; the negation commutes with the
+// rounding).
 template <typename acc>
 class RowAngles {
  public:
   RowAngles(const char* op, const Layout& layout, std::vector<acc> inv_freq, acc scale, ValueKind round_kind,
             const PositionView& positions, int64_t rows, acc sin_sign = acc(1))
-      : inv_freq_(std::move(inv_freq)), scale_(scale), round_kind_(round_kind), pos_(positions), sin_sign_(sin_sign) {
-    chunk_of_pair_.resize(inv_freq_.size());
-    for (int64_t k = 0; k < static_cast<int64_t>(inv_freq_.size()); ++k) chunk_of_pair_[k] = layout.chunk_of_pair(k);
+      : inv_freq_(std::move(inv_freq)), scale_(scale), round_kind_(round_kind), pos_(positions), sin_sign_(sin_sign),
+        interleaved_(layout.pairing == Pairing::Interleaved) {
+    // pairs of chunk (position axis) c: [first_pair_[c], first_pair_[c + 1])
+    first_pair_.assign(layout.num_chunks + 1, 0);
+    for (int64_t c = 0; c < layout.num_chunks; ++c) first_pair_[c + 1] = first_pair_[c] + layout.width(c) / 2;
     const PositionRange range = scan_positions<acc>(op, pos_, rows, inv_freq_, scale_);
     const ValueKind kind = round_kind_;
     tabulated_ = range.integer && range.lo <= range.hi &&
                  table_.build(range.lo, range.hi, inv_freq_, scale_, [kind](acc v) { return round_as(kind, v); });
   }
 
+  // Writes table_length(layout) entries to cos and sin.
   void fill(int64_t row, acc* cos, acc* sin) const {
-    const int64_t F = static_cast<int64_t>(inv_freq_.size());
-    for (int64_t k = 0; k < F; ++k) {
-      const int64_t axis = chunk_of_pair_[k];
+    for (size_t axis = 0; axis + 1 < first_pair_.size(); ++axis) {
+      const int64_t begin = first_pair_[axis], end = first_pair_[axis + 1];
       if (tabulated_) {
-        const int64_t v = pos_.integer(row, axis);
-        cos[k] = table_.cos(v, k);
-        sin[k] = sin_sign_ * table_.sin(v, k);
+        const int64_t v = pos_.integer(row, static_cast<int64_t>(axis));
+        for (int64_t k = begin; k < end; ++k) store(k, table_.cos(v, k), sin_sign_ * table_.sin(v, k), cos, sin);
         continue;
       }
-      const acc p = pos_.value<acc>(row, axis);
-      const acc angle = (p * inv_freq_[k]) * scale_;
-      cos[k] = round_as(round_kind_, static_cast<acc>(std::cos(angle)));
-      sin[k] = sin_sign_ * round_as(round_kind_, static_cast<acc>(std::sin(angle)));
+      const acc p = pos_.value<acc>(row, static_cast<int64_t>(axis));
+      for (int64_t k = begin; k < end; ++k) {
+        const acc angle = (p * inv_freq_[k]) * scale_;
+        store(k, round_as(round_kind_, static_cast<acc>(std::cos(angle))),
+              sin_sign_ * round_as(round_kind_, static_cast<acc>(std::sin(angle))), cos, sin);
+      }
     }
   }
 
  private:
+  void store(int64_t k, acc c, acc s, acc* cos, acc* sin) const {
+    if (!interleaved_) {
+      cos[k] = c;
+      sin[k] = s;
+      return;
+    }
+    cos[2 * k] = c;
+    cos[2 * k + 1] = c;
+    sin[2 * k] = -s;
+    sin[2 * k + 1] = s;
+  }
+
   std::vector<acc> inv_freq_;
   acc scale_;
   ValueKind round_kind_;
   PositionView pos_;
   acc sin_sign_;
-  std::vector<int64_t> chunk_of_pair_;
+  bool interleaved_;
+  std::vector<int64_t> first_pair_;
   AngleTable<acc> table_;
   bool tabulated_ = false;
 };
 
-// Rotates the first `layout.rotated` channels of one head row src -> dst with the row's cos/sin per
-// pair; in_t may be the storage type or acc (staged rows). Both pairings run chunk by chunk as
-// branch-free loops over the chunk's pairs (half-split: two contiguous halves; interleaved: blocks of
-// de-interleaved pairs), so the compiler vectorizes them; chunk c's first pair is chunk_start / 2.
-// With sin negated this is the transposed rotation (the backward), to the same bits as
-// rotate_channel_backward (x - (-y) == x + y exactly).
+// Rotates the first `layout.rotated` channels of one head row src -> dst with the row's tables from
+// RowAngles::fill; in_t may be the storage type or acc (staged rows). Both pairings are branch-free
+// loops the compiler vectorizes: interleaved pairs one loop over the row's adjacent pairs (see
+// table_length), half-split chunk by chunk over its two contiguous halves. With sin negated this is
+// the transposed rotation (the backward), to the same bits as rotate_channel_backward.
+// No loop here may mix a product difference with a product sum on adjacent lanes: GCC's SLP
+// vectorizer turns (a c - b s, b c + a s) on interleaved lanes into vfmaddsub, fusing the products
+// despite -ffp-contract=off (seen for float64 with GCC 12), which changes the last bit.
 template <typename in_t, typename out_t, typename acc>
 inline void rotate_row(const Layout& l, const in_t* src, out_t* dst, const acc* cos_table, const acc* sin_table) {
   if (l.pairing == Pairing::Interleaved) {
-    // De-interleaved through small blocks: written as one stride-2 loop, GCC's SLP vectorizer turns
-    // the (a c - b s, b c + a s) pair into vfmaddsub, fusing the products despite -ffp-contract=off
-    // (seen for float64 with GCC 12), which changes the last bit.
-    constexpr int64_t kBlock = 64;
-    acc a[kBlock], b[kBlock];
-    for (int64_t c = 0; c < l.num_chunks; ++c) {
-      const int64_t start = l.chunk_start(c);
-      const int64_t pairs = l.width(c) / 2;
-      const in_t* __restrict__ x = src + start;
-      out_t* __restrict__ y = dst + start;
-      const acc* __restrict__ cs = cos_table + start / 2;
-      const acc* __restrict__ sn = sin_table + start / 2;
-      for (int64_t i0 = 0; i0 < pairs; i0 += kBlock) {
-        const int64_t n = pairs - i0 < kBlock ? pairs - i0 : kBlock;
-        for (int64_t i = 0; i < n; ++i) {
-          a[i] = widen(x[2 * (i0 + i)]);
-          b[i] = widen(x[2 * (i0 + i) + 1]);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          const acc ra = a[i] * cs[i0 + i] - b[i] * sn[i0 + i];
-          const acc rb = b[i] * cs[i0 + i] + a[i] * sn[i0 + i];
-          a[i] = ra;
-          b[i] = rb;
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          y[2 * (i0 + i)] = narrow<out_t>(a[i]);
-          y[2 * (i0 + i) + 1] = narrow<out_t>(b[i]);
-        }
-      }
+    const in_t* __restrict__ x = src;
+    out_t* __restrict__ y = dst;
+    const acc* __restrict__ c = cos_table;
+    const acc* __restrict__ s = sin_table;
+    const int64_t pairs = l.rotated / 2;
+    for (int64_t k = 0; k < pairs; ++k) {
+      const acc x0 = widen(x[2 * k]), x1 = widen(x[2 * k + 1]);
+      y[2 * k] = narrow<out_t>(x0 * c[2 * k] + x1 * s[2 * k]);
+      y[2 * k + 1] = narrow<out_t>(x1 * c[2 * k + 1] + x0 * s[2 * k + 1]);
     }
     return;
   }

@@ -10,6 +10,9 @@
 // views with any strides but a contiguous head dim (slices of one fused QKV projection output are
 // read in place); outputs, the gradients the backward takes and the input gradients it returns are
 // [B, L, N, hd] (outputs and input gradients fresh contiguous tensors).
+// v is optional: a family whose v is not normalised (Llama 4, Gemma 3) gives attention v's own
+// projection view and lets the op skip v entirely (a third of the op's memory traffic). The kernels
+// then see v as a tensor with no heads (absent_v), and v's output and gradient are [B, L, 0, hd].
 #pragma once
 
 #include <cmath>
@@ -59,13 +62,18 @@ struct Geometry {
 
 inline HeadStrides head_strides(const Tensor& t) { return HeadStrides{t.stride(0), t.stride(1), t.stride(2)}; }
 
+// v as the kernels read it: the given view, or (v is None) a [B, L, 0, hd] tensor with no heads.
+inline Tensor v_or_absent(const Tensor& q, const std::optional<Tensor>& v) {
+  return v.has_value() ? *v : new_empty(q, {q.size(0), q.size(1), 0, q.size(3)}, q.scalar_type());
+}
+
 inline void check_last_dim_contiguous(const char* op, const char* arg, const Tensor& t) {
   VITOPS_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "vitops.", op, ": `", arg,
                "` must have a contiguous head dim (stride 1 in its last dim), got stride ", t.stride(3));
 }
 
 // Checks q, k, v, the weights, positions and the options; fills everything but strides of q/k/v.
-inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, const std::optional<Tensor>& v,
                              const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
                              const Tensor& positions, double eps, double base_frequency,
                              std::optional<ScalarType> rope_dtype, const std::string& norm_name, bool v_norm,
@@ -73,21 +81,30 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
                              bool allow_double) {
   VITOPS_CHECK(q.dim() == 4, "vitops.", op, ": `q` must have shape [B, L, H, hd], got ", shape_str(q));
   VITOPS_CHECK(k.dim() == 4, "vitops.", op, ": `k` must have shape [B, L, KV, hd], got ", shape_str(k));
-  VITOPS_CHECK(v.dim() == 4, "vitops.", op, ": `v` must have shape [B, L, KV, hd], got ", shape_str(v));
+  if (v.has_value())
+    VITOPS_CHECK(v->dim() == 4, "vitops.", op, ": `v` must have shape [B, L, KV, hd] or be None, got ",
+                 shape_str(*v));
   check_float(op, "q", q, allow_double);
-  VITOPS_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "vitops.", op,
-               ": `q`, `k` and `v` must have the same dtype, got ", dtype_name(q.scalar_type()), ", ",
-               dtype_name(k.scalar_type()), " and ", dtype_name(v.scalar_type()));
+  if (v.has_value())
+    VITOPS_CHECK(k.scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(), "vitops.", op,
+                 ": `q`, `k` and `v` must have the same dtype, got ", dtype_name(q.scalar_type()), ", ",
+                 dtype_name(k.scalar_type()), " and ", dtype_name(v->scalar_type()));
+  else
+    VITOPS_CHECK(k.scalar_type() == q.scalar_type(), "vitops.", op, ": `q` and `k` must have the same dtype, got ",
+                 dtype_name(q.scalar_type()), " and ", dtype_name(k.scalar_type()));
   VITOPS_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), "vitops.", op,
                ": `k` shape ", shape_str(k), " does not match `q` shape ", shape_str(q),
                " (same B, L and head dim expected)");
-  VITOPS_CHECK(sizes_of(v) == sizes_of(k), "vitops.", op, ": `v` shape ", shape_str(v), " must equal `k` shape ",
-               shape_str(k));
+  if (v.has_value())
+    VITOPS_CHECK(sizes_of(*v) == sizes_of(k), "vitops.", op, ": `v` shape ", shape_str(*v),
+                 " must equal `k` shape ", shape_str(k));
+  VITOPS_CHECK(v.has_value() || !v_norm, "vitops.", op,
+               ": `v_norm` must be False when `v` is None (there is no v to normalise)");
   check_last_dim_contiguous(op, "q", q);
   check_last_dim_contiguous(op, "k", k);
-  check_last_dim_contiguous(op, "v", v);
+  if (v.has_value()) check_last_dim_contiguous(op, "v", *v);
   check_same_device(op, "q", q, "k", k);
-  check_same_device(op, "q", q, "v", v);
+  if (v.has_value()) check_same_device(op, "q", q, "v", *v);
   if (q_weight.has_value()) check_same_device(op, "q", q, "q_weight", *q_weight);
   if (k_weight.has_value()) check_same_device(op, "q", q, "k_weight", *k_weight);
   check_same_device(op, "q", q, "positions", positions);
@@ -100,7 +117,7 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
   g.head_dim = q.size(3);
   g.heads[0] = q.size(2);
   g.heads[1] = k.size(2);
-  g.heads[2] = v.size(2);
+  g.heads[2] = v.has_value() ? v->size(2) : 0;
   g.options.norm = norm::parse_kind(op, norm_name);
   g.options.v_norm = v_norm;
   g.options.pairing = rope::parse_pairing(op, pairing_name);
@@ -207,10 +224,15 @@ struct BackwardBuffers {
   Tensor grad_weight[kNumWeights];
 };
 
+// `v` is v_or_absent's tensor; `has_v` whether the caller gave one (then grad_v must be given too).
 inline BackwardBuffers prepare_backward(const char* op, const Geometry& g, const Tensor& grad_q, const Tensor& grad_k,
-                                        const Tensor& grad_v, const Tensor& q, const Tensor& k, const Tensor& v,
-                                        const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight) {
-  const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v};
+                                        const std::optional<Tensor>& grad_v, const Tensor& q, const Tensor& k,
+                                        const Tensor& v, bool has_v, const std::optional<Tensor>& q_weight,
+                                        const std::optional<Tensor>& k_weight) {
+  VITOPS_CHECK(grad_v.has_value() == has_v, "vitops.", op, ": `grad_v` must be ", has_v ? "given" : "None",
+               " when `v` is ", has_v ? "given" : "None");
+  const Tensor grad_v_or_absent = grad_v.has_value() ? *grad_v : v;  // absent: v's empty [B, L, 0, hd]
+  const Tensor* raw_grads[kNumHeadTensors] = {&grad_q, &grad_k, &grad_v_or_absent};
   check_grads(op, g, raw_grads, q);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   BackwardBuffers b;

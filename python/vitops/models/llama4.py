@@ -309,9 +309,12 @@ class Llama4VisionAttention(nn.Module):
         b, length, _ = inputs_q.shape
         shape = (b, length, self.num_heads, self.head_dim)
         q, k, v = (proj(inputs_q).view(shape) for proj in (self.query, self.key, self.value))
-        # HF rotates in float32 with float32 cos/sin and rounds once (vision_apply_rotary_emb)
-        q, k, v = qkv_norm_rope(q, k, v, None, None, positions, base_frequency=self.rope_theta,
+        # HF rotates in float32 with float32 cos/sin and rounds once (vision_apply_rotary_emb). v is
+        # not transformed: SDPA reads its projection view (as HF's value_states.transpose(1, 2)), so
+        # the op skips it
+        q, k, _ = qkv_norm_rope(q, k, None, None, None, positions, base_frequency=self.rope_theta,
                                 rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved")
+        v = v.transpose(1, 2)
         active = _dropout_active(self, deterministic)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if active else 0.0)
         return self.out(out.transpose(1, 2).reshape(b, length, -1))

@@ -133,8 +133,12 @@ def _image_hw(images, channels_first):
 _TABLE_LAYOUTS = ("hf", "maxtext")  # factorized_posemb's table_dim 0 / 1
 
 
-def _transposed(outs):
-    return tuple(o.transpose(1, 2) for o in outs)
+def _qkv_rows(outs, q):
+    """qkv_norm_rope's [B, N, L, hd] results in the raw op's [B, L, N, hd] layout; without v the raw
+    op's third output is a placeholder with no heads, [B, L, 0, hd]."""
+    q_out, k_out, v_out = outs
+    v_rows = q.new_empty((q.shape[0], q.shape[1], 0, q.shape[3])) if v_out is None else v_out.transpose(1, 2)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2), v_rows
 
 
 _QKV_OPTIONS = ("eps", "base_frequency", "rope_dtype", "norm", "v_norm", "pairing", "rope_freqs")
@@ -206,14 +210,15 @@ MANIFEST: tuple[OpEntry, ...] = (
         args=("q", "k", "v", "q_weight", "k_weight", "positions", *_QKV_OPTIONS),
         differentiable=("q", "k", "v", "q_weight", "k_weight"),
         # the wrapper and the reference return [B, N, L, hd] views; the raw op [B, L, N, hd]
-        wrapper=lambda q, k, v, q_weight, k_weight, positions, **kw: _transposed(
-            qkv_norm_rope(q, k, v, q_weight, k_weight, positions, **kw)),
-        reference=lambda q, k, v, q_weight, k_weight, positions, **kw: _transposed(
-            reference.qkv_norm_rope(q, k, v, q_weight, k_weight, positions, **kw)),
+        wrapper=lambda q, k, v, q_weight, k_weight, positions, **kw: _qkv_rows(
+            qkv_norm_rope(q, k, v, q_weight, k_weight, positions, **kw), q),
+        reference=lambda q, k, v, q_weight, k_weight, positions, **kw: _qkv_rows(
+            reference.qkv_norm_rope(q, k, v, q_weight, k_weight, positions, **kw), q),
         sample=_qkv_sample,
-        # gradients in the outputs' [B, L, N, hd] layout, then the forward's arguments
-        backward_args=lambda kw, g: [*g[:3], *(kw[n] for n in ("q", "k", "v", "q_weight", "k_weight", "positions",
-                                                                *_QKV_OPTIONS))],
+        # gradients in the outputs' [B, L, N, hd] layout (none for an absent v), then the forward's arguments
+        backward_args=lambda kw, g: [g[0], g[1], None if kw["v"] is None else g[2],
+                                     *(kw[n] for n in ("q", "k", "v", "q_weight", "k_weight", "positions",
+                                                       *_QKV_OPTIONS))],
     ),
 )
 

@@ -29,7 +29,7 @@ _WEIGHTED_NORMS = ("scale", "scale_plus_one")
 def qkv_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
+    v: torch.Tensor | None,
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     positions: torch.Tensor,
@@ -41,12 +41,15 @@ def qkv_norm_rope(
     v_norm: bool = True,
     pairing: str = "half_split",
     rope_freqs: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """HF ``Gemma4VisionAttention``'s q_norm/k_norm/v_norm + ``apply_multidimensional_rope`` + transpose.
 
     Args:
       q: [B, L, H, hd]; k, v: [B, L, KV, hd]. Any strides with a contiguous head dim, e.g. views of
         one fused projection output [B, L, (H + 2*KV) * hd]; they are read in place.
+        v may be None (then ``v_norm`` must be False): for families whose v is not normalised
+        (Llama 4, Gemma 3) attention can read v's projection view itself (SDPA takes any strides),
+        and the op skips a third of its memory traffic; v_out is then None.
       q_weight, k_weight: [hd] norm weights (any float dtype, applied in float32) for the weighted
         norms; None for ``norm="rms"`` and ``norm="none"``.
       positions: [B, L, ndim] (int32/int64/float) positions; Gemma 4 uses ndim = 2 (x, y), 1-D text
@@ -68,7 +71,7 @@ def qkv_norm_rope(
         not differentiated (a buffer, as HF's inv_freq).
 
     Returns:
-      (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd]) in q's dtype: the shapes
+      (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd] or None) in q's dtype: the shapes
       ``scaled_dot_product_attention`` takes, over [B, L, heads, hd] memory (the op writes each
       (b, l) row contiguously; flash/SDPA kernels read that layout natively, and it equals HF's
       ``q.transpose(1, 2)`` views). Per head row the norm runs in float32 and is rounded to the
@@ -78,14 +81,20 @@ def qkv_norm_rope(
     if rope_freqs is not None and rope_freqs.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("vitops.qkv_norm_rope: `rope_freqs` is not differentiated; pass a tensor that does not "
                            "require grad (e.g. rope_freqs.detach())")
-    rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency), rope_dtype, norm,
-               bool(v_norm), pairing, rope_freqs)
-    return tuple(t.transpose(1, 2) for t in rows)
+    q_rows, k_rows, v_rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency),
+                                 rope_dtype, norm, bool(v_norm), pairing, rope_freqs)
+    # without v the op's third output is a placeholder with no heads ([B, L, 0, hd])
+    return q_rows.transpose(1, 2), k_rows.transpose(1, 2), None if v is None else v_rows.transpose(1, 2)
 
 
 def _attention_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The op's contiguous [B, L, N, hd] output for an input [B, L, N, hd]."""
     return t.new_empty(t.shape, dtype=dtype)
+
+
+def _v_or_absent(q: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """qkv_norm_rope.h v_or_absent: v, or a [B, L, 0, hd] tensor with no heads when v is None."""
+    return v if v is not None else q.new_empty((q.shape[0], q.shape[1], 0, q.shape[3]))
 
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -104,17 +113,28 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
     """csrc/ops/qkv_norm_rope/qkv_norm_rope.h check_inputs, in the same order."""
     fail_unless(q.dim() == 4, lambda: f"vitops.{op}: `q` must have shape [B, L, H, hd], got {shape_str(q)}")
     fail_unless(k.dim() == 4, lambda: f"vitops.{op}: `k` must have shape [B, L, KV, hd], got {shape_str(k)}")
-    fail_unless(v.dim() == 4, lambda: f"vitops.{op}: `v` must have shape [B, L, KV, hd], got {shape_str(v)}")
+    if v is not None:
+        fail_unless(v.dim() == 4, lambda: (
+            f"vitops.{op}: `v` must have shape [B, L, KV, hd] or be None, got {shape_str(v)}"))
     check_float(op, "q", q)
-    fail_unless(k.dtype == q.dtype and v.dtype == q.dtype, lambda: (
-        f"vitops.{op}: `q`, `k` and `v` must have the same dtype, got {dtype_name(q.dtype)}, {dtype_name(k.dtype)} "
-        f"and {dtype_name(v.dtype)}"))
+    if v is not None:
+        fail_unless(k.dtype == q.dtype and v.dtype == q.dtype, lambda: (
+            f"vitops.{op}: `q`, `k` and `v` must have the same dtype, got {dtype_name(q.dtype)}, "
+            f"{dtype_name(k.dtype)} and {dtype_name(v.dtype)}"))
+    else:
+        fail_unless(k.dtype == q.dtype, lambda: (
+            f"vitops.{op}: `q` and `k` must have the same dtype, got {dtype_name(q.dtype)} and {dtype_name(k.dtype)}"))
     fail_unless(k.shape[0] == q.shape[0] and k.shape[1] == q.shape[1] and k.shape[3] == q.shape[3], lambda: (
         f"vitops.{op}: `k` shape {shape_str(k)} does not match `q` shape {shape_str(q)} "
         "(same B, L and head dim expected)"))
-    fail_unless(tuple(v.shape) == tuple(k.shape), lambda: (
-        f"vitops.{op}: `v` shape {shape_str(v)} must equal `k` shape {shape_str(k)}"))
+    if v is not None:
+        fail_unless(tuple(v.shape) == tuple(k.shape), lambda: (
+            f"vitops.{op}: `v` shape {shape_str(v)} must equal `k` shape {shape_str(k)}"))
+    fail_unless(v is not None or not v_norm, lambda: (
+        f"vitops.{op}: `v_norm` must be False when `v` is None (there is no v to normalise)"))
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is None:
+            continue
         fail_unless(t.shape[3] <= 1 or t.stride(3) == 1, lambda: (
             f"vitops.{op}: `{name}` must have a contiguous head dim (stride 1 in its last dim), got stride "
             f"{t.stride(3)}"))
@@ -177,6 +197,7 @@ def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtyp
           pairing="half_split", rope_freqs=None):
     _check_inputs("qkv_norm_rope", q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm,
                   v_norm, pairing, rope_freqs)
+    v = _v_or_absent(q, v)
     return _attention_layout(q, q.dtype), _attention_layout(k, q.dtype), _attention_layout(v, q.dtype)
 
 
@@ -186,6 +207,11 @@ def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, position
     op = "_qkv_norm_rope_backward"
     _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
                   pairing, rope_freqs)
+    fail_unless((grad_v is None) == (v is None), lambda: (
+        f"vitops.{op}: `grad_v` must be {'None' if v is None else 'given'} when `v` is "
+        f"{'None' if v is None else 'given'}"))
+    v = _v_or_absent(q, v)
+    grad_v = v if grad_v is None else grad_v  # absent: v's empty [B, L, 0, hd]
     b, seq_len, _, hd = q.shape
     for name, g, heads in (("grad_q", grad_q, q.shape[2]), ("grad_k", grad_k, k.shape[2]),
                            ("grad_v", grad_v, v.shape[2])):
@@ -225,11 +251,15 @@ def _backward(ctx, grad_q, grad_k, grad_v):
     # The gradients of the op's [B, L, N, hd] outputs (the backward kernels read them in that layout;
     # the wrapper's transposes are ordinary views autograd already undid). An output that did not
     # reach the loss has a zero gradient.
-    grads = [t.new_zeros(t.shape) if g is None else g for g, t in zip((grad_q, grad_k, grad_v), (q, k, v))]
+    grads = [t.new_zeros(t.shape) if g is None else g for g, t in zip((grad_q, grad_k), (q, k))]
+    if v is None:
+        grads.append(None)  # the op had no v: its placeholder output has no gradient to pass
+    else:
+        grads.append(v.new_zeros(v.shape, dtype=q.dtype) if grad_v is None else grad_v)
     out = _backward_op(*grads, q, k, v, q_weight, k_weight, positions, *ctx.args)
     weight_needed = (q_weight is not None, k_weight is not None)
     needs = ctx.needs_input_grad
-    result = [out[i] if needs[i] else None for i in range(3)]
+    result = [out[i] if needs[i] and (i < 2 or v is not None) else None for i in range(3)]
     result += [out[3 + i] if needs[3 + i] and weight_needed[i] else None for i in range(2)]
     return tuple(result) + (None,) * (_NUM_INPUTS - 5)
 

@@ -32,7 +32,7 @@ void rotate_rows(const char* op, const scalar_t* in, const RowAddressing& addres
   const rope::cpu::RowAngles<acc> angles(op, l, rope::inverse_frequencies<acc>(l, base_frequency),
                                          static_cast<acc>(scale_factor), round_kind, pos, g.rows,
                                          transpose ? acc(-1) : acc(1));
-  const int64_t H = g.heads, hd = g.head_dim, F = l.num_pairs();
+  const int64_t H = g.heads, hd = g.head_dim, F = rope::cpu::table_length(l);
   const int64_t passthrough = hd - l.rotated;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * hd));
 

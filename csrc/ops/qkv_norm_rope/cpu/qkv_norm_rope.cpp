@@ -40,11 +40,12 @@ std::vector<acc> inverse_frequencies(const Geometry& g, double base, const std::
   return inv;
 }
 
-// Also validates the positions (every angle finite, else a clear error).
+// Also validates the positions (every angle finite, else a clear error). sin_sign -1: the
+// transposed rotation (the backward).
 template <typename acc>
 Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<Tensor>& q_weight,
                         const std::optional<Tensor>& k_weight, const void* positions, double base,
-                        const std::optional<Tensor>& rope_freqs) {
+                        const std::optional<Tensor>& rope_freqs, acc sin_sign) {
   Tables<acc> t;
   const int64_t hd = g.head_dim;
   const std::optional<Tensor>* weights[kNumWeights] = {&q_weight, &k_weight};
@@ -63,7 +64,8 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
   pos.stride_l = g.position_strides[1];
   pos.stride_axis = g.position_strides[2];
   pos.axes = g.layout.num_chunks;
-  t.angles.emplace(op, g.layout, inverse_frequencies<acc>(g, base, rope_freqs), acc(1), g.rope_kind, pos, g.rows());
+  t.angles.emplace(op, g.layout, inverse_frequencies<acc>(g, base, rope_freqs), acc(1), g.rope_kind, pos, g.rows(),
+                   sin_sign);
   return t;
 }
 
@@ -94,13 +96,14 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
                   const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight, const void* positions,
                   double eps, double base, const std::optional<Tensor>& rope_freqs) {
   using acc = acc_t<scalar_t>;
-  const Tables<acc> t = make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs);
+  const Tables<acc> t = make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs, acc(1));
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   const norm::Kind kind = g.options.norm;
   const bool v_norm = g.options.v_norm;
   torch::stable::parallel_for(0, g.rows(), /*grain_size=*/4, [&](int64_t begin, int64_t end) {
-    std::vector<acc> cos(hd / 2), sin(hd / 2), x(hd), n(hd), rotated(hd);
+    const int64_t table = rope::cpu::table_length(g.layout);
+    std::vector<acc> cos(table), sin(table), x(hd), n(hd), rotated(hd);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / L, l = row % L;
       t.angles->fill(row, cos.data(), sin.data());
@@ -154,7 +157,8 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
                    const std::optional<Tensor>& k_weight, const void* positions, double eps, double base,
                    const std::optional<Tensor>& rope_freqs, Tensor grad_weight[kNumWeights]) {
   using acc = acc_t<scalar_t>;
-  const Tables<acc> t = make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs);
+  // the transposed rotation is the rotation with sin negated (rope::cpu::rotate_row)
+  const Tables<acc> t = make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs, acc(-1));
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   const norm::Kind kind = g.options.norm;
@@ -164,15 +168,14 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
   // partial[chunk][w][e]: weight-gradient sum over the chunk's rows
   std::vector<acc> partial(weighted ? static_cast<size_t>(num_chunks) * kNumWeights * hd : 0, acc(0));
   torch::stable::parallel_for(0, num_chunks, /*grain_size=*/1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc> cos(hd / 2), sin(hd / 2), x(hd), gy(hd), u(hd), gu(hd);
+    const int64_t table = rope::cpu::table_length(g.layout);
+    std::vector<acc> cos(table), sin(table), x(hd), gy(hd), u(hd), gu(hd);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc* chunk_partial = weighted ? partial.data() + chunk * kNumWeights * hd : nullptr;
       const int64_t row_end = std::min(g.rows(), (chunk + 1) * kRowsPerChunk);
       for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
         const int64_t b = row / L, l = row % L;
         t.angles->fill(row, cos.data(), sin.data());
-        // the transposed rotation is the rotation with sin negated (rope::cpu::rotate_row)
-        for (int64_t k = 0; k < hd / 2; ++k) sin[k] = -sin[k];
         for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
           const HeadStrides& s = in.strides[tensor];
           const HeadStrides& gs = grad.strides[tensor];
@@ -182,16 +185,19 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
             const scalar_t* src = in.data[tensor] + b * s.batch + l * s.seq + h * s.head;
             const scalar_t* gsrc = grad.data[tensor] + b * gs.batch + l * gs.seq + h * gs.head;
             scalar_t* dst = grad_in[tensor] + ((b * L + l) * heads + h) * hd;
+            if (!normalized) {  // the gradient is the transposed rotation (q, k) or itself (v)
+              if (tensor < 2)
+                rope::cpu::rotate_row(g.layout, gsrc, dst, cos.data(), sin.data());
+              else
+                std::copy(gsrc, gsrc + hd, dst);
+              continue;
+            }
             for (int64_t e = 0; e < hd; ++e) gy[e] = widen(gsrc[e]);
             // d(loss)/d(normalised row): the transposed rotation for q and k
             if (tensor < 2)
               rope::cpu::rotate_row(g.layout, gy.data(), gu.data(), cos.data(), sin.data());
             else
               std::copy(gy.begin(), gy.end(), gu.begin());
-            if (!normalized) {
-              for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(gu[e]);
-              continue;
-            }
             for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
             const acc r = norm::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
             for (int64_t e = 0; e < hd; ++e) {
@@ -220,7 +226,7 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tensor& k, const std::optional<Tensor>& v_arg,
                                                      const std::optional<Tensor>& q_weight,
                                                      const std::optional<Tensor>& k_weight, const Tensor& positions,
                                                      double eps, double base_frequency,
@@ -228,8 +234,9 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
                                                      bool v_norm, std::string pairing,
                                                      const std::optional<Tensor>& rope_freqs) {
   const char* op = "qkv_norm_rope";
-  Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm_name,
-                            v_norm, pairing, rope_freqs, /*allow_double=*/true);
+  Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+                            norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/true);
+  const Tensor v = v_or_absent(q, v_arg);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor outs[kNumHeadTensors];
   for (int t = 0; t < kNumHeadTensors; ++t) outs[t] = allocate_attention_output(q, g, t);
@@ -250,14 +257,16 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
-    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& q, const Tensor& k,
-    const Tensor& v, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
+    const Tensor& grad_q, const Tensor& grad_k, const std::optional<Tensor>& grad_v, const Tensor& q, const Tensor& k,
+    const std::optional<Tensor>& v_arg, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
     const Tensor& positions, double eps, double base_frequency, std::optional<ScalarType> rope_dtype,
     std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs) {
   const char* op = "_qkv_norm_rope_backward";
-  Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm_name,
-                            v_norm, pairing, rope_freqs, /*allow_double=*/true);
-  BackwardBuffers buf = prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight);
+  Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+                            norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/true);
+  const Tensor v = v_or_absent(q, v_arg);
+  BackwardBuffers buf =
+      prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, v_arg.has_value(), q_weight, k_weight);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   const Tensor* grads = buf.grads;
   Tensor* grad_in = buf.grad_in;

@@ -422,7 +422,7 @@ void launch_backward(const Params& p, unsigned blocks, cudaStream_t stream) {
   VITOPS_LAUNCH(blocks, kBackwardWarps * kWarpSize, backward_smem_bytes(p.head_dim), stream, backward_kernel<scalar_t>)(p);
 }
 
-std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Tensor& k, const std::optional<Tensor>& v_arg,
                                                       const std::optional<Tensor>& q_weight,
                                                       const std::optional<Tensor>& k_weight, const Tensor& positions,
                                                       double eps, double base_frequency,
@@ -430,10 +430,11 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
                                                       bool v_norm, std::string pairing,
                                                       const std::optional<Tensor>& rope_freqs) {
   const char* op = "qkv_norm_rope";
-  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+  const Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
                                   norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
+  const Tensor v = v_or_absent(q, v_arg);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor outs[kNumHeadTensors];
   for (int t = 0; t < kNumHeadTensors; ++t)
@@ -453,16 +454,18 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
-    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& q, const Tensor& k,
-    const Tensor& v, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
+    const Tensor& grad_q, const Tensor& grad_k, const std::optional<Tensor>& grad_v, const Tensor& q, const Tensor& k,
+    const std::optional<Tensor>& v_arg, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
     const Tensor& positions, double eps, double base_frequency, std::optional<ScalarType> rope_dtype,
     std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs) {
   const char* op = "_qkv_norm_rope_backward";
-  const Geometry g = check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
+  const Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
                                   norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
-  BackwardBuffers buf = prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight);
+  const Tensor v = v_or_absent(q, v_arg);
+  BackwardBuffers buf =
+      prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, v_arg.has_value(), q_weight, k_weight);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   const Tensor* grads = buf.grads;
   Tensor* grad_in = buf.grad_in;
