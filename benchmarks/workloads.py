@@ -412,6 +412,10 @@ def build_l4_pixel_shuffle(shape, device, dtype):
 
 
 def build_l4_rope(shape, device, dtype):
+    """q and k as HF's Llama4VisionAttention has them (``layout=separate``: views of the q_proj and
+    k_proj outputs) or as strided views of one fused QKV projection (``layout=fused``, performance.md
+    section 8: both layouts). In fwd+bwd the fused layout adds autograd's slice backward (a zero-filled
+    [tiles, 577, 3 * 1408] gradient per view, then their sum) to both contenders."""
     from transformers.models.llama4.modeling_llama4 import Llama4VisionRotaryEmbedding, vision_apply_rotary_emb
 
     cfg = _l4_config(shape.get("smoke", False))
@@ -419,15 +423,21 @@ def build_l4_rope(shape, device, dtype):
     h = cfg.num_attention_heads
     hd = cfg.hidden_size // h
     tiles = shape["tiles"]
-    qkv = torch.randn(tiles, seq, 3 * h * hd, device=device, dtype=dtype)
+    fused = shape.get("layout", "fused") == "fused"
+    if fused:
+        buffers = [torch.randn(tiles, seq, 3 * h * hd, device=device, dtype=dtype)]
+    else:
+        buffers = [torch.randn(tiles, seq, h * hd, device=device, dtype=dtype) for _ in range(2)]
     freqs = Llama4VisionRotaryEmbedding(cfg).freqs_ci.to(device)
 
-    def views(qkv):
-        return [qkv[..., i * h * hd : (i + 1) * h * hd].view(tiles, seq, h, hd) for i in range(2)]
+    def views(*bufs):
+        if fused:
+            return [bufs[0][..., i * h * hd : (i + 1) * h * hd].view(tiles, seq, h, hd) for i in range(2)]
+        return [b.view(tiles, seq, h, hd) for b in bufs]
 
-    def hf(qkv, freqs):
-        q, k = views(qkv)
-        return vision_apply_rotary_emb(q, k, freqs)
+    def hf(*args):
+        *bufs, freqs = args
+        return vision_apply_rotary_emb(*views(*bufs), freqs)
 
     def vit():
         # the one RoPE op: interleaved pairs, 1-based (column, row) positions, CLS at (0, 0), float32
@@ -437,15 +447,17 @@ def build_l4_rope(shape, device, dtype):
         from vitops.models.llama4 import vision_positions
 
         pos = vision_positions(cfg.image_size // cfg.patch_size, device).expand(tiles, -1, -1)
-        def run(qkv, freqs):
-            q, k, _ = op(*views(qkv), None, None, None, pos, base_frequency=cfg.rope_parameters["rope_theta"],
+
+        def run(*args):
+            *bufs, _ = args
+            q, k, _ = op(*views(*bufs), None, None, None, pos, base_frequency=cfg.rope_parameters["rope_theta"],
                          rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved")
             return q.transpose(1, 2), k.transpose(1, 2)  # HF's [B, L, H, hd] (views of the op's rows)
 
         return run
 
     fwd = 4 * tiles * seq * h * hd * _isz(dtype)
-    return Setup((qkv, freqs), hf, vit, [qkv], fwd, 2 * fwd)
+    return Setup((*buffers, freqs), hf, vit, buffers, fwd, 2 * fwd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,7 +598,8 @@ WORKLOADS: list[Workload] = [
     Workload("W5", "l4_pixel_shuffle", "Llama 4 pixel shuffle 0.5 on a CLS-dropped view",
              _L4_TILES, _L4_SMOKE, build_l4_pixel_shuffle),
     Workload("W6", "l4_rope", "Llama 4 vision 2-D RoPE (complex) on Q and K",
-             [dict(tiles=t) for t in (1, 17, 136)], _L4_SMOKE, build_l4_rope),
+             [dict(tiles=t, layout=lay) for t in (1, 17, 136) for lay in ("separate", "fused")],
+             [dict(s, layout=lay) for s in _L4_SMOKE for lay in ("separate", "fused")], build_l4_rope),
     Workload("W7", "rope_1d", "Generic 1-D RoPE (Llama apply_rotary_pos_emb), Liger shapes",
              [dict(Hq=32, Hkv=8, hd=128, S=s) for s in (1024, 4096, 16384)],
              [dict(Hq=2, Hkv=1, hd=16, S=8)], build_rope_1d),

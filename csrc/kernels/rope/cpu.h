@@ -16,6 +16,7 @@
 // ranges too wide to tabulate) keep the per-row evaluation.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -92,44 +93,6 @@ PositionRange scan_positions(const char* op, const PositionView& pos, int64_t ro
   return range;
 }
 
-template <typename acc>
-class AngleTable {
- public:
-  // Builds cos/sin[value - lo][k] for value in [lo, hi] when the span is small enough; `finish`
-  // maps a raw cos/sin to what the kernel uses (e.g. rounding to the input dtype). The span is
-  // computed in unsigned arithmetic: hi - lo overflows int64 for positions far apart.
-  template <typename Finish>
-  bool build(int64_t lo, int64_t hi, const std::vector<acc>& inv_freq, acc scale, Finish finish) {
-    if (hi < lo) return false;
-    const uint64_t span_minus_one = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
-    if (span_minus_one >= static_cast<uint64_t>(kMaxSpan)) return false;
-    const int64_t span = static_cast<int64_t>(span_minus_one) + 1;
-    const int64_t freqs = static_cast<int64_t>(inv_freq.size());
-    if (freqs > kMaxEntries / span) return false;
-    lo_ = lo;
-    freqs_ = freqs;
-    cos_.resize(span * freqs);
-    sin_.resize(span * freqs);
-    for (int64_t v = 0; v < span; ++v) {
-      const acc p = static_cast<acc>(lo + v);
-      for (int64_t k = 0; k < freqs; ++k) {
-        const acc angle = (p * inv_freq[k]) * scale;  // same expression as the per-row path
-        cos_[v * freqs + k] = finish(std::cos(angle));
-        sin_[v * freqs + k] = finish(std::sin(angle));
-      }
-    }
-    return true;
-  }
-  acc cos(int64_t value, int64_t k) const { return cos_[(value - lo_) * freqs_ + k]; }
-  acc sin(int64_t value, int64_t k) const { return sin_[(value - lo_) * freqs_ + k]; }
-
- private:
-  static constexpr int64_t kMaxSpan = 1 << 16;
-  static constexpr int64_t kMaxEntries = 1 << 22;  // 16 MiB of float tables at most
-  int64_t lo_ = 0, freqs_ = 0;
-  std::vector<acc> cos_, sin_;
-};
-
 // Length of the per-row cos/sin tables that RowAngles::fill writes and rotate_row reads: one entry
 // per rotated pair for half-split chunks; one per rotated channel for interleaved pairs, where
 // channel 2k and 2k + 1 both carry pair k's cos, and sin carries the sign of the channel's term
@@ -140,6 +103,62 @@ class AngleTable {
 inline int64_t table_length(const Layout& l) {
   return l.pairing == Pairing::Interleaved ? l.rotated : l.num_pairs();
 }
+
+// Writes pair k's cos c and sin s into a row's tables in table_length's form.
+template <typename acc>
+inline void put_pair(bool interleaved, int64_t k, acc c, acc s, acc* cos, acc* sin) {
+  if (!interleaved) {
+    cos[k] = c;
+    sin[k] = s;
+    return;
+  }
+  cos[2 * k] = c;
+  cos[2 * k + 1] = c;
+  sin[2 * k] = -s;
+  sin[2 * k + 1] = s;
+}
+
+// The row tables of every integer position value in [lo, hi], in table_length's form, so that a
+// row's tables are a copy of one stored row per position axis.
+template <typename acc>
+class AngleTable {
+ public:
+  // Builds the tables when the span is small enough; `finish` maps a raw cos/sin to what the kernel
+  // uses (e.g. rounding to the input dtype), `sin_sign` multiplies every sin. The span is computed in
+  // unsigned arithmetic: hi - lo overflows int64 for positions far apart.
+  template <typename Finish>
+  bool build(int64_t lo, int64_t hi, const std::vector<acc>& inv_freq, acc scale, bool interleaved, acc sin_sign,
+             Finish finish) {
+    if (hi < lo) return false;
+    const uint64_t span_minus_one = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
+    if (span_minus_one >= static_cast<uint64_t>(kMaxSpan)) return false;
+    const int64_t span = static_cast<int64_t>(span_minus_one) + 1;
+    const int64_t freqs = static_cast<int64_t>(inv_freq.size());
+    const int64_t entries = interleaved ? 2 * freqs : freqs;
+    if (entries > kMaxEntries / span) return false;
+    lo_ = lo;
+    entries_ = entries;
+    cos_.resize(span * entries);
+    sin_.resize(span * entries);
+    for (int64_t v = 0; v < span; ++v) {
+      const acc p = static_cast<acc>(lo + v);
+      for (int64_t k = 0; k < freqs; ++k) {
+        const acc angle = (p * inv_freq[k]) * scale;  // same expression as the per-row path
+        put_pair(interleaved, k, finish(std::cos(angle)), sin_sign * finish(std::sin(angle)), &cos_[v * entries],
+                 &sin_[v * entries]);
+      }
+    }
+    return true;
+  }
+  const acc* cos_row(int64_t value) const { return cos_.data() + (value - lo_) * entries_; }
+  const acc* sin_row(int64_t value) const { return sin_.data() + (value - lo_) * entries_; }
+
+ private:
+  static constexpr int64_t kMaxSpan = 1 << 16;
+  static constexpr int64_t kMaxEntries = 1 << 22;  // 16 MiB of float tables at most
+  int64_t lo_ = 0, entries_ = 0;
+  std::vector<acc> cos_, sin_;
+};
 
 // cos/sin of every row in rotate_row's table form (table_length): validated positions, tabulated
 // when integer, each value rounded to `round_kind` (HF casts cos/sin to a dtype) and sin multiplied
@@ -158,40 +177,32 @@ class RowAngles {
     const PositionRange range = scan_positions<acc>(op, pos_, rows, inv_freq_, scale_);
     const ValueKind kind = round_kind_;
     tabulated_ = range.integer && range.lo <= range.hi &&
-                 table_.build(range.lo, range.hi, inv_freq_, scale_, [kind](acc v) { return round_as(kind, v); });
+                 table_.build(range.lo, range.hi, inv_freq_, scale_, interleaved_, sin_sign_,
+                              [kind](acc v) { return round_as(kind, v); });
   }
 
   // Writes table_length(layout) entries to cos and sin.
   void fill(int64_t row, acc* cos, acc* sin) const {
+    const int64_t per_pair = interleaved_ ? 2 : 1;
     for (size_t axis = 0; axis + 1 < first_pair_.size(); ++axis) {
       const int64_t begin = first_pair_[axis], end = first_pair_[axis + 1];
-      if (tabulated_) {
+      if (tabulated_) {  // the axis' entries of the stored row of its position value
         const int64_t v = pos_.integer(row, static_cast<int64_t>(axis));
-        for (int64_t k = begin; k < end; ++k) store(k, table_.cos(v, k), sin_sign_ * table_.sin(v, k), cos, sin);
+        const int64_t first = per_pair * begin, count = per_pair * (end - begin);
+        std::copy(table_.cos_row(v) + first, table_.cos_row(v) + first + count, cos + first);
+        std::copy(table_.sin_row(v) + first, table_.sin_row(v) + first + count, sin + first);
         continue;
       }
       const acc p = pos_.value<acc>(row, static_cast<int64_t>(axis));
       for (int64_t k = begin; k < end; ++k) {
         const acc angle = (p * inv_freq_[k]) * scale_;
-        store(k, round_as(round_kind_, static_cast<acc>(std::cos(angle))),
-              sin_sign_ * round_as(round_kind_, static_cast<acc>(std::sin(angle))), cos, sin);
+        put_pair(interleaved_, k, round_as(round_kind_, static_cast<acc>(std::cos(angle))),
+                 sin_sign_ * round_as(round_kind_, static_cast<acc>(std::sin(angle))), cos, sin);
       }
     }
   }
 
  private:
-  void store(int64_t k, acc c, acc s, acc* cos, acc* sin) const {
-    if (!interleaved_) {
-      cos[k] = c;
-      sin[k] = s;
-      return;
-    }
-    cos[2 * k] = c;
-    cos[2 * k + 1] = c;
-    sin[2 * k] = -s;
-    sin[2 * k + 1] = s;
-  }
-
   std::vector<acc> inv_freq_;
   acc scale_;
   ValueKind round_kind_;
