@@ -1,17 +1,50 @@
 """Gemma 3, mirroring ``maxtext.models.gemma3`` (PyTorch form: a config object instead of config + mesh).
 
-The decoder's layer-pattern helpers are here; the SigLIP vision tower and the decoder layers build
-on ``vitops.layers`` and the ``vitops.ops`` kernels (``qkv_norm_rope`` with
-``norm="scale_plus_one"`` computes the text attention's q/k norms and RoPE).
+The vision part (SigLIP So400m/14 and its exit) with HF ``transformers``' numerics: NHWC images
+``[B, N, H, W, 3]`` -> 14x14 stride-14 patch embedding (with bias) -> + position table (learned, or
+MaxText's "sincos2d") -> encoder blocks (pre-LayerNorm, bidirectional attention with biases, tanh-GELU
+MLP) -> LayerNorm -> :class:`VisionExit` (square average pooling to ``mm_tokens_per_image``, row
+major) -> ``[B, N, 256, D]``. :class:`VisionEmbedder` is the projector into the text model: Gemma's
+RMSNorm ``x * (1 + w)`` in float32, rounded to the activation dtype, then ``x @ W``.
+
+The decoder's layer-pattern helpers are here too; the decoder layers build on ``vitops.layers`` and
+the ``vitops.ops`` kernels (``qkv_norm_rope`` with ``norm="scale_plus_one"`` computes the text
+attention's q/k norms and RoPE).
+
+Differences from MaxText, all deliberate: a :class:`Gemma3VisionConfig` replaces config + mesh;
+weights use PyTorch layouts (``nn.Linear`` ``[out, in]``, ``nn.Conv2d`` ``[out, in, kh, kw]``); the
+projector norm stores HF's ``w`` (applied as ``1 + w``, as HF and KerasHub do) where MaxText stores
+``1 + w``; ``deterministic=None`` follows ``module.training``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
-from ..layers import AttentionType
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["GEMMA3_ATTENTION_PATTERN", "get_attention_type", "get_query_pre_attn_scalar"]
+from ..layers import AttentionType, RMSNorm
+from ..layers import dropout as _dropout
+from ..layers import dropout_active as _dropout_active
+
+__all__ = [
+    "GEMMA3_ATTENTION_PATTERN",
+    "Einsum",
+    "Encoder",
+    "Encoder1DBlock",
+    "Gemma3VisionConfig",
+    "Gemma3VisionEncoderLayer",
+    "MlpBlockViT",
+    "VisionEmbedder",
+    "VisionExit",
+    "get_attention_type",
+    "get_query_pre_attn_scalar",
+    "posemb_sincos_2d",
+]
 
 # Five sliding-window layers, then one global layer (HF: "sliding_attention" if (i + 1) % 6 else
 # "full_attention").
@@ -38,3 +71,251 @@ def get_query_pre_attn_scalar(config: Any) -> float:
     if model_name == "gemma3-27b":
         return (_field(config, "base_emb_dim") // _field(config, "base_num_query_heads")) ** -0.5
     raise ValueError(f"Unsupported model name: {model_name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision tower (SigLIP) and its exit
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Gemma3VisionConfig:
+    """Hyper-parameters of the Gemma 3 vision tower (+ projector into the text model).
+
+    Defaults are the released 4B / 12B / 27B values (HF's ``SiglipVisionConfig`` defaults are
+    siglip-base and unusable here). MaxText names in brackets: hidden_size [hidden_size_for_vit],
+    intermediate_size [intermediate_size_for_vit], num_layers [num_hidden_layers_for_vit], num_heads
+    [num_attention_heads_for_vit], image_size [image_size_for_vit], patch_size [patch_size_for_vit,
+    conv_stride_for_vit], layer_norm_eps [normalization_layer_epsilon], posemb
+    [posemb_type_for_vit], dropout [dropout_rate], mm_tokens_per_image [VisionExit output_length],
+    text_hidden_size [emb_dim].
+    """
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 896
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    posemb: str = "learn"  # "learn" (the released checkpoints) or "sincos2d" (MaxText's MoCo v3 table)
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    mm_tokens_per_image: int = 256
+    text_hidden_size: int | None = None  # the projector's output width; None: no projector
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"Gemma3VisionConfig: hidden_size {self.hidden_size} is not a multiple of num_heads "
+                             f"{self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"Gemma3VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+        if self.posemb not in ("learn", "sincos2d"):
+            raise ValueError(f'Gemma3VisionConfig: posemb must be "learn" or "sincos2d", got {self.posemb!r}')
+        if self.posemb == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"Gemma3VisionConfig: posemb \"sincos2d\" needs hidden_size % 4 == 0, got "
+                             f"{self.hidden_size}")
+        side = self.image_size // self.patch_size
+        out_side = math.isqrt(self.mm_tokens_per_image)
+        if out_side * out_side != self.mm_tokens_per_image or out_side == 0 or side % out_side:
+            raise ValueError(f"Gemma3VisionConfig: mm_tokens_per_image {self.mm_tokens_per_image} must be a square "
+                             f"whose side divides the patch grid side {side}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class MlpBlockViT(nn.Module):
+    """``Dense_1(dropout(gelu_tanh(Dense_0(x))))`` (HF SiglipMLP: fc1, gelu_pytorch_tanh, fc2)."""
+
+    def __init__(self, config: Gemma3VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.dropout_rate = config.dropout
+        self.Dense_0 = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.Dense_1 = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        h = F.gelu(self.Dense_0(x), approximate="tanh")
+        return self.Dense_1(_dropout(h, self.dropout_rate, _dropout_active(self, deterministic)))
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Bidirectional multi-head attention with biases, scale ``head_dim ** -0.5`` (HF SiglipAttention), SDPA."""
+
+    def __init__(self, config: Gemma3VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        d = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.scale = self.head_dim**-0.5  # HF's value (1 / sqrt(hd) can differ in the last bit)
+        self.dropout_rate = config.attention_dropout
+        self.query = nn.Linear(d, d, **kw)
+        self.key = nn.Linear(d, d, **kw)
+        self.value = nn.Linear(d, d, **kw)
+        self.out = nn.Linear(d, d, **kw)
+
+    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        b, length, _ = x.shape
+        q, k, v = (proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        rate = self.dropout_rate if _dropout_active(self, deterministic) else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=rate, scale=self.scale)
+        return self.out(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LayerNorm block: ``h = x + dropout(attn(LN_0(x)))``, ``out = h + dropout(mlp(LN_1(h)))``."""
+
+    def __init__(self, config: Gemma3VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        d = config.hidden_size
+        self.dropout_rate = config.dropout
+        self.LayerNorm_0 = nn.LayerNorm(d, eps=config.layer_norm_eps, **kw)
+        self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(config, **kw)
+        self.LayerNorm_1 = nn.LayerNorm(d, eps=config.layer_norm_eps, **kw)
+        self.MlpBlockViT_0 = MlpBlockViT(config, **kw)
+
+    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        active = _dropout_active(self, deterministic)
+        h = x + _dropout(self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), deterministic),
+                         self.dropout_rate, active)
+        return h + _dropout(self.MlpBlockViT_0(self.LayerNorm_1(h), deterministic), self.dropout_rate, active)
+
+
+class Encoder(nn.Module):
+    """``encoderblock_{i}`` for each layer, then ``encoder_norm`` (HF's post_layernorm)."""
+
+    def __init__(self, config: Gemma3VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.num_layers = config.num_layers
+        for i in range(config.num_layers):
+            self.add_module(f"encoderblock_{i}", Encoder1DBlock(config, **kw))
+        self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
+
+    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        for i in range(self.num_layers):
+            x = getattr(self, f"encoderblock_{i}")(x, deterministic)
+        return self.encoder_norm(x)
+
+
+class VisionExit(nn.Module):
+    """Average pooling of the square row-major token grid ``[B, L, D]`` to ``output_length`` tokens
+    (HF Gemma3MultiModalProjector's AvgPool2d; MaxText's NHWC avg_pool): identity when
+    ``L == output_length``."""
+
+    def __init__(self, output_length: int = 256):
+        super().__init__()
+        self.output_length = output_length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        if length == self.output_length:
+            return x
+        side, out_side = math.isqrt(length), math.isqrt(self.output_length)
+        if side * side != length or out_side * out_side != self.output_length or side % out_side:
+            raise ValueError(f"VisionExit: {length} tokens do not pool to {self.output_length} (both must be squares, "
+                             "the output side dividing the input side)")
+        k = side // out_side
+        grid = x.transpose(1, 2).reshape(b, d, side, side)
+        return F.avg_pool2d(grid, kernel_size=k, stride=k).flatten(2).transpose(1, 2)
+
+
+class Einsum(nn.Module):
+    """A weight ``w`` of ``shape`` applied with an einsum equation (MaxText's Einsum)."""
+
+    def __init__(self, shape: tuple[int, ...], *, device=None, dtype=None):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        nn.init.normal_(self.w, std=shape[0] ** -0.5)
+
+    def forward(self, eqn: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(eqn, x, self.w)
+
+
+class VisionEmbedder(nn.Module):
+    """The projector into the text model: ``mm_soft_embedding_norm`` (Gemma RMSNorm ``x * (1 + w)``
+    in float32, rounded to x's dtype, as HF's Gemma3RMSNorm) then ``mm_input_projection`` (``x @ W``,
+    ``W [D, text_hidden_size]``, HF's ``mm_input_projection_weight``); the result in x's dtype."""
+
+    def __init__(self, config: Gemma3VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        if config.text_hidden_size is None:
+            raise ValueError("VisionEmbedder needs config.text_hidden_size (the text model's hidden size)")
+        kw = dict(device=device, dtype=dtype)
+        self.mm_soft_embedding_norm = RMSNorm(config.hidden_size, eps=config.layer_norm_eps, plus_one=True, **kw)
+        self.mm_input_projection = Einsum((config.hidden_size, config.text_hidden_size), **kw)
+
+    def forward(self, x: torch.Tensor, eqn: str = "...tm,md->...td") -> torch.Tensor:
+        return self.mm_input_projection(eqn, self.mm_soft_embedding_norm(x)).to(x.dtype)
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10000.0, *, dtype=torch.float32,
+                     device=None) -> torch.Tensor:
+    """MaxText's MoCo v3 table ``[1, h * w, width]``: rows m = y * w + x, channels
+    ``[sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k)]`` with ``w_k = 1 / temperature^(k / (width / 4 - 1))``,
+    computed in float32 (as MaxText's jnp code) and cast to ``dtype``."""
+    if width % 4:
+        raise ValueError(f"posemb_sincos_2d: `width` must be a multiple of 4, got {width}")
+    quarter = width // 4
+    y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    omega = torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter - 1, 1)
+    omega = 1.0 / (temperature**omega)
+    ys = y.reshape(-1, 1).float() * omega[None]
+    xs = x.reshape(-1, 1).float() * omega[None]
+    table = torch.cat([torch.sin(xs), torch.cos(xs), torch.sin(ys), torch.cos(ys)], dim=1)
+    return table[None].to(dtype)
+
+
+class Gemma3VisionEncoderLayer(nn.Module):
+    """The vision tower: NHWC images ``[B, N, H, W, C]`` (or ``[B, H, W, C]``, N = 1) ->
+    ``[B, N, mm_tokens_per_image, D]``.
+
+    ``embedding``: the patch convolution (``nn.Conv2d``, kernel = stride = patch size, with bias);
+    ``pos_embedding`` ``[1, L, D]`` (a parameter for ``posemb="learn"``; ``"sincos2d"`` has none);
+    ``Transformer``: :class:`Encoder`; ``VisionExit``: :class:`VisionExit`. Images are cast to the
+    convolution's dtype first (as HF's SigLIP embeddings do)."""
+
+    def __init__(self, config: Gemma3VisionConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.config = config
+        d, p = config.hidden_size, config.patch_size
+        self.dropout_rate = config.dropout
+        self.embedding = nn.Conv2d(config.num_channels, d, kernel_size=p, stride=p, **kw)
+        n = config.patches_per_side**2
+        if config.posemb == "learn":
+            self.pos_embedding = nn.Parameter(torch.empty(1, n, d, **kw))
+            nn.init.normal_(self.pos_embedding, std=d**-0.5)
+        else:
+            self.pos_embedding = None
+        self.Transformer = Encoder(config, **kw)
+        self.VisionExit = VisionExit(config.mm_tokens_per_image)
+
+    def forward(self, inputs: torch.Tensor, deterministic: bool | None = None, train: bool = False) -> torch.Tensor:
+        c = self.config
+        if inputs.dim() == 4:
+            inputs = inputs.unsqueeze(1)
+        if inputs.dim() != 5 or inputs.shape[-1] != c.num_channels or inputs.shape[2:4] != (c.image_size,) * 2:
+            raise ValueError(f"Gemma3VisionEncoderLayer: `inputs` must be NHWC images [B, N, {c.image_size}, "
+                             f"{c.image_size}, {c.num_channels}] or [B, {c.image_size}, {c.image_size}, "
+                             f"{c.num_channels}], got {list(inputs.shape)}")
+        b, n = inputs.shape[:2]
+        weight = self.embedding.weight
+        images = inputs.reshape(b * n, *inputs.shape[2:]).permute(0, 3, 1, 2).to(weight.dtype)
+        x = self.embedding(images).flatten(2).transpose(1, 2)  # [BN, L, D], token l = row * side + col
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding
+        else:
+            side = c.patches_per_side
+            x = x + posemb_sincos_2d(side, side, c.hidden_size, dtype=x.dtype, device=x.device)
+        x = _dropout(x, self.dropout_rate, _dropout_active(self, deterministic))
+        x = self.VisionExit(self.Transformer(x, deterministic))
+        return x.reshape(b, n, *x.shape[1:])
