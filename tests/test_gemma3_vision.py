@@ -1,7 +1,6 @@
 """Gemma 3 vision tower (vitops.models.gemma3) against transformers 5.18's SiglipVisionModel (as
 Gemma 3 builds it, vision_use_head=False) followed by Gemma3MultiModalProjector, random weights,
-eval. The HF -> MaxText-name weight copy below is the test's own (the checkpoint loader is a
-separate piece of issue 11)."""
+eval; and the HF checkpoint interop (vitops.hf.gemma3) in every key form transformers has used."""
 
 import math
 
@@ -15,6 +14,9 @@ from vitops.models.gemma3 import (
     VisionExit,
     posemb_sincos_2d,
 )
+
+from vitops.hf import gemma3 as gemma3_hf
+from vitops.hf import CheckpointMismatchError
 
 from _utils import randn
 
@@ -44,37 +46,17 @@ def hf_models(cfg: Gemma3VisionConfig, seed=0):
     return tower, projector
 
 
-def copy_weights(ours: Gemma3VisionEncoderLayer, embedder: VisionEmbedder, tower, projector):
-    """HF module names -> the MaxText names of vitops.models.gemma3."""
-    sd = tower.state_dict()  # 5.18 in-memory names: no `vision_model.`
-    names = {
-        "embeddings.patch_embedding.weight": "embedding.weight",
-        "embeddings.patch_embedding.bias": "embedding.bias",
-        "post_layernorm.weight": "Transformer.encoder_norm.weight",
-        "post_layernorm.bias": "Transformer.encoder_norm.bias",
-    }
-    per_layer = {"layer_norm1": "LayerNorm_0", "layer_norm2": "LayerNorm_1",
-                 "self_attn.q_proj": "MultiHeadDotProductAttention_0.query",
-                 "self_attn.k_proj": "MultiHeadDotProductAttention_0.key",
-                 "self_attn.v_proj": "MultiHeadDotProductAttention_0.value",
-                 "self_attn.out_proj": "MultiHeadDotProductAttention_0.out",
-                 "mlp.fc1": "MlpBlockViT_0.Dense_0", "mlp.fc2": "MlpBlockViT_0.Dense_1"}
-    for i in range(ours.config.num_layers):
-        for hf_name, our_name in per_layer.items():
-            for leaf in ("weight", "bias"):
-                names[f"encoder.layers.{i}.{hf_name}.{leaf}"] = f"Transformer.encoderblock_{i}.{our_name}.{leaf}"
-    state = {names[k]: v for k, v in sd.items() if k in names}
-    state["pos_embedding"] = sd["embeddings.position_embedding.weight"][None]
-    missing, unexpected = ours.load_state_dict(state, strict=True), None
-    embedder.load_state_dict({"mm_soft_embedding_norm.scale": projector.mm_soft_emb_norm.weight,
-                              "mm_input_projection.w": projector.mm_input_projection_weight})
-    assert unexpected is None and not missing.missing_keys
+def hf_state_dict(tower, projector):
+    """transformers 5.18 save_pretrained names of a standalone tower and projector."""
+    sd = {f"vision_tower.{k}": v for k, v in tower.state_dict().items()}
+    sd.update({f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()})
+    return sd
 
 
 def build(cfg, dtype=torch.float32, seed=0):
     tower, projector = hf_models(cfg, seed)
     ours, embedder = Gemma3VisionEncoderLayer(cfg).eval(), VisionEmbedder(cfg).eval()
-    copy_weights(ours, embedder, tower, projector)
+    gemma3_hf.load_hf_state_dict((ours, embedder), hf_state_dict(tower, projector))
     if dtype != torch.float32:
         for m in (tower, projector, ours, embedder):
             m.to(dtype)
@@ -195,3 +177,127 @@ def test_gradients_match_hf():
                               [nhwc, ours.Transformer.encoderblock_0.MultiHeadDotProductAttention_0.query.weight])
     assert rel_err(got[0].permute(0, 3, 1, 2), want[0]) < 1e-5
     assert rel_err(got[1], want[1]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: configs and every key form (facts_transformers_5_18.md section 3)
+# ---------------------------------------------------------------------------------------------
+SMALL = Gemma3VisionConfig(hidden_size=48, intermediate_size=104, num_layers=2, num_heads=4, image_size=42,
+                           patch_size=14, mm_tokens_per_image=9, text_hidden_size=32)
+
+
+def _full_hf_model(seed=0):
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    hf = Gemma3ForConditionalGeneration(gemma3_hf.to_hf_config(SMALL)).eval()
+    with torch.no_grad():  # HF initialises the norm weight and the projection to zeros
+        hf.model.multi_modal_projector.mm_soft_emb_norm.weight.normal_(0, 0.5)
+        hf.model.multi_modal_projector.mm_input_projection_weight.normal_(0, SMALL.hidden_size**-0.5)
+        for name, p in hf.model.vision_tower.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return hf
+
+
+def _hf_image_features(hf, px):
+    with torch.no_grad():
+        out = hf.model.get_image_features(pixel_values=px)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def _renamed(sd, rules):
+    out = {}
+    for k, v in sd.items():
+        for old, new in rules:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
+
+
+def test_every_key_form_loads_and_matches_hf(tmp_path):
+    hf = _full_hf_model()
+    px = torch.randn(3, 3, 42, 42)
+    want = _hf_image_features(hf, px)
+    memory = hf.state_dict()  # 5.18 in memory: model.vision_tower.embeddings...
+    assert any(k.startswith("model.vision_tower.embeddings.") for k in memory)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    hf.save_pretrained(tmp_path / "single")
+    forms = {
+        "5.18 in memory": memory,
+        "hub (pre-4.52)": _renamed(memory, [("model.vision_tower.", "vision_tower.vision_model."),
+                                             ("model.multi_modal_projector.", "multi_modal_projector."),
+                                             ("model.language_model.", "language_model.model.")]),
+        "4.52-4.x in memory": _renamed(memory, [("model.vision_tower.", "model.vision_tower.vision_model.")]),
+        "5.18 save_pretrained, sharded directory": str(tmp_path / "sharded"),
+        "5.18 save_pretrained, .safetensors file": str(tmp_path / "single" / "model.safetensors"),
+    }
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for name, checkpoint in forms.items():
+        tower, proj = gemma3_hf.from_hf(tmp_path / "single", checkpoint)
+        with torch.no_grad():
+            got = proj(tower(px.permute(0, 2, 3, 1)))[:, 0]
+        assert rel_err(got, want.reshape(got.shape)) < 1e-5, name
+
+
+def test_round_trip_and_save_pretrained_names(tmp_path):
+    hf = _full_hf_model()
+    hf.save_pretrained(tmp_path)
+    tower, proj = gemma3_hf.from_hf(hf.config, str(tmp_path))
+    exported = gemma3_hf.to_hf_state_dict((tower, proj))
+    from safetensors.torch import load_file
+
+    saved = {k: v for k, v in load_file(str(tmp_path / "model.safetensors")).items()
+             if k.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert set(exported) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(exported[k], v), k
+    gemma3_hf.save_hf_safetensors((tower, proj), tmp_path / "ours.safetensors")
+    again, again_proj = gemma3_hf.from_hf(hf.config, str(tmp_path / "ours.safetensors"))
+    for a, b in zip(again.state_dict().values(), tower.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
+    hf = _full_hf_model()
+    sd = dict(hf.state_dict())
+    del sd["model.vision_tower.encoder.layers.1.mlp.fc2.bias"]
+    sd["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(48, 47)
+    tower = Gemma3VisionEncoderLayer(dataclasses_replace(SMALL, num_layers=1))
+    with pytest.raises(CheckpointMismatchError) as info:
+        gemma3_hf.load_hf_state_dict(tower, sd)
+    text = str(info.value)
+    assert "model.vision_tower.encoder.layers.1" in text  # unexpected (a layer past num_layers)
+    assert "q_proj.weight: checkpoint (48, 47)" in text
+    tower2 = Gemma3VisionEncoderLayer(SMALL)
+    with pytest.raises(CheckpointMismatchError, match=r"model\.vision_tower\.encoder\.layers\.1\.mlp\.fc2\.bias"):
+        gemma3_hf.load_hf_state_dict(tower2, sd)
+    report = gemma3_hf.load_hf_state_dict(tower2, {k: v for k, v in hf.state_dict().items()}, strict=False)
+    assert not report.missing and not report.mismatched
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_config_from_hub_json_without_act_and_eps(tmp_path):
+    """Hub config.json copies list only non-default keys; 5.18's SigLIP defaults give Gemma 3's values."""
+    import json
+
+    data = {"model_type": "gemma3", "mm_tokens_per_image": 256,
+            "text_config": {"hidden_size": 2560, "model_type": "gemma3_text"},
+            "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                              "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                              "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    cfg = gemma3_hf.config_from_hf(tmp_path)
+    assert cfg == Gemma3VisionConfig(text_hidden_size=2560)
+    assert gemma3_hf.config_from_hf(data["vision_config"]).mm_tokens_per_image == 4096
+    hf_vision = gemma3_hf.to_hf_vision_config(cfg)
+    assert hf_vision.vision_use_head is False and hf_vision.hidden_act == "gelu_pytorch_tanh"
+    with pytest.raises(ValueError, match="tanh GELU"):
+        gemma3_hf.config_from_hf({**data["vision_config"], "hidden_act": "quick_gelu"})

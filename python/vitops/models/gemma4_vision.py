@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._hf_config import config_getter
 from ..layers import (
     TANH_GELUS,
     ClippedLinear,
@@ -165,14 +166,14 @@ class Gemma4VisionConfig:
     def from_hf(cls, hf_config: Any, **overrides) -> "Gemma4VisionConfig":
         """From an HF ``Gemma4Config`` (uses its ``vision_config`` and ``text_config.hidden_size``),
         a ``Gemma4VisionConfig``, or the ``to_dict()`` of either."""
-        get = _getter(hf_config)
+        get = config_getter(hf_config)
         vision, text = hf_config, None
         if get("vision_config") is not None:
             vision = get("vision_config")
             text = get("text_config")
         elif get("model_type") == "gemma4":
             raise ValueError("HF Gemma4Config has no vision_config (text/audio-only model)")
-        v = _getter(vision)
+        v = config_getter(vision)
         if v("model_type") not in (None, "gemma4_vision"):
             raise ValueError(f"expected an HF gemma4 / gemma4_vision config, got model_type={v('model_type')!r}")
         rope = v("rope_parameters") or {}
@@ -197,16 +198,10 @@ class Gemma4VisionConfig:
             attention_dropout=v("attention_dropout"),
         )
         if text is not None:
-            kwargs["text_hidden_size"] = _getter(text)("hidden_size")
+            kwargs["text_hidden_size"] = config_getter(text)("hidden_size")
         kwargs = {k: val for k, val in kwargs.items() if val is not None}
         kwargs.update(overrides)
         return cls(**kwargs)
-
-
-def _getter(obj):
-    if isinstance(obj, dict):
-        return obj.get
-    return lambda name: getattr(obj, name, None)
 
 
 _SMALL = dict(hidden_size=768, intermediate_size=3072, num_layers=16, num_heads=12, head_dim=64,

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
+from ._hf_config import config_getter, square_side
 from ..ops import patchify, pixel_shuffle, qkv_norm_rope  # pixel_shuffle: MaxText's function, the kernel itself
 
 __all__ = [
@@ -140,10 +141,10 @@ class Llama4VisionConfig:
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides) -> "Llama4VisionConfig":
         """From an HF ``Llama4Config`` (vision_config + text_config) or ``Llama4VisionConfig`` (object or dict)."""
-        get = _getter(hf_config)
+        get = config_getter(hf_config)
         vision = get("vision_config")
         text = get("text_config")
-        v = _getter(vision if vision is not None else hf_config)
+        v = config_getter(vision if vision is not None else hf_config)
         rope = v("rope_parameters") or {}
         theta = rope.get("rope_theta") if isinstance(rope, dict) else None
         kwargs = dict(
@@ -158,27 +159,13 @@ class Llama4VisionConfig:
         for name in ("projector_dropout", "attention_dropout", "rope_theta", "pixel_shuffle_ratio"):
             if name in kwargs:
                 kwargs[name] = float(kwargs[name])
-        kwargs["text_hidden_size"] = _getter(text)("hidden_size") if text is not None else None
+        kwargs["text_hidden_size"] = config_getter(text)("hidden_size") if text is not None else None
         kwargs.update(overrides)
         return cls(**kwargs)
 
 
-def _getter(obj):
-    if obj is None:
-        return lambda name: None
-    if isinstance(obj, dict):
-        return obj.get
-    return lambda name: getattr(obj, name, None)
-
-
 def _side(size):
-    """HF allows image_size / patch_size as an int or a square (h, w) pair."""
-    if size is None or isinstance(size, int):
-        return size
-    h, w = size
-    if h != w:
-        raise ValueError(f"Llama4VisionConfig: only square tiles and patches are supported, got {tuple(size)}")
-    return h
+    return square_side(size, "Llama4VisionConfig")
 
 
 # ---------------------------------------------------------------------------------------------

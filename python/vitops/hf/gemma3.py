@@ -1,0 +1,240 @@
+"""HF ``transformers`` interop for the Gemma 3 vision tower and projector: configs and checkpoints
+(``vitops.hf.gemma3``).
+
+* :func:`config_from_hf` / :func:`to_hf_vision_config` / :func:`to_hf_config`: HF ``Gemma3Config`` /
+  ``SiglipVisionConfig`` (objects, dicts, or a ``config.json`` / checkpoint directory) <->
+  :class:`Gemma3VisionConfig`. Hub configs that omit ``hidden_act`` / ``layer_norm_eps`` get the
+  Gemma 3 values (gelu_pytorch_tanh, 1e-6); exports set ``vision_use_head=False`` (SigLIP builds its
+  pooling head unless the attribute is present and False).
+* :func:`load_hf_state_dict`: the SigLIP tower and ``multi_modal_projector`` in every key form
+  transformers has used (facts_transformers_5_18.md section 3): hub / pre-4.52
+  ``vision_tower.vision_model.*``, 4.52-4.x in memory ``model.vision_tower.vision_model.*``, 5.18 in
+  memory ``model.vision_tower.*``, 5.18 ``save_pretrained`` ``vision_tower.*`` (and a standalone
+  ``SiglipVisionModel``'s names), from a state dict, a ``.safetensors`` file or a sharded directory,
+  into :class:`Gemma3VisionEncoderLayer` / :class:`VisionEmbedder` (or a tuple). A mismatch raises
+  :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key.
+* :func:`to_hf_state_dict` / :func:`save_hf_safetensors`: the inverse (5.18 ``save_pretrained`` names).
+* :func:`from_hf`: build (and optionally load) the tower + projector from an HF config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from ..models._hf_config import config_getter, square_side
+from ..models.gemma3 import Gemma3VisionConfig, Gemma3VisionEncoderLayer, VisionEmbedder
+from ._checkpoint import (
+    CheckpointMismatchError,
+    KeyMap,
+    Layout,
+    LoadReport,
+    Part,
+    detect_prefix,
+    export_parts,
+    load_parts,
+    mismatch_message,
+    read_checkpoint,
+)
+
+__all__ = [
+    "CheckpointMismatchError",
+    "LoadReport",
+    "config_from_hf",
+    "from_hf",
+    "load_hf_state_dict",
+    "save_hf_safetensors",
+    "to_hf_config",
+    "to_hf_state_dict",
+    "to_hf_vision_config",
+]
+
+DEFAULT_VISION_PREFIX = "vision_tower."  # transformers 5.18 save_pretrained
+DEFAULT_PROJECTOR_PREFIX = "multi_modal_projector."
+_TOWER_ANCHOR = "embeddings.patch_embedding.weight"
+_PROJECTOR_ANCHOR = "mm_input_projection_weight"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+def _as_config(hf_config: Any) -> Any:
+    """A config object or dict; a path to a ``config.json`` or to the directory holding it is read."""
+    if isinstance(hf_config, (str, os.PathLike)):
+        path = os.fspath(hf_config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return json.load(f)
+    return hf_config
+
+
+def config_from_hf(hf_config: Any, **overrides) -> Gemma3VisionConfig:
+    """vitops config from an HF ``Gemma3Config`` (vision_config, mm_tokens_per_image, text_config's
+    hidden size) or a ``SiglipVisionConfig`` alone (no projector); objects, dicts, a ``config.json``
+    path or a checkpoint directory."""
+    data = _as_config(hf_config)
+    get = config_getter(data)
+    vision = get("vision_config")
+    v = config_getter(vision if vision is not None else data)
+    act = v("hidden_act")
+    if act is not None and act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_python_tanh", "gelu_fast"):
+        raise ValueError(f"vitops.hf.gemma3: the Gemma 3 tower uses the tanh GELU, got hidden_act={act!r}")
+    kwargs = dict(
+        hidden_size=v("hidden_size"), intermediate_size=v("intermediate_size"), num_layers=v("num_hidden_layers"),
+        num_heads=v("num_attention_heads"), num_channels=v("num_channels"),
+        image_size=square_side(v("image_size"), "Gemma3VisionConfig"),
+        patch_size=square_side(v("patch_size"), "Gemma3VisionConfig"), layer_norm_eps=v("layer_norm_eps"),
+        attention_dropout=v("attention_dropout"),
+    )
+    kwargs = {k: val for k, val in kwargs.items() if val is not None}
+    for name in ("layer_norm_eps", "attention_dropout"):
+        if name in kwargs:
+            kwargs[name] = float(kwargs[name])
+    if vision is not None:
+        tokens = get("mm_tokens_per_image")
+        if tokens is not None:
+            kwargs["mm_tokens_per_image"] = int(tokens)
+        kwargs["text_hidden_size"] = config_getter(get("text_config"))("hidden_size")
+    else:  # a SiglipVisionConfig alone: the full grid, no projector
+        side = kwargs.get("image_size", 896) // kwargs.get("patch_size", 14)
+        kwargs.setdefault("mm_tokens_per_image", side * side)
+    kwargs.update(overrides)
+    return Gemma3VisionConfig(**kwargs)
+
+
+def to_hf_vision_config(config: Gemma3VisionConfig, attn_implementation: str | None = "sdpa"):
+    """The HF ``SiglipVisionConfig`` with the same math (``vision_use_head=False``)."""
+    from transformers import SiglipVisionConfig
+
+    if config.posemb != "learn":
+        raise ValueError('vitops.hf.gemma3: HF SigLIP has only the learned position table (posemb="learn")')
+    hf = SiglipVisionConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, num_channels=config.num_channels,
+        image_size=config.image_size, patch_size=config.patch_size, hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=config.layer_norm_eps, attention_dropout=config.attention_dropout, vision_use_head=False,
+    )
+    if attn_implementation is not None:
+        hf._attn_implementation = attn_implementation
+    return hf
+
+
+def to_hf_config(config: Gemma3VisionConfig, attn_implementation: str | None = "sdpa"):
+    """The HF ``Gemma3Config`` with the same vision math and projector (text model minimal)."""
+    from transformers import Gemma3Config
+
+    text = {"hidden_size": config.text_hidden_size or 2560, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 64}
+    hf = Gemma3Config(vision_config=to_hf_vision_config(config, attn_implementation).to_dict(), text_config=text,
+                      mm_tokens_per_image=config.mm_tokens_per_image)
+    if attn_implementation is not None:
+        hf.vision_config._attn_implementation = attn_implementation
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Key maps (HF name relative to the tower root <-> vitops MaxText-style name)
+# ---------------------------------------------------------------------------------------------
+def _tower_rows() -> list[tuple[str, str, bool]]:
+    rows = [(f"embeddings.patch_embedding.{p}", f"embedding.{p}", True) for p in ("weight", "bias")]
+    rows.append(("embeddings.position_embedding.weight", "pos_embedding", True))
+    rows += [(f"post_layernorm.{p}", f"Transformer.encoder_norm.{p}", True) for p in ("weight", "bias")]
+    layer, ours = "encoder.layers.{i}.", "Transformer.encoderblock_{i}."
+    pairs = [("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1"),
+             ("self_attn.q_proj", "MultiHeadDotProductAttention_0.query"),
+             ("self_attn.k_proj", "MultiHeadDotProductAttention_0.key"),
+             ("self_attn.v_proj", "MultiHeadDotProductAttention_0.value"),
+             ("self_attn.out_proj", "MultiHeadDotProductAttention_0.out"),
+             ("mlp.fc1", "MlpBlockViT_0.Dense_0"), ("mlp.fc2", "MlpBlockViT_0.Dense_1")]
+    for hf, mine in pairs:
+        rows += [(f"{layer}{hf}.{p}", f"{ours}{mine}.{p}", True) for p in ("weight", "bias")]
+    return rows
+
+
+_TOWER_KEYS = KeyMap(_tower_rows())
+_PROJECTOR_KEYS = KeyMap([(_PROJECTOR_ANCHOR, "mm_input_projection.w", True),
+                          ("mm_soft_emb_norm.weight", "mm_soft_embedding_norm.scale", True)])
+# HF's position table is an nn.Embedding [L, D]; MaxText's pos_embedding is [1, L, D]
+_TOWER_LAYOUTS = {"pos_embedding": Layout(lambda t: t.unsqueeze(0), lambda t: t.squeeze(0))}
+
+
+def _parts(target) -> list[tuple[str, torch.nn.Module]]:
+    if isinstance(target, (tuple, list)):
+        return [p for t in target if t is not None for p in _parts(t)]
+    if isinstance(target, Gemma3VisionEncoderLayer):
+        return [("tower", target)]
+    if isinstance(target, VisionEmbedder):
+        return [("projector", target)]
+    raise TypeError(f"cannot load a Gemma 3 vision checkpoint into {type(target).__name__}")
+
+
+def _specs(target, keys, vision_prefix, projector_prefix) -> list[Part]:
+    specs = []
+    for kind, module in _parts(target):
+        if kind == "tower":
+            prefix = vision_prefix
+            if prefix is None:  # e.g. "vision_tower.vision_model.", "model.vision_tower.", "" (SiglipVisionModel)
+                prefix = detect_prefix(keys, _TOWER_ANCHOR, "vision tower", prefer="vision_tower")
+                prefix = prefix if prefix is not None else _TOWER_KEYS.most_common_prefix(keys)
+            specs.append(Part("tower", module, _TOWER_KEYS, prefix, DEFAULT_VISION_PREFIX, layouts=_TOWER_LAYOUTS))
+        else:
+            prefix = projector_prefix
+            if prefix is None:
+                prefix = detect_prefix(keys, _PROJECTOR_ANCHOR, "projector", prefer="multi_modal_projector")
+            specs.append(Part("projector", module, _PROJECTOR_KEYS, prefix, DEFAULT_PROJECTOR_PREFIX))
+    return specs
+
+
+def load_hf_state_dict(target, checkpoint, *, strict: bool = True, vision_prefix: str | None = None,
+                       projector_prefix: str | None = None) -> LoadReport:
+    """Load HF Gemma 3 vision tower (+ projector) weights into ``target`` (a
+    :class:`Gemma3VisionEncoderLayer`, a :class:`VisionEmbedder`, or a tuple). Prefixes are detected
+    from the keys (the text before ``embeddings.patch_embedding.weight`` /
+    ``mm_input_projection_weight``) unless given; every transformers key form is accepted. With
+    ``strict`` any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError`
+    before anything is copied. Values are cast to the module's dtypes; a module on the meta device
+    gets the tensors."""
+    sd = read_checkpoint(checkpoint)
+    specs = _specs(target, list(sd.keys()), vision_prefix, projector_prefix)
+
+    def message(report):
+        names = ", ".join(type(p.module).__name__ for p in specs)
+        notes = [f"no {p.kind} key was found (keys are shown under {p.default_prefix!r})" for p in specs
+                 if p.prefix is None]
+        prefixes = ", ".join(f"{p.kind} prefix {p.prefix!r}" for p in specs)
+        return mismatch_message(f"HF Gemma 3 vision checkpoint does not match {names} ({prefixes})", report, notes,
+                                "check num_layers / sizes of the config, or pass vision_prefix= / projector_prefix=")
+
+    return load_parts(specs, sd, strict, message)
+
+
+def to_hf_state_dict(target, *, vision_prefix: str = DEFAULT_VISION_PREFIX,
+                     projector_prefix: str = DEFAULT_PROJECTOR_PREFIX) -> dict[str, torch.Tensor]:
+    """HF-named state dict of ``target`` (the inverse of :func:`load_hf_state_dict`; 5.18
+    ``save_pretrained`` names by default)."""
+    return export_parts(_specs(target, [], vision_prefix, projector_prefix))
+
+
+def save_hf_safetensors(target, path, **prefixes) -> None:
+    """Write :func:`to_hf_state_dict` to a ``.safetensors`` file."""
+    from safetensors.torch import save_file
+
+    save_file(to_hf_state_dict(target, **prefixes), os.fspath(path))
+
+
+def from_hf(hf_config: Any, checkpoint=None, *, projector: bool = True, dtype: torch.dtype | None = None,
+            device=None, strict: bool = True, **overrides):
+    """``(tower, projector_or_None)`` built from an HF config (object, dict, ``config.json`` path or
+    checkpoint directory), loaded from ``checkpoint`` if given, in eval mode."""
+    config = config_from_hf(hf_config, **overrides)
+    tower = Gemma3VisionEncoderLayer(config, device=device, dtype=dtype).eval()
+    proj = None
+    if projector and config.text_hidden_size is not None:
+        proj = VisionEmbedder(config, device=device, dtype=dtype).eval()
+    if checkpoint is not None:
+        load_hf_state_dict((tower, proj), checkpoint, strict=strict)
+    return tower, proj
