@@ -1,7 +1,8 @@
 """Image preprocessing, one module per family, each reproducing its HF image processor:
 
 * ``vitops.preprocess.gemma4``: :class:`Gemma4ImageProcessor` (``Gemma4ImageProcessorPil``);
-* ``vitops.preprocess.llama4``: :class:`Llama4ImageProcessor` (``Llama4ImageProcessor``).
+* ``vitops.preprocess.llama4``: :class:`Llama4ImageProcessor` (``Llama4ImageProcessor``);
+* ``vitops.preprocess.gemma3``: :class:`Gemma3ImageProcessor` (``Gemma3ImageProcessorPil``, pan-and-scan).
 
 The input forms and resizes they share live in ``vitops.preprocess._images``. Modules load on first
 use; the Gemma 4 names stay importable from here.
@@ -18,9 +19,11 @@ _NAMES = {
     "demo_image": "_images",
     "Llama4ImageProcessor": "llama4",
     "Llama4Preprocessed": "llama4",
+    "Gemma3ImageProcessor": "gemma3",
+    "Gemma3Preprocessed": "gemma3",
 }
-__all__ = ["gemma4", "llama4", *_NAMES]
-__getattr__ = lazy_getattr(__name__, ("gemma4", "llama4"), _NAMES)
+__all__ = ["gemma3", "gemma4", "llama4", *_NAMES]
+__getattr__ = lazy_getattr(__name__, ("gemma3", "gemma4", "llama4"), _NAMES)
 
 
 def __dir__():
