@@ -56,3 +56,15 @@ def test_llama4_main_job_reports_tiles_and_checksum():
 def test_llama4_bad_arguments(args, says):
     proc = run(*args)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gemma3_main_job_reports_crops_and_checksum():
+    proc = run("--model", "gemma3", "--num-layers", "1", "--seed", "2", "--pan-and-scan")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "vitops Gemma 3 vision tower: random weights (seed 2), 1 layers" in out
+    # the bundled 640 x 480 picture: ratio 1.33 >= 1.2, two crops of 320 x 480
+    assert "H x W 480 x 640 -> 896² + 2 pan-and-scan crops, 256 soft tokens each" in out
+    assert "soft tokens (after the projector): shape (768, 2560)" in out and "sha256[:16]" in out
+    plain = run("--model", "gemma3", "--num-layers", "1", "--seed", "2", "--no-projector")
+    assert plain.returncode == 0 and "vision tower output: shape (256, 1152)" in plain.stdout

@@ -65,7 +65,7 @@ def test_tensor_path_close_to_pil_path(pan_and_scan):
     images = [random_image(h, w, i) for i, (h, w) in enumerate(SIZES[:6])]
     ref = Gemma3ImageProcessor(size=224, **pas)(images)
     u8 = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]
-    for inputs, bound in ((u8, 2.01), ([t.float() / 255 for t in u8], 2.01)):
+    for inputs, bound in ((u8, 1.01), ([t.float() / 255 for t in u8], 1.01)):  # measured: 1.0
         got = Gemma3ImageProcessor(size=224, **pas)(inputs, channels_last=False)
         assert got.num_crops == ref.num_crops
         # in uint8 levels: pixel_values span [-1, 1] = 2 / 255 per level

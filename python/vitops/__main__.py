@@ -1,6 +1,6 @@
 """`python -m vitops`: the main job.
 
-  python -m vitops [encode] [--model gemma4|llama4] [--image PATH] [--checkpoint PATH] ...
+  python -m vitops [encode] [--model gemma4|llama4|gemma3] [--image PATH] [--checkpoint PATH] ...
         encode an image (the bundled demo picture by default) with a vision tower (Gemma 4 by
         default) and print the soft-token tensor's shape, a checksum and the time taken
   python -m vitops selfcheck

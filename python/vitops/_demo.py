@@ -1,9 +1,9 @@
-"""The main job: encode an image with a vision tower (``--model gemma4`` or ``llama4``) and report
-the soft tokens.
+"""The main job: encode an image with a vision tower (``--model gemma4``, ``llama4`` or ``gemma3``)
+and report the soft tokens.
 
 Random weights by default (seeded, so the checksum is reproducible on one machine), or an HF
 checkpoint: a directory with ``config.json`` and ``*.safetensors`` (a model or its vision tower), or
-a single ``.safetensors`` file (the released vision config of ``--preset`` / Llama 4).
+a single ``.safetensors`` file (the released vision config of ``--preset`` / Llama 4 / Gemma 3 4B).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 PRESETS = ("e2b", "e4b", "26b", "31b")
 
 
-MODELS = ("gemma4", "llama4")
+MODELS = ("gemma4", "llama4", "gemma3")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gemma4", choices=MODELS,
-                        help="the vision tower: gemma4 (default) or llama4 (Scout / Maverick)")
+                        help="the vision tower: gemma4 (default), llama4 (Scout / Maverick) or gemma3 (4B/12B/27B)")
     parser.add_argument("--image", help="image file (default: the bundled demo picture)")
     parser.add_argument("--checkpoint", help="HF checkpoint directory (config.json + safetensors) or .safetensors file")
     parser.add_argument("--preset", default="e2b", choices=PRESETS,
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-soft-tokens", type=int, default=280, choices=(70, 140, 280, 560, 1120),
                         help="gemma4: the soft-token budget")
     parser.add_argument("--max-tiles", type=int, default=16, help="llama4: the most 336² tiles per image (16)")
+    parser.add_argument("--pan-and-scan", action="store_true",
+                        help="gemma3: add HF's pan-and-scan crops of an elongated image")
     parser.add_argument("--num-layers", type=int, default=None,
                         help="override the config's encoder layer count (random weights only; for quick runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +149,49 @@ def _encode(args, encode):
 
 
 def run(args) -> int:
-    return run_llama4(args) if args.model == "llama4" else run_gemma4(args)
+    return {"llama4": run_llama4, "gemma3": run_gemma3}.get(args.model, run_gemma4)(args)
+
+
+def build_gemma3(args):
+    from .hf import gemma3 as hf_gemma3
+    from .models.gemma3 import Gemma3VisionConfig, Gemma3VisionEncoderLayer, VisionEmbedder
+
+    config = Gemma3VisionConfig(text_hidden_size=2560)  # the released tower; the 4B text width
+    if args.checkpoint and os.path.isdir(args.checkpoint) and os.path.exists(os.path.join(args.checkpoint,
+                                                                                         "config.json")):
+        try:
+            config = hf_gemma3.config_from_hf(args.checkpoint)
+        except Exception as e:  # noqa: BLE001 - an unreadable or foreign config.json
+            raise UserError(f"--checkpoint {args.checkpoint}: not a Gemma 3 config.json ({type(e).__name__}: {e})") from e
+    return _instantiate(args, config, Gemma3VisionEncoderLayer, VisionEmbedder, hf_gemma3.load_hf_state_dict)
+
+
+def run_gemma3(args) -> int:
+    from .preprocess import Gemma3ImageProcessor
+
+    config, tower, projector = build_gemma3(args)
+    image, source = _load_image(args)
+    processor = Gemma3ImageProcessor(size=config.image_size, do_pan_and_scan=args.pan_and_scan)
+    t0 = time.perf_counter()
+    batch = processor(image).to(args.device)
+    t1 = time.perf_counter()
+
+    def encode():
+        tokens = tower(batch.nhwc().to(getattr(torch, args.dtype)))  # [images + crops, 1, 256, D]
+        if projector is not None:
+            tokens = projector(tokens)
+        return tokens.flatten(0, 2)  # the whole image's tokens, then each crop's
+
+    soft_tokens = _encode(args, encode)
+    t2 = time.perf_counter()
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (seed {args.seed})"
+    print(f"vitops Gemma 3 vision tower: {weights}, {config.num_layers} layers, {args.dtype} on {args.device}")
+    crops = batch.num_crops[0]
+    print(f"image: {source}, H x W {image.size[1]} x {image.size[0]} -> {config.image_size}²"
+          f"{f' + {crops} pan-and-scan crops' if crops else ''}, {config.mm_tokens_per_image} soft tokens each")
+    what = "soft tokens (after the projector)" if projector is not None else "vision tower output"
+    _report(soft_tokens, what, t0, t1, t2)
+    return 0
 
 
 def build_llama4(args):

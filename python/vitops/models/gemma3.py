@@ -125,6 +125,9 @@ class Gemma3VisionConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def replace(self, **changes) -> "Gemma3VisionConfig":
+        return dataclasses.replace(self, **changes)
+
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size

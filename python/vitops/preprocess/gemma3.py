@@ -14,8 +14,9 @@ bilinear, mean = std = 0.5):
 
 Which resize runs depends on the input, as for Gemma 4 (``vitops.preprocess.gemma4``): PIL images and
 numpy arrays take the *PIL path* (PIL's own bilinear resampling on uint8 RGB, HF's PIL backend bit for
-bit); torch tensors take the *torch path* (antialiased ``F.interpolate`` on the tensor's device, within
-a few uint8 levels of the PIL path; ``backend="pil"`` sends them through PIL instead). Floating inputs
+bit); torch tensors take the *torch path* (antialiased ``F.interpolate`` on the tensor's device: at
+most one uint8 level from the PIL path, measured for uint8 and float tensors with and without
+pan-and-scan in tests/test_preprocess_gemma3.py; ``backend="pil"`` sends them through PIL instead). Floating inputs
 hold [0, 1] already and are not rescaled again.
 """
 
