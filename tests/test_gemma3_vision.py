@@ -301,3 +301,67 @@ def test_config_from_hub_json_without_act_and_eps(tmp_path):
     assert hf_vision.vision_use_head is False and hf_vision.hidden_act == "gelu_pytorch_tanh"
     with pytest.raises(ValueError, match="tanh GELU"):
         gemma3_hf.config_from_hf({**data["vision_config"], "hidden_act": "quick_gelu"})
+
+
+# ---------------------------------------------------------------------------------------------
+# KerasHub entry point
+# ---------------------------------------------------------------------------------------------
+KH = dict(image_size=56, patch_size=14, num_heads=4, hidden_dim=64, num_layers=2, intermediate_dim=136, output_dim=40,
+          pool_size=2)
+
+
+def test_keras_hub_encoder_equals_the_tower_and_projector():
+    from vitops.keras_hub import Gemma3VisionEncoder
+
+    kh = Gemma3VisionEncoder(**KH).eval()
+    cfg = Gemma3VisionConfig(hidden_size=64, intermediate_size=136, num_layers=2, num_heads=4, image_size=56,
+                             patch_size=14, mm_tokens_per_image=4, text_hidden_size=40)
+    tower, projector, ours, embedder = build(cfg)
+    kh.encoder.load_state_dict(ours.state_dict())
+    kh.projector.load_state_dict(embedder.state_dict())
+    images = randn(2, 3, 56, 56, 3)
+    with torch.no_grad():
+        got = kh(images)
+        want = projector(tower(pixel_values=images.flatten(0, 1).permute(0, 3, 1, 2)).last_hidden_state)
+    assert got.shape == (6, 4, 40) and kh.num_vision_tokens_per_image == 4
+    assert rel_err(got, want) < 1e-5
+
+
+def test_keras_hub_pooling_drops_a_remainder_and_config_round_trip():
+    from vitops.keras_hub import Gemma3VisionEncoder
+
+    # the 4x4 grid pooled by 3: KerasHub's valid pooling keeps one window (the first 3x3 patches)
+    kh = Gemma3VisionEncoder(**{**KH, "pool_size": 3}).eval()
+    x = randn(1, 16, 64)
+    pooled = kh.encoder.VisionExit(x)
+    assert pooled.shape == (1, 1, 64)
+    torch.testing.assert_close(pooled[0, 0], x[0].view(4, 4, 64)[:3, :3].mean((0, 1)))
+    assert kh.num_vision_tokens_per_image == 16 // 9  # KerasHub's own (floor) count
+    assert kh(randn(1, 1, 56, 56, 3)).shape == (1, 1, 40)
+    config = kh.get_config()
+    assert config == {**KH, "pool_size": 3, "layer_norm_epsilon": 1e-6}
+    again = Gemma3VisionEncoder.from_config(config)
+    assert again.get_config() == config
+    assert Gemma3VisionEncoder(**KH, dtype="bfloat16").projector.mm_input_projection.w.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(pool_size=5), r"pool_size \(5\) is larger than the 4x4 patch grid"),
+    (dict(hidden_dim=66), r"hidden_dim \(66\) must be divisible by num_heads \(4\)"),
+    (dict(image_size=50), r"image_size \(50\) must be a multiple of patch_size \(14\)"),
+    (dict(num_layers=0), r"`num_layers` must be a positive int"),
+    (dict(dtype="int8"), r"dtype must be None, 'float32'"),
+])
+def test_keras_hub_argument_errors(changes, match):
+    from vitops.keras_hub import Gemma3VisionEncoder
+
+    with pytest.raises(ValueError, match=match):
+        Gemma3VisionEncoder(**{**KH, **changes})
+
+
+def test_keras_hub_bad_images():
+    from vitops.keras_hub import Gemma3VisionEncoder
+
+    kh = Gemma3VisionEncoder(**KH)
+    with pytest.raises(ValueError, match=r"images must be \[batch, images, 56, 56, 3\], got \(2, 56, 56, 3\)"):
+        kh(randn(2, 56, 56, 3))

@@ -212,21 +212,31 @@ class Encoder(nn.Module):
 class VisionExit(nn.Module):
     """Average pooling of the square row-major token grid ``[B, L, D]`` to ``output_length`` tokens
     (HF Gemma3MultiModalProjector's AvgPool2d; MaxText's NHWC avg_pool): identity when
-    ``L == output_length``."""
+    ``L == output_length``. ``pool_size`` instead pools fixed ``pool_size x pool_size`` windows
+    (KerasHub's AveragePooling2D: a grid side it does not divide drops its last rows and columns)."""
 
-    def __init__(self, output_length: int = 256):
+    def __init__(self, output_length: int = 256, *, pool_size: int | None = None):
         super().__init__()
         self.output_length = output_length
+        self.pool_size = pool_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
-        if length == self.output_length:
-            return x
-        side, out_side = math.isqrt(length), math.isqrt(self.output_length)
-        if side * side != length or out_side * out_side != self.output_length or side % out_side:
-            raise ValueError(f"VisionExit: {length} tokens do not pool to {self.output_length} (both must be squares, "
-                             "the output side dividing the input side)")
-        k = side // out_side
+        side = math.isqrt(length)
+        if side * side != length:
+            raise ValueError(f"VisionExit: {length} tokens are not a square grid")
+        if self.pool_size is not None:
+            k = self.pool_size
+            if k > side:
+                raise ValueError(f"VisionExit: pool_size {k} is larger than the {side}x{side} token grid")
+        else:
+            if length == self.output_length:
+                return x
+            out_side = math.isqrt(self.output_length)
+            if out_side * out_side != self.output_length or side % out_side:
+                raise ValueError(f"VisionExit: {length} tokens do not pool to {self.output_length} (both must be "
+                                 "squares, the output side dividing the input side)")
+            k = side // out_side
         grid = x.transpose(1, 2).reshape(b, d, side, side)
         return F.avg_pool2d(grid, kernel_size=k, stride=k).flatten(2).transpose(1, 2)
 
