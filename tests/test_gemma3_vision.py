@@ -365,3 +365,37 @@ def test_keras_hub_bad_images():
     kh = Gemma3VisionEncoder(**KH)
     with pytest.raises(ValueError, match=r"images must be \[batch, images, 56, 56, 3\], got \(2, 56, 56, 3\)"):
         kh(randn(2, 56, 56, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The released vision config at full size (identical for 4B / 12B / 27B; the text width only sets
+# the projector's output): all 27 layers at 896² for one image; a pan-and-scan batch (an image and
+# its crops) with 2 layers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("num_layers,images", [(27, 1), (2, 3)])
+def test_released_config_float32(num_layers, images):
+    cfg = Gemma3VisionConfig(num_layers=num_layers, text_hidden_size=2560)
+    tower, projector = hf_models(cfg)
+    ours, embedder = gemma3_hf.from_hf(gemma3_hf.to_hf_config(cfg), hf_state_dict(tower, projector), device="meta")
+    torch.manual_seed(3)
+    px = torch.randn(images, 3, 896, 896)
+    with torch.no_grad():
+        hidden = tower(pixel_values=px).last_hidden_state
+        want = projector(hidden)
+        pooled = ours(px.permute(0, 2, 3, 1)[None])  # one prompt's image + crops: [1, N, 256, 1152]
+        got = embedder(pooled)[0]
+    assert got.shape == (images, 256, 2560)
+    err = rel_err(got, want)
+    print(f"gemma3 released vision config, {num_layers} layers, {images} images, float32 tower+projector: "
+          f"rel err {err:.2e}")
+    assert err <= 1e-4
+    for width in (3840, 5376):  # the 12B and 27B projectors on the same tower output
+        w = torch.randn(1152, width) / 1152**0.5
+        norm = torch.randn(1152) * 0.5
+        with torch.no_grad():
+            projector.mm_input_projection_weight = torch.nn.Parameter(w)
+            projector.mm_soft_emb_norm.weight.copy_(norm)
+            wide = VisionEmbedder(cfg.replace(text_hidden_size=width))
+            wide.load_state_dict({"mm_soft_embedding_norm.scale": norm, "mm_input_projection.w": w})
+            assert rel_err(wide(pooled)[0], projector(hidden)) <= 1e-5
