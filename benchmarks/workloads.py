@@ -350,10 +350,10 @@ def _g3_config(smoke: bool, text_width: int):
 
     if smoke:
         vis = dict(hidden_size=32, image_size=56, patch_size=14, intermediate_size=64, num_hidden_layers=1,
-                   num_attention_heads=2)
+                   num_attention_heads=2, vision_use_head=False)
         return Gemma3Config(vision_config=vis, text_config=dict(hidden_size=48), mm_tokens_per_image=4)
     vis = dict(hidden_size=1152, image_size=896, patch_size=14, intermediate_size=4304, num_hidden_layers=27,
-               num_attention_heads=16)
+               num_attention_heads=16, vision_use_head=False)  # as Gemma 3 builds SigLIP
     return Gemma3Config(vision_config=vis, text_config=dict(hidden_size=text_width), mm_tokens_per_image=256)
 
 
@@ -540,9 +540,15 @@ def build_g3_tower(shape, device, dtype):
         return proj(vis(pixel_values=pixels).last_hidden_state)
 
     def vit():
-        from_hf = require_module("vitops.hf.gemma3", "from_hf")
-        vmodel = from_hf(vis, proj)
-        return lambda pixels: vmodel(pixels)
+        require_module("vitops.hf.gemma3", "from_hf")
+        from vitops.hf import gemma3 as hf_gemma3
+
+        sd = {**{f"vision_tower.{k}": v for k, v in vis.state_dict().items()},
+              **{f"multi_modal_projector.{k}": v for k, v in proj.state_dict().items()}}
+        tower, embedder = hf_gemma3.from_hf(cfg, sd, dtype=dtype, device=device)
+        # the MaxText-style tower takes NHWC images; this view of HF's NCHW pixels is undone without
+        # a copy before the patch convolution
+        return lambda pixels: embedder(tower(pixels.permute(0, 2, 3, 1)[:, None]))
 
     return Setup((pixels,), hf, vit, [], None, None)
 

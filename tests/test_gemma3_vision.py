@@ -524,3 +524,15 @@ def test_compile_fullgraph_dynamic_no_recompile_for_another_crop_count():
             x = randn(b, n, 28, 28, 3)
             torch.testing.assert_close(compiled(x), f(x))
     assert counter.frame_count == 1
+
+
+def test_siglip_attention_pooling_head_is_skipped():
+    """A SigLIP built without vision_use_head=False carries head.* (unused by Gemma 3): skipped."""
+    vc = gemma3_hf.to_hf_vision_config(SMALL)
+    vc.vision_use_head = True
+    with_head = SiglipVisionModel(vc).eval()
+    sd = {f"vision_tower.{k}": v for k, v in with_head.state_dict().items()}
+    assert any(".head." in k for k in sd)
+    tower = Gemma3VisionEncoderLayer(SMALL)
+    report = gemma3_hf.load_hf_state_dict(tower, sd)
+    assert not report.missing and not report.unexpected

@@ -10,7 +10,8 @@
   transformers has used (facts_transformers_5_18.md section 3): hub / pre-4.52
   ``vision_tower.vision_model.*``, 4.52-4.x in memory ``model.vision_tower.vision_model.*``, 5.18 in
   memory ``model.vision_tower.*``, 5.18 ``save_pretrained`` ``vision_tower.*`` (and a standalone
-  ``SiglipVisionModel``'s names), from a state dict, a ``.safetensors`` file or a sharded directory,
+  ``SiglipVisionModel``'s names), from a state dict, a ``.safetensors`` file or a sharded directory
+  (the attention-pooling ``head.*`` of a SigLIP built without ``vision_use_head=False`` is skipped),
   into :class:`Gemma3VisionEncoderLayer` / :class:`VisionEmbedder` (or a tuple). A mismatch raises
   :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key.
 * :func:`to_hf_state_dict` / :func:`save_hf_safetensors`: the inverse (5.18 ``save_pretrained`` names).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -158,6 +160,9 @@ def _tower_rows() -> list[tuple[str, str, bool]]:
 _TOWER_KEYS = KeyMap(_tower_rows())
 _PROJECTOR_KEYS = KeyMap([(_PROJECTOR_ANCHOR, "mm_input_projection.w", True),
                           ("mm_soft_emb_norm.weight", "mm_soft_embedding_norm.scale", True)])
+# SigLIP's attention-pooling head (built unless vision_use_head is False; Gemma 3 never runs it):
+# present in some exports, harmless, skipped
+_IGNORED_TOWER = re.compile(r"^head\.")
 # HF's position table is an nn.Embedding [L, D]; MaxText's pos_embedding is [1, L, D]
 _TOWER_LAYOUTS = {"pos_embedding": Layout(lambda t: t.unsqueeze(0), lambda t: t.squeeze(0))}
 
@@ -180,7 +185,8 @@ def _specs(target, keys, vision_prefix, projector_prefix) -> list[Part]:
             if prefix is None:  # e.g. "vision_tower.vision_model.", "model.vision_tower.", "" (SiglipVisionModel)
                 prefix = detect_prefix(keys, _TOWER_ANCHOR, "vision tower", prefer="vision_tower")
                 prefix = prefix if prefix is not None else _TOWER_KEYS.most_common_prefix(keys)
-            specs.append(Part("tower", module, _TOWER_KEYS, prefix, DEFAULT_VISION_PREFIX, layouts=_TOWER_LAYOUTS))
+            specs.append(Part("tower", module, _TOWER_KEYS, prefix, DEFAULT_VISION_PREFIX, layouts=_TOWER_LAYOUTS,
+                              ignored=_IGNORED_TOWER))
         else:
             prefix = projector_prefix
             if prefix is None:
