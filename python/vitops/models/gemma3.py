@@ -294,7 +294,9 @@ class Gemma3VisionEncoderLayer(nn.Module):
     ``embedding``: the patch convolution (``nn.Conv2d``, kernel = stride = patch size, with bias);
     ``pos_embedding`` ``[1, L, D]`` (a parameter for ``posemb="learn"``; ``"sincos2d"`` has none);
     ``Transformer``: :class:`Encoder`; ``VisionExit``: :class:`VisionExit`. Images are cast to the
-    convolution's dtype first (as HF's SigLIP embeddings do)."""
+    convolution's dtype first (as HF's SigLIP embeddings do). ``deterministic``: MaxText's flag (False
+    applies dropout; None follows ``module.training``); ``train``: MaxText's argument, which its
+    vision encoder does not read either."""
 
     def __init__(self, config: Gemma3VisionConfig, *, device=None, dtype=None):
         super().__init__()
