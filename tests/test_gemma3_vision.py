@@ -18,7 +18,7 @@ from vitops.models.gemma3 import (
 from vitops.hf import gemma3 as gemma3_hf
 from vitops.hf import CheckpointMismatchError
 
-from _utils import randn
+from _utils import DEVICES, randn
 
 transformers = pytest.importorskip("transformers")
 from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig  # noqa: E402
@@ -536,3 +536,29 @@ def test_siglip_attention_pooling_head_is_skipped():
     tower = Gemma3VisionEncoderLayer(SMALL)
     report = gemma3_hf.load_hf_state_dict(tower, sd)
     assert not report.missing and not report.unexpected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tower_and_projector_on_each_device(device):
+    """fp32 parity and the bf16 error against float64 (vs HF's own on the same device), per device
+    (the CUDA variant runs in tools/gpu_check.sh)."""
+    cfg = Gemma3VisionConfig(hidden_size=64, intermediate_size=136, num_layers=2, num_heads=4, image_size=56,
+                             patch_size=14, mm_tokens_per_image=4, text_hidden_size=40)
+    torch.manual_seed(5)
+    px = torch.randn(2, 3, 56, 56)
+    tower, projector, ours, embedder = build(cfg)
+    with torch.no_grad():
+        ref64 = projector.double()(tower.double()(pixel_values=px.double()).last_hidden_state)
+    for dtype in (torch.float32, torch.bfloat16):
+        tower, projector, ours, embedder = build(cfg, dtype)
+        for m in (tower, projector, ours, embedder):
+            m.to(device)
+        x = px.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            want = projector(tower(pixel_values=x).last_hidden_state)
+            got = embedder(ours(x.permute(0, 2, 3, 1)))[:, 0]
+        assert got.device.type == device and got.dtype == dtype
+        if dtype == torch.float32:
+            assert rel_err(got.cpu(), want.cpu()) < 1e-5
+        else:
+            assert rel_err(got.cpu(), ref64) <= 1.05 * rel_err(want.cpu(), ref64)
