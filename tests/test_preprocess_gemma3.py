@@ -85,3 +85,28 @@ def test_bad_arguments():
         Gemma3ImageProcessor()(np.zeros((0, 5, 3), dtype=np.uint8))
     with pytest.raises(ValueError):
         Gemma3ImageProcessor()(torch.full((3, 8, 8), 2.0))  # floats must hold [0, 1]
+
+
+def test_pan_and_scan_boxes_match_hf_on_random_sizes():
+    """Seeded random image sizes and settings: the crops HF cuts (shape and pixels) equal our boxes."""
+    import random
+
+    rng = random.Random("pan-and-scan")
+    hf = hf_processor(224)
+    for _ in range(300):
+        h, w = rng.randint(1, 1500), rng.randint(1, 1500)
+        if rng.random() < 0.5:
+            h, w = h, max(1, int(h * rng.uniform(1.0, 6.0)))  # elongated
+        if rng.random() < 0.5:
+            h, w = w, h
+        settings = dict(pan_and_scan_min_crop_size=rng.choice([1, 32, 256, 600]),
+                        pan_and_scan_max_num_crops=rng.randint(1, 8),
+                        pan_and_scan_min_ratio_to_activate=rng.choice([1.0, 1.2, 2.0, 3.5]))
+        image = np.arange(h * w, dtype=np.int64).reshape(1, h, w)  # CHW, unique values
+        crops = hf.pan_and_scan(image, **settings)
+        boxes = pan_and_scan_boxes(h, w, settings["pan_and_scan_min_crop_size"],
+                                   settings["pan_and_scan_max_num_crops"],
+                                   settings["pan_and_scan_min_ratio_to_activate"])
+        assert len(crops) == len(boxes), (h, w, settings)
+        for crop, (top, left, ch, cw) in zip(crops, boxes):
+            assert crop.shape == (1, ch, cw) and np.array_equal(crop, image[:, top:top + ch, left:left + cw])

@@ -74,6 +74,8 @@ class Gemma3VisionEncoder(nn.Module):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.num_vision_tokens_per_image = side**2 // pool_size**2
         tokens = (side // pool_size) ** 2
+        # the config's exit needs the pool to divide the grid; KerasHub's floor pooling (the VisionExit
+        # set below) does not, so a non-dividing pool_size gets a placeholder token count here
         self.config = Gemma3VisionConfig(
             hidden_size=hidden_dim, intermediate_size=intermediate_dim, num_layers=num_layers, num_heads=num_heads,
             image_size=image_size, patch_size=patch_size, layer_norm_eps=float(layer_norm_epsilon),
