@@ -378,12 +378,14 @@ def test_tower_dropout_train_mode_differs_eval_does_not(field):
 
 def test_mlp_dropout_shares_its_mask_along_the_sequence():
     """MaxText's MlpBlock dropout has broadcast_dims=(-2,): one mask for every position."""
+    from vitops.layers import broadcast_dropout
+
     cfg = SMALL["e2b-like"].replace(dropout_rate=0.5)
     x = torch.ones(2, 7, cfg.intermediate_size)
-    y = g4.broadcast_dropout(x, 0.5, True)
+    y = broadcast_dropout(x, 0.5, True)
     assert torch.equal(y, y[:, :1].expand_as(y)) and not torch.equal(y[0], y[1])
     assert set(y.unique().tolist()) <= {0.0, 2.0}
-    assert torch.equal(g4.broadcast_dropout(x, 0.5, False), x)
+    assert torch.equal(broadcast_dropout(x, 0.5, False), x)
 
 
 @requires_ops

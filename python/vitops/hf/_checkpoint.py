@@ -20,6 +20,9 @@ import torch
 
 __all__ = [
     "CheckpointMismatchError",
+    "parts_message",
+    "read_config",
+    "save_safetensors",
     "KeyMap",
     "Layout",
     "LoadReport",
@@ -330,6 +333,35 @@ def mismatch_message(headline: str, report: LoadReport, notes: list[str], hint: 
         + block("shape mismatches", report.mismatched)
         + f"\n  ({hint})"
     )
+
+
+def parts_message(family: str, parts: list[Part], report: LoadReport, hint: str) -> str:
+    """The mismatch text of a :func:`load_parts` load: which modules and prefixes, a note per part
+    no key of which was found, the key lists and ``hint``."""
+    names = ", ".join(type(p.module).__name__ for p in parts)
+    notes = [f"no {p.kind} key was found (keys are shown under {p.default_prefix!r})" for p in parts
+             if p.prefix is None]
+    prefixes = ", ".join(f"{p.kind} prefix {p.prefix!r}" for p in parts)
+    return mismatch_message(f"HF {family} checkpoint does not match {names} ({prefixes})", report, notes, hint)
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path) -> None:
+    """Write an (HF-named) state dict to a ``.safetensors`` file."""
+    from safetensors.torch import save_file
+
+    save_file(state_dict, os.fspath(path))
+
+
+def read_config(hf_config: Any) -> Any:
+    """A config object or dict as given; a path to a ``config.json`` or to the directory holding it
+    is read as a dict."""
+    if isinstance(hf_config, (str, os.PathLike)):
+        path = os.fspath(hf_config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return json.load(f)
+    return hf_config
 
 
 def finish_load(report: LoadReport, strict: bool, message: Callable[[], str],

@@ -20,8 +20,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Any
 
@@ -38,8 +36,10 @@ from ._checkpoint import (
     detect_prefix,
     export_parts,
     load_parts,
-    mismatch_message,
+    parts_message,
     read_checkpoint,
+    read_config,
+    save_safetensors,
 )
 
 __all__ = [
@@ -63,22 +63,11 @@ _PROJECTOR_ANCHOR = "mm_input_projection_weight"
 # ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
-def _as_config(hf_config: Any) -> Any:
-    """A config object or dict; a path to a ``config.json`` or to the directory holding it is read."""
-    if isinstance(hf_config, (str, os.PathLike)):
-        path = os.fspath(hf_config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return json.load(f)
-    return hf_config
-
-
 def config_from_hf(hf_config: Any, **overrides) -> Gemma3VisionConfig:
     """vitops config from an HF ``Gemma3Config`` (vision_config, mm_tokens_per_image, text_config's
     hidden size) or a ``SiglipVisionConfig`` alone (no projector); objects, dicts, a ``config.json``
     path or a checkpoint directory."""
-    data = _as_config(hf_config)
+    data = read_config(hf_config)
     get = config_getter(data)
     vision = get("vision_config")
     v = config_getter(vision if vision is not None else data)
@@ -208,12 +197,8 @@ def load_hf_state_dict(target, checkpoint, *, strict: bool = True, vision_prefix
     specs = _specs(target, list(sd.keys()), vision_prefix, projector_prefix)
 
     def message(report):
-        names = ", ".join(type(p.module).__name__ for p in specs)
-        notes = [f"no {p.kind} key was found (keys are shown under {p.default_prefix!r})" for p in specs
-                 if p.prefix is None]
-        prefixes = ", ".join(f"{p.kind} prefix {p.prefix!r}" for p in specs)
-        return mismatch_message(f"HF Gemma 3 vision checkpoint does not match {names} ({prefixes})", report, notes,
-                                "check num_layers / sizes of the config, or pass vision_prefix= / projector_prefix=")
+        return parts_message("Gemma 3 vision", specs, report,
+                             "check num_layers / sizes of the config, or pass vision_prefix= / projector_prefix=")
 
     return load_parts(specs, sd, strict, message)
 
@@ -227,9 +212,7 @@ def to_hf_state_dict(target, *, vision_prefix: str = DEFAULT_VISION_PREFIX,
 
 def save_hf_safetensors(target, path, **prefixes) -> None:
     """Write :func:`to_hf_state_dict` to a ``.safetensors`` file."""
-    from safetensors.torch import save_file
-
-    save_file(to_hf_state_dict(target, **prefixes), os.fspath(path))
+    save_safetensors(to_hf_state_dict(target, **prefixes), path)
 
 
 def from_hf(hf_config: Any, checkpoint=None, *, projector: bool = True, dtype: torch.dtype | None = None,

@@ -17,7 +17,6 @@ embedder are read; other keys of a full checkpoint (text model, audio) are ignor
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -34,6 +33,7 @@ from ._checkpoint import (
     finish_load,
     mismatch_message,
     read_checkpoint,
+    save_safetensors,
 )
 
 __all__ = [
@@ -240,9 +240,7 @@ def to_hf_state_dict(target, *, vision_prefix: str = DEFAULT_VISION_PREFIX,
 
 def save_hf_safetensors(target, path, **prefixes) -> None:
     """Write :func:`to_hf_state_dict` to a ``.safetensors`` file."""
-    from safetensors.torch import save_file
-
-    save_file(to_hf_state_dict(target, **prefixes), os.fspath(path))
+    save_safetensors(to_hf_state_dict(target, **prefixes), path)
 
 
 def from_hf(hf_config: Any, checkpoint=None, *, projector: bool = True, dtype: torch.dtype | None = None,

@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Any
 
@@ -29,8 +27,10 @@ from ._checkpoint import (
     detect_prefix,
     export_parts,
     load_parts,
-    mismatch_message,
+    parts_message,
     read_checkpoint,
+    read_config,
+    save_safetensors,
 )
 
 __all__ = [
@@ -56,24 +56,13 @@ _IGNORED_TOWER = re.compile(r"^rotary_embedding\.freqs_ci$")
 # ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
-def _as_config(hf_config: Any) -> Any:
-    """A config object or dict; a path to a ``config.json`` or to the directory holding it is read."""
-    if isinstance(hf_config, (str, os.PathLike)):
-        path = os.fspath(hf_config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return json.load(f)
-    return hf_config
-
-
 def load_hf_config(hf_config: Any):
     """An HF ``Llama4Config`` from a dict, a ``config.json`` path or a checkpoint directory. Older saved
     configs give ``text_config.attn_temperature_tuning`` as an int (4), which transformers 5.18's strict
     config rejects: it is coerced to bool (any non-zero value enables the tuning, as it did)."""
     from transformers import Llama4Config
 
-    data = _as_config(hf_config)
+    data = read_config(hf_config)
     if not isinstance(data, dict):
         return data
     data = dict(data)
@@ -88,7 +77,7 @@ def load_hf_config(hf_config: Any):
 def config_from_hf(hf_config: Any, **overrides) -> Llama4VisionConfig:
     """vitops config from an HF ``Llama4Config`` (or its ``vision_config``; objects, dicts, a
     ``config.json`` path or a checkpoint directory)."""
-    return Llama4VisionConfig.from_hf(_as_config(hf_config), **overrides)
+    return Llama4VisionConfig.from_hf(read_config(hf_config), **overrides)
 
 
 def to_hf_config(config: Llama4VisionConfig, attn_implementation: str | None = "sdpa"):
@@ -187,12 +176,8 @@ def load_hf_state_dict(target, checkpoint, *, strict: bool = True, vision_prefix
     specs = _specs(target, list(sd.keys()), vision_prefix, projector_prefix)
 
     def message(report):
-        names = ", ".join(type(p.module).__name__ for p in specs)
-        notes = [f"no {p.kind} key was found (keys are shown under {p.default_prefix!r})" for p in specs
-                 if p.prefix is None]
-        prefixes = ", ".join(f"{p.kind} prefix {p.prefix!r}" for p in specs)
-        return mismatch_message(f"HF Llama 4 vision checkpoint does not match {names} ({prefixes})", report, notes,
-                                "check num_layers / sizes of the config, or pass vision_prefix= / projector_prefix=")
+        return parts_message("Llama 4 vision", specs, report,
+                             "check num_layers / sizes of the config, or pass vision_prefix= / projector_prefix=")
 
     return load_parts(specs, sd, strict, message)
 
@@ -205,9 +190,7 @@ def to_hf_state_dict(target, *, vision_prefix: str = DEFAULT_VISION_PREFIX,
 
 def save_hf_safetensors(target, path, **prefixes) -> None:
     """Write :func:`to_hf_state_dict` to a ``.safetensors`` file."""
-    from safetensors.torch import save_file
-
-    save_file(to_hf_state_dict(target, **prefixes), os.fspath(path))
+    save_safetensors(to_hf_state_dict(target, **prefixes), path)
 
 
 def from_hf(hf_config: Any, checkpoint=None, *, projector: bool = True, dtype: torch.dtype | None = None,

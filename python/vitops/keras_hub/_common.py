@@ -24,3 +24,9 @@ def resolve_dtype(owner: str, dtype) -> torch.dtype | None:
 def check_positive_int(owner: str, name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{owner}: `{name}` must be a positive int, got {value!r}")
+
+
+def check_epsilon(owner: str, value) -> None:
+    """KerasHub's ``layer_norm_epsilon``: a finite number >= 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise ValueError(f"{owner}: layer_norm_epsilon must be a finite number >= 0, got {value!r}")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..models.gemma3 import Gemma3VisionConfig, Gemma3VisionEncoderLayer, VisionEmbedder, VisionExit
-from ._common import check_positive_int, resolve_dtype
+from ._common import check_epsilon, check_positive_int, resolve_dtype
 
 __all__ = ["Gemma3VisionEncoder"]
 
@@ -57,9 +57,7 @@ class Gemma3VisionEncoder(nn.Module):
         side = image_size // patch_size
         if pool_size > side:
             raise ValueError(f"Gemma3VisionEncoder: pool_size ({pool_size}) is larger than the {side}x{side} patch grid")
-        if not isinstance(layer_norm_epsilon, (int, float)) or not 0 <= layer_norm_epsilon < float("inf"):
-            raise ValueError(f"Gemma3VisionEncoder: layer_norm_epsilon must be a finite number >= 0, "
-                             f"got {layer_norm_epsilon!r}")
+        check_epsilon("Gemma3VisionEncoder", layer_norm_epsilon)
         torch_dtype = resolve_dtype("Gemma3VisionEncoder", dtype)
 
         # KerasHub stores every constructor argument under its own name (get_config reads them back).

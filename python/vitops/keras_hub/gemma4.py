@@ -17,11 +17,10 @@ released checkpoint with ``image_size=896``, which 16 * 3 does not divide) and o
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
-from ._common import check_positive_int, resolve_dtype
+from ._common import check_epsilon, check_positive_int, resolve_dtype
 
 __all__ = ["Gemma4VisionEncoder"]
 
@@ -65,9 +64,7 @@ class Gemma4VisionEncoder(nn.Module):
             raise ValueError(f"Gemma4VisionEncoder: head_dim must be divisible by 4 (2-D RoPE), got {head_dim}")
         if not isinstance(rope_max_wavelength, (int, float)) or rope_max_wavelength <= 0:
             raise ValueError(f"Gemma4VisionEncoder: rope_max_wavelength must be positive, got {rope_max_wavelength!r}")
-        if not isinstance(layer_norm_epsilon, (int, float)) or not 0 <= layer_norm_epsilon < float("inf"):
-            raise ValueError(f"Gemma4VisionEncoder: layer_norm_epsilon must be a finite number >= 0, "
-                             f"got {layer_norm_epsilon!r}")
+        check_epsilon("Gemma4VisionEncoder", layer_norm_epsilon)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"Gemma4VisionEncoder: dropout must be in [0, 1), got {dropout!r}")
         torch_dtype = resolve_dtype("Gemma4VisionEncoder", dtype)

@@ -34,7 +34,6 @@ from ..layers import (
     RMSNorm,
     acc_dtype,
     attention_mask as _attention_mask,
-    broadcast_dropout,
     dropout as _dropout,
     dropout_active as _dropout_active,
     mask_is_redundant as _mask_is_redundant,

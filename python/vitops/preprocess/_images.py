@@ -123,6 +123,33 @@ def check_unit_range(x, name: str) -> None:
         )
 
 
+def prepare_image(im: Any, channels_last: bool | None, backend: str) -> tuple[bool, Any]:
+    """One split image for a resize path: ``(torch path?, image)`` with the image a PIL RGB image or an
+    HxWx3 numpy array (PIL path), or a 3xHxW tensor (torch path). Tensors take the torch path unless
+    ``backend="pil"``; ``backend="torch"`` sends PIL images and arrays there too. Floating inputs
+    are checked to hold [0, 1]."""
+    use_torch = isinstance(im, torch.Tensor) and backend != "pil"
+    use_torch = use_torch or (backend == "torch" and not isinstance(im, torch.Tensor))
+    if is_pil(im):
+        # HF converts every non-RGB mode (L, LA, P, RGBA, CMYK, I;16...) with PIL itself.
+        im = im if im.mode == "RGB" else im.convert("RGB")
+        if use_torch:
+            im = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+    elif isinstance(im, torch.Tensor):
+        im = to_chw_tensor(im, channels_last)
+        if im.is_floating_point():
+            check_unit_range(im, "tensors")
+        if not use_torch:
+            im = im.detach().cpu().permute(1, 2, 0).numpy()
+    else:
+        im = to_hwc_numpy(im, channels_last)
+        if np.issubdtype(im.dtype, np.floating):
+            check_unit_range(im, "arrays")
+        if use_torch:
+            im = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
+    return use_torch, im
+
+
 def size_hw(x) -> tuple[int, int]:
     return (x.size[1], x.size[0]) if is_pil(x) else (x.shape[0], x.shape[1]) if isinstance(x, np.ndarray) else (x.shape[1], x.shape[2])
 

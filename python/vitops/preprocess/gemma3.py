@@ -32,14 +32,12 @@ import torch
 
 from ._images import (
     BACKENDS,
-    check_unit_range,
     is_pil,
+    prepare_image,
     resize_pil_path,
     resize_torch_path,
     size_hw,
     split_images,
-    to_chw_tensor,
-    to_hwc_numpy,
 )
 
 __all__ = ["Gemma3ImageProcessor", "Gemma3Preprocessed", "pan_and_scan_boxes"]
@@ -124,25 +122,7 @@ class Gemma3ImageProcessor:
         self.backend = backend
 
     def _prepare(self, im: Any, channels_last: bool | None) -> tuple[bool, Any]:
-        """(torch path?, image): a PIL RGB image / HxWx3 numpy array, or a 3xHxW tensor."""
-        use_torch = isinstance(im, torch.Tensor) and self.backend != "pil"
-        use_torch = use_torch or (self.backend == "torch" and not isinstance(im, torch.Tensor))
-        if is_pil(im):
-            im = im if im.mode == "RGB" else im.convert("RGB")
-            if use_torch:
-                im = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-        elif isinstance(im, torch.Tensor):
-            im = to_chw_tensor(im, channels_last)
-            if im.is_floating_point():
-                check_unit_range(im, "tensors")
-            if not use_torch:
-                im = im.detach().cpu().permute(1, 2, 0).numpy()
-        else:
-            im = to_hwc_numpy(im, channels_last)
-            if np.issubdtype(im.dtype, np.floating):
-                check_unit_range(im, "arrays")
-            if use_torch:
-                im = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
+        use_torch, im = prepare_image(im, channels_last, self.backend)
         h, w = size_hw(im)
         if h == 0 or w == 0:
             raise ValueError(f"Gemma3ImageProcessor: empty image of size {h}x{w}")

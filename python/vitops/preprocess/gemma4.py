@@ -45,21 +45,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._images import (
     BACKENDS,
     RESAMPLE,
-    check_unit_range,
     demo_image,
-    is_pil,
+    prepare_image,
     resize_pil_path,
     resize_torch_path,
     size_hw,
     split_images,
-    to_chw_tensor,
-    to_hwc_numpy,
 )
 
 __all__ = [
@@ -241,28 +237,7 @@ class Gemma4ImageProcessor:
         max_patches = budget * k * k
         items = split_images(images, channels_last)
 
-        prepared = []
-        for im in items:
-            use_torch = isinstance(im, torch.Tensor) and self.backend != "pil"
-            use_torch = use_torch or (self.backend == "torch" and not isinstance(im, torch.Tensor))
-            if is_pil(im):
-                # HF converts every non-RGB mode (L, LA, P, RGBA, CMYK, I;16...) with PIL itself.
-                im = im if im.mode == "RGB" else im.convert("RGB")
-                if use_torch:
-                    im = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-            elif isinstance(im, torch.Tensor):
-                im = to_chw_tensor(im, channels_last)
-                if im.is_floating_point():
-                    check_unit_range(im, "tensors")
-                if not use_torch:
-                    im = im.detach().cpu().permute(1, 2, 0).numpy()
-            else:
-                im = to_hwc_numpy(im, channels_last)
-                if np.issubdtype(im.dtype, np.floating):
-                    check_unit_range(im, "arrays")
-                if use_torch:
-                    im = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
-            prepared.append((use_torch, im))
+        prepared = [prepare_image(im, channels_last, self.backend) for im in items]
 
         if device is None:
             devs = [im.device for use_t, im in prepared if use_t]
