@@ -1,0 +1,61 @@
+// avg_pool_rms_norm (WIP, CPU only so far): Gemma 3's vision exit before its projection GEMM.
+// x [B, L, D] is a square row-major token grid (L = side²); every k x k window (k = side / out_side,
+// length = out_side²) is averaged as AvgPool2d does (the window summed in row-major order in the
+// accumulation type, divided by k², rounded to x's dtype), then RMS-normalised over D as HF's
+// Gemma3RMSNorm (kernels/norm/norm.h: float32, x * r * (1 + w) for "scale_plus_one"), rounded once.
+// TODO(next session): fold the pooling into kernels/pool (the square grid is the positions case
+// with a divide-by-count epilogue) and add the CUDA kernels.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "kernels/norm/norm.h"
+#include "vitops/common.h"
+#include "vitops/device_math.h"
+
+namespace vitops::avg_pool_rms_norm {
+
+struct Geometry {
+  int64_t batch, seq_len, dim, length, side, out_side, kernel;
+  norm::Kind norm;
+  ValueKind weight_kind = ValueKind::Float32;
+  int64_t weight_stride = 0;
+};
+
+inline Geometry check_inputs(const char* op, const Tensor& x, int64_t length, const std::optional<Tensor>& weight,
+                             double eps, const std::string& norm_name, bool allow_double) {
+  VITOPS_CHECK(x.dim() == 3, "vitops.", op, ": `x` must have shape [B, L, D], got ", shape_str(x));
+  check_float(op, "x", x, allow_double);
+  Geometry g;
+  g.batch = x.size(0);
+  g.seq_len = x.size(1);
+  g.dim = x.size(2);
+  g.length = length;
+  g.side = isqrt(g.seq_len);
+  VITOPS_CHECK(g.side * g.side == g.seq_len, "vitops.", op, ": the sequence length of `x` must be a square grid ",
+               "(side²), got ", g.seq_len);
+  VITOPS_CHECK(length >= 1, "vitops.", op, ": `length` must be a positive int, got ", length);
+  g.out_side = isqrt(length);
+  VITOPS_CHECK(g.out_side * g.out_side == length && g.side % g.out_side == 0, "vitops.", op, ": `length` (", length,
+               ") must be a square whose side divides the grid side ", g.side);
+  g.kernel = g.side / g.out_side;
+  g.norm = norm::parse_kind(op, norm_name);
+  const bool weighted = norm::has_weight(g.norm);
+  VITOPS_CHECK(weight.has_value() == weighted, "vitops.", op, ": `weight` must be ", weighted ? "given" : "None",
+               " with norm=\"", norm_name, "\"");
+  if (weighted) {
+    const Tensor& w = *weight;
+    VITOPS_CHECK(w.dim() == 1 && w.size(0) == g.dim, "vitops.", op, ": `weight` must have shape [D] = [", g.dim,
+                 "], got ", shape_str(w));
+    VITOPS_CHECK(is_float_dtype(w.scalar_type()) && (allow_double || w.scalar_type() != ScalarType::Double),
+                 "vitops.", op, ": `weight` must be a floating tensor, got ", dtype_name(w.scalar_type()));
+    check_same_device(op, "x", x, "weight", w);
+    value_kind_of(w.scalar_type(), &g.weight_kind);
+    g.weight_stride = w.stride(0);
+  }
+  VITOPS_CHECK(std::isfinite(eps) && eps >= 0, "vitops.", op, ": `eps` must be a finite number >= 0, got ", eps);
+  return g;
+}
+
+}  // namespace vitops::avg_pool_rms_norm
