@@ -300,3 +300,20 @@ def avg_pool_scale_standardize(
         y = (y - std_bias.to(acc)) * std_scale.to(acc)
     return y.to(x.dtype), mask
 
+
+
+# --------------------------------------------------------------------------------------------
+# avg_pool_rms_norm (WIP: Gemma 3's exit before its GEMM)
+# --------------------------------------------------------------------------------------------
+def avg_pool_rms_norm(x: torch.Tensor, length: int, weight: torch.Tensor | None, *, eps: float = 1e-6,
+                      norm: str = "scale_plus_one") -> torch.Tensor:
+    """HF Gemma3MultiModalProjector's path: [B, L, D] -> NCHW grid -> AvgPool2d(k) -> row-major tokens
+    (x's dtype) -> rms_norm of kind `norm` (float32, rounded once); norm "none" stops after the pool."""
+    import math
+
+    b, seq, d = x.shape
+    side, out_side = math.isqrt(seq), math.isqrt(length)
+    k = side // out_side
+    grid = x.transpose(1, 2).reshape(b, d, side, side)
+    pooled = torch.nn.functional.avg_pool2d(grid, k, k).flatten(2).transpose(1, 2)
+    return pooled if norm == "none" else rms_norm(pooled, weight, eps, norm)

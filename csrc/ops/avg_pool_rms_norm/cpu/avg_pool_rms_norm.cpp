@@ -60,6 +60,66 @@ void forward(const Tensor& x, const Geometry& g, const std::optional<Tensor>& we
   });
 }
 
+// Per output row: u = p * r (p the rounded pooled row), the output's gradient gy; weight gradient
+// partials gy * u per fixed row chunk; gp = r * (gu - u * mean(gu * u)), gu = gy * weight factor; every
+// window patch gets gp / k² (AvgPool2d's backward). The rounding of p is the identity for autograd,
+// as HF's dtype casts are.
+template <typename scalar_t>
+void backward(const Tensor& grad, const Tensor& x, const Geometry& g, const std::optional<Tensor>& weight, double eps,
+              Tensor& grad_x, Tensor& grad_weight) {
+  using acc = acc_t<scalar_t>;
+  const std::vector<acc> w = weight_factors<acc>(g, weight);
+  const bool weighted = !w.empty();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp_in = grad.const_data_ptr<scalar_t>();
+  scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+  const int64_t D = g.dim, k = g.kernel, rows = g.batch * g.length;
+  const int64_t xs_b = x.stride(0), xs_l = x.stride(1), gs_b = grad.stride(0), gs_s = grad.stride(1);
+  const int64_t num_chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  std::vector<acc> partial(weighted ? static_cast<size_t>(num_chunks) * D : 0, acc(0));
+  const acc count = static_cast<acc>(k * k);
+  torch::stable::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc> p(D), u(D), gu(D), gpool(D);
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      for (int64_t row = chunk * kRowsPerChunk; row < std::min(rows, (chunk + 1) * kRowsPerChunk); ++row) {
+        const int64_t b = row / g.length, s = row % g.length;
+        const scalar_t* gy = gp_in + b * gs_b + s * gs_s;
+        if (!norm::normalizes(g.norm)) {
+          for (int64_t d = 0; d < D; ++d) gpool[d] = widen(gy[d]);
+        } else {
+          pooled_row<scalar_t>(xp, xs_b, xs_l, g, b, s, p.data());
+          acc ss = 0;
+          for (int64_t d = 0; d < D; ++d) ss += p[d] * p[d];
+          const acc r = norm::inverse_rms(ss, D, static_cast<acc>(eps));
+          acc dot = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            u[d] = p[d] * r;
+            const acc gyd = widen(gy[d]);
+            if (weighted) partial[chunk * D + d] += gyd * u[d];
+            gu[d] = weighted ? gyd * w[d] : gyd;
+            dot += gu[d] * u[d];
+          }
+          const acc mean_dot = dot / static_cast<acc>(D);
+          for (int64_t d = 0; d < D; ++d) gpool[d] = r * (gu[d] - u[d] * mean_dot);
+        }
+        const int64_t r0 = (s / g.out_side) * k, col0 = (s % g.out_side) * k;
+        for (int64_t rr = r0; rr < r0 + k; ++rr)
+          for (int64_t cc = col0; cc < col0 + k; ++cc) {
+            scalar_t* dst = gx + (b * g.seq_len + rr * g.side + cc) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>(gpool[d] / count);
+          }
+      }
+    }
+  });
+  if (!weighted) return;
+  void* out = grad_weight.mutable_data_ptr();
+  for (int64_t d = 0; d < D; ++d) {
+    acc sum = 0;
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) sum += partial[chunk * D + d];
+    store_as<acc>(out, g.weight_kind, d, sum);
+  }
+}
+
 Tensor avg_pool_rms_norm_cpu(const Tensor& x_in, int64_t length, const std::optional<Tensor>& weight, double eps,
                              std::string norm_name) {
   const char* op = "avg_pool_rms_norm";
@@ -71,9 +131,38 @@ Tensor avg_pool_rms_norm_cpu(const Tensor& x_in, int64_t length, const std::opti
   return out;
 }
 
+std::tuple<Tensor, Tensor> avg_pool_rms_norm_backward_cpu(const Tensor& grad_in, const Tensor& x_in, int64_t length,
+                                                          const std::optional<Tensor>& weight, double eps,
+                                                          std::string norm_name) {
+  const char* op = "_avg_pool_rms_norm_backward";
+  const Geometry g = check_inputs(op, x_in, length, weight, eps, norm_name, /*allow_double=*/true);
+  VITOPS_CHECK(grad_in.dim() == 3 && grad_in.size(0) == g.batch && grad_in.size(1) == g.length &&
+                   grad_in.size(2) == g.dim,
+               "vitops.", op, ": `grad_output` must have shape [", g.batch, ", ", g.length, ", ", g.dim, "], got ",
+               shape_str(grad_in));
+  VITOPS_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "vitops.", op, ": `grad_output` must have the dtype of `x` (",
+               dtype_name(x_in.scalar_type()), "), got ", dtype_name(grad_in.scalar_type()));
+  check_same_device(op, "x", x_in, "grad_output", grad_in);
+  Tensor grad_x = new_empty(x_in, {g.batch, g.seq_len, g.dim}, x_in.scalar_type());
+  Tensor grad_weight = weight.has_value() ? new_empty(x_in, {g.dim}, weight->scalar_type())
+                                          : new_empty(x_in, {0}, x_in.scalar_type());
+  if (grad_weight.numel() > 0 && grad_x.numel() == 0) {
+    VITOPS_DISPATCH_FLOATING(grad_weight.scalar_type(), "avg_pool_rms_norm_zero_weight_grad", [&] {
+      std::fill(grad_weight.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>() + g.dim, scalar_t(0));
+    });
+  }
+  if (grad_x.numel() == 0) return {grad_x, grad_weight};
+  const Tensor x = x_in.stride(2) == 1 ? x_in : torch::stable::contiguous(x_in);
+  const Tensor grad = grad_in.stride(2) == 1 ? grad_in : torch::stable::contiguous(grad_in);
+  VITOPS_DISPATCH_FLOATING(x.scalar_type(), "avg_pool_rms_norm_backward_cpu",
+                           [&] { backward<scalar_t>(grad, x, g, weight, eps, grad_x, grad_weight); });
+  return {grad_x, grad_weight};
+}
+
 }  // namespace
 }  // namespace vitops::avg_pool_rms_norm
 
 STABLE_TORCH_LIBRARY_IMPL(vitops, CPU, m) {
   m.impl("avg_pool_rms_norm", TORCH_BOX(&vitops::avg_pool_rms_norm::avg_pool_rms_norm_cpu));
+  m.impl("_avg_pool_rms_norm_backward", TORCH_BOX(&vitops::avg_pool_rms_norm::avg_pool_rms_norm_backward_cpu));
 }
