@@ -370,8 +370,10 @@ def build_g3_projector(shape, device, dtype):
     fwd = x.numel() * ds + proj.mm_input_projection_weight.numel() * ds + out_bytes
 
     def vit():
-        op = require_op("gemma3_pool_norm", device)  # fused pool + RMSNorm (planned)
-        return lambda x: op(x, proj.mm_soft_emb_norm.weight) @ proj.mm_input_projection_weight
+        op = require_op("avg_pool_rms_norm", device)  # the fused pool + Gemma RMSNorm; the GEMM stays a GEMM
+        eps = cfg.vision_config.layer_norm_eps
+        return lambda x: torch.matmul(op(x, cfg.mm_tokens_per_image, proj.mm_soft_emb_norm.weight, eps=eps),
+                                      proj.mm_input_projection_weight)
 
     return Setup((x,), proj, vit, [x], fwd, None)
 

@@ -49,7 +49,6 @@ VITOPS_STABLE_TORCH_LIBRARY(VITOPS_OPS_NAMESPACE, m) {
   // "half_split" (rotate_half) or "interleaved" (complex pairs); rope_freqs: one inverse frequency
   // per rotated pair (None: HF's 1 / base^(2i / chunk width)). The backward takes the gradients of
   // the outputs as they are ([B, L, N, hd]) and returns [0]-sized weight gradients without weights.
-  // WIP (branch wip/gemma3-exit-op): CPU forward only so far
   m.def("avg_pool_rms_norm(Tensor x, SymInt length, Tensor? weight, float eps, str norm=\"scale_plus_one\") -> Tensor");
   m.def("_avg_pool_rms_norm_backward(Tensor grad_output, Tensor x, SymInt length, Tensor? weight, float eps, str norm=\"scale_plus_one\") -> (Tensor grad_x, Tensor grad_weight)");
   m.def("qkv_norm_rope(Tensor q, Tensor k, Tensor? v, Tensor? q_weight, Tensor? k_weight, Tensor positions, float eps, float base_frequency, ScalarType? rope_dtype=None, str norm=\"scale\", bool v_norm=True, str pairing=\"half_split\", Tensor? rope_freqs=None) -> (Tensor q_out, Tensor k_out, Tensor v_out)");

@@ -196,6 +196,19 @@ def _exit(rng, namespace):
     return kw
 
 
+def _pool_norm(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    out_side, k = rng.randint(1, 4), rng.randint(1, 3)
+    side = out_side * k
+    b, d = rng.randint(0, 3), rng.randint(0, 9)
+    norm = rng.choice(["scale_plus_one", "scale", "rms", "none"])
+    weight = None
+    if norm in ("scale", "scale_plus_one"):
+        weight = _strided(rng, _randn(rng, (d,), rng.choice([torch.float32, torch.bfloat16, dtype]), 0.5))
+    x = _strided(rng, _randn(rng, (b, side * side, d), dtype, scale=3.0))
+    return dict(x=x, length=out_side * out_side, weight=weight, eps=rng.choice([1e-6, 1e-3, 0.0]), norm=norm)
+
+
 def _qkv(rng, namespace):
     dtype = rng.choice(_dtypes(namespace))
     b, length = rng.randint(0, 2), rng.randint(0, 6)
@@ -237,6 +250,7 @@ GENERATORS = {
     "apply_multidimensional_rope": _rope,
     "avg_pool_by_positions": _pool_inputs,
     "avg_pool_scale_standardize": _exit,
+    "avg_pool_rms_norm": _pool_norm,
     "qkv_norm_rope": _qkv,
 }
 
@@ -377,6 +391,19 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
         if op == "avg_pool_scale_standardize" and kw["std_bias"] is not None:
             out.append(("std_bias alone", {**kw, "std_scale": None}, True))
             out.append(("std_scale wrong size", {**kw, "std_scale": torch.ones(x.shape[2] + 1)}, True))
+    elif op == "avg_pool_rms_norm":
+        x = kw["x"]
+        for length in (0, -1, INT64_MIN, 2, kw["length"] * 4 + 1, INT64_MAX):
+            out.append((f"length {length}", {**kw, "length": length}, True))
+        for eps in (-1.0, f, float("inf")):
+            out.append((f"eps {eps}", {**kw, "eps": eps}, True))
+        out.append(("norm layer", {**kw, "norm": "layer"}, True))
+        out.append(("non-square L", {**kw, "x": torch.zeros(x.shape[0], x.shape[1] + 2, x.shape[2], dtype=x.dtype)}, True))
+        out.append(("weight wrong size", {**kw, "weight": torch.ones(x.shape[2] + 1), "norm": "scale"}, True))
+        out.append(("weight with rms", {**kw, "weight": torch.ones(x.shape[2]), "norm": "rms"}, True))
+        huge = 3037000499**2  # a square L of 2^63 scale, B = 0: valid, returns at once
+        out.append(("expanded x of a 3037000499² grid", {**kw, "x": _huge_expanded((0, huge, 1), x.dtype), "length": 1,
+                                                           "weight": None, "norm": "rms"}, "returns"))
     elif op == "qkv_norm_rope":
         for name, vals in (("eps", (-1.0, f, float("inf"))), ("base_frequency", (0.0, -2.0, f, float("inf")))):
             for v in vals:
@@ -437,6 +464,11 @@ def _backward_mutations(op: str, kw: dict, rng: random.Random):
     elif op == "apply_multidimensional_rope":
         out.append(("_apply_multidimensional_rope_backward(base_frequency=nan)", "_apply_multidimensional_rope_backward",
                     [kw["inputs"], kw["positions"], float("nan"), kw["rotary_fraction"], kw["scale_factor"]], True))
+    elif op == "avg_pool_rms_norm":
+        x = kw["x"]
+        g = torch.zeros(x.shape[0], kw["length"] + 1, x.shape[2], dtype=x.dtype)
+        out.append(("_avg_pool_rms_norm_backward(grad_output wrong length)", "_avg_pool_rms_norm_backward",
+                    [g, x, kw["length"], kw["weight"], kw["eps"], kw["norm"]], True))
     elif op == "qkv_norm_rope":
         q, k, v = kw["q"], kw["k"], kw["v"]
         gq = torch.zeros(q.shape, dtype=q.dtype)

@@ -6,7 +6,7 @@ import torch
 from vitops import reference
 from vitops.ops import avg_pool_rms_norm
 
-from _utils import randn, tol
+from _utils import DEVICES, randn, tol
 
 SHAPES = [(2, 64, 16, 48), (1, 36, 9, 32), (3, 16, 1, 8), (2, 16, 16, 8), (0, 16, 4, 8), (2, 4096, 256, 64)]
 
@@ -95,3 +95,24 @@ def test_bad_input_real_and_fake(kwargs, match):
     meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(RuntimeError, match=match):
         avg_pool_rms_norm(meta["x"], meta["length"], meta["weight"], eps=meta["eps"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_forward_backward(device):
+    """Forward and backward against the reference on each device (the CUDA variant runs in
+    tools/gpu_check.sh, also under compute-sanitizer), a strided x included."""
+    for dtype in (torch.float32, torch.bfloat16):
+        wide = randn(2, 64, 50, dtype=dtype, device=device)
+        for x in (wide[..., :48].contiguous(), wide[..., :48]):  # contiguous rows, then rows with a stride of 50
+            x = x.detach().requires_grad_()
+            w = (0.5 * torch.randn(48, device=device)).requires_grad_()
+            g = randn(2, 16, 48, dtype=dtype, device=device)
+            out = avg_pool_rms_norm(x, 16, w)
+            ref = reference.avg_pool_rms_norm(x, 16, w)
+            torch.testing.assert_close(out, ref, **tol(dtype))
+            got = torch.autograd.grad((out * g).sum(), (x, w))
+            want = torch.autograd.grad((ref * g).sum(), (x, w))
+            for a, b in zip(got, want):
+                scale = b.abs().max().item() + 1e-6
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype != torch.float32 else 1e-5,
+                                           atol=(2e-2 if dtype != torch.float32 else 1e-6) * scale)

@@ -647,3 +647,25 @@ def test_qkv_norm_rope_non_finite_positions_give_nan_rows():
     assert torch.isfinite(vo).all()  # v is only normalised
     ref = reference.qkv_norm_rope(q[:, [0, 2]], k[:, [0, 2]], v[:, [0, 2]], w, w, pos[:, [0, 2]])
     torch.testing.assert_close(qo[:, [0, 2]], ref[0].transpose(1, 2), **tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# avg_pool_rms_norm: one block per output token; the kernels against the CPU kernels
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(2, 64, 16, 48, "scale_plus_one"), (1, 36, 9, 300, "rms"), (2, 16, 1, 8, "none"),
+                                  (0, 16, 4, 8, "scale"), (3, 16, 16, 5, "scale"), (1, 4096, 256, 40, "scale_plus_one")])
+def test_avg_pool_rms_norm(dtype, case):
+    b, seq, length, d, norm = case
+    x = (2 * torch.randn(b, seq, d + 3))[..., :d].to(dtype)  # rows with a stride of d + 3
+    w = 0.5 * torch.randn(d) if norm in ("scale", "scale_plus_one") else None
+    cpu = torch.ops.vitops.avg_pool_rms_norm(x, length, w, 1e-6, norm)
+    got = emu("avg_pool_rms_norm", x, length, w, 1e-6, norm)
+    torch.testing.assert_close(got, cpu, **tol(dtype))
+    g = randn(b, length, d, dtype=dtype)
+    cpu_b = torch.ops.vitops._avg_pool_rms_norm_backward(g, x, length, w, 1e-6, norm)
+    got_b = emu("_avg_pool_rms_norm_backward", g, x, length, w, 1e-6, norm)
+    for a, c in zip(got_b, cpu_b):
+        assert a.shape == c.shape and a.dtype == c.dtype
+        scale = c.abs().max().item() + 1e-6 if c.numel() else 1.0
+        torch.testing.assert_close(a.float(), c.float(), rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * scale)

@@ -78,6 +78,7 @@ tests/test_qkv_norm_rope.py::test_contiguous_inputs_and_three_axes[cuda]
 tests/test_patchify.py::test_channels_first_equals_hf_llama4_unfold_and_backward[cuda]
 tests/test_pixel_shuffle.py::test_leading_dims_strided_and_backward[cuda]
 tests/test_pixel_shuffle.py::test_views_read_in_place_or_copied[cuda]
+tests/test_avg_pool_rms_norm.py::test_device_forward_backward[cuda]
 "
 # memcheck only (racecheck would also report on cuBLAS / SDPA kernels that are not ours)
 MEMCHECK_EXTRA_TESTS="tests/test_gemma4_modules.py::test_cuda_padded_forward_does_not_sync"

@@ -314,6 +314,8 @@ def avg_pool_rms_norm(x: torch.Tensor, length: int, weight: torch.Tensor | None,
     b, seq, d = x.shape
     side, out_side = math.isqrt(seq), math.isqrt(length)
     k = side // out_side
+    if d == 0:  # avg_pool2d rejects zero channels
+        return x.new_empty((b, length, 0))
     grid = x.transpose(1, 2).reshape(b, d, side, side)
     pooled = torch.nn.functional.avg_pool2d(grid, k, k).flatten(2).transpose(1, 2)
     return pooled if norm == "none" else rms_norm(pooled, weight, eps, norm)

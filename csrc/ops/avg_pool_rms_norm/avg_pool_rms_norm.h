@@ -1,10 +1,8 @@
-// avg_pool_rms_norm (WIP, CPU only so far): Gemma 3's vision exit before its projection GEMM.
+// avg_pool_rms_norm: Gemma 3's vision exit before its projection GEMM.
 // x [B, L, D] is a square row-major token grid (L = side²); every k x k window (k = side / out_side,
 // length = out_side²) is averaged as AvgPool2d does (the window summed in row-major order in the
 // accumulation type, divided by k², rounded to x's dtype), then RMS-normalised over D as HF's
 // Gemma3RMSNorm (kernels/norm/norm.h: float32, x * r * (1 + w) for "scale_plus_one"), rounded once.
-// TODO(next session): fold the pooling into kernels/pool (the square grid is the positions case
-// with a divide-by-count epilogue) and add the CUDA kernels.
 #pragma once
 
 #include <optional>
@@ -40,6 +38,7 @@ inline Geometry check_inputs(const char* op, const Tensor& x, int64_t length, co
   VITOPS_CHECK(g.out_side * g.out_side == length && g.side % g.out_side == 0, "vitops.", op, ": `length` (", length,
                ") must be a square whose side divides the grid side ", g.side);
   g.kernel = g.side / g.out_side;
+  check_shape_fits(op, "the output", {g.batch, length, g.dim});
   g.norm = norm::parse_kind(op, norm_name);
   const bool weighted = norm::has_weight(g.norm);
   VITOPS_CHECK(weight.has_value() == weighted, "vitops.", op, ": `weight` must be ", weighted ? "given" : "None",
@@ -56,6 +55,16 @@ inline Geometry check_inputs(const char* op, const Tensor& x, int64_t length, co
   }
   VITOPS_CHECK(std::isfinite(eps) && eps >= 0, "vitops.", op, ": `eps` must be a finite number >= 0, got ", eps);
   return g;
+}
+
+// The backward's grad_output: [B, length, D] in x's dtype, on x's device.
+inline void check_grad_output(const char* op, const Tensor& grad, const Tensor& x, const Geometry& g) {
+  VITOPS_CHECK(grad.dim() == 3 && grad.size(0) == g.batch && grad.size(1) == g.length && grad.size(2) == g.dim,
+               "vitops.", op, ": `grad_output` must have shape [", g.batch, ", ", g.length, ", ", g.dim, "], got ",
+               shape_str(grad));
+  VITOPS_CHECK(grad.scalar_type() == x.scalar_type(), "vitops.", op, ": `grad_output` must have the dtype of `x` (",
+               dtype_name(x.scalar_type()), "), got ", dtype_name(grad.scalar_type()));
+  check_same_device(op, "x", x, "grad_output", grad);
 }
 
 }  // namespace vitops::avg_pool_rms_norm

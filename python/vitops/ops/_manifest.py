@@ -21,6 +21,7 @@ import torch
 from .. import reference
 from .apply_multidimensional_rope import apply_multidimensional_rope
 from .avg_pool_by_positions import avg_pool_by_positions
+from .avg_pool_rms_norm import avg_pool_rms_norm
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
 from .patchify import patchify
@@ -116,6 +117,12 @@ def _exit_sample(device, dtype, empty):
                 std_bias=_rand(g, device, dtype, 40), std_scale=_rand(g, device, dtype, 40))
 
 
+def _pool_norm_sample(device, dtype, empty):
+    g = _generator()
+    return dict(x=_rand(g, device, dtype, 0 if empty else 2, 64, 40), length=16, weight=_rand(g, device, dtype, 40),
+                eps=1e-6, norm="scale_plus_one")
+
+
 def _qkv_sample(device, dtype, empty):
     g = _generator()
     b = 0 if empty else 2
@@ -204,6 +211,17 @@ MANIFEST: tuple[OpEntry, ...] = (
         sample=_exit_sample,
         backward_args=lambda kw, g: [g[0], kw["positions_xy"], kw["length"], kw["x"].shape[1], kw["scale"],
                                      kw["std_scale"]],
+    ),
+    OpEntry(
+        name="avg_pool_rms_norm",
+        args=("x", "length", "weight", "eps", "norm"),
+        differentiable=("x", "weight"),
+        wrapper=lambda x, length, weight, eps, norm: avg_pool_rms_norm(x, length, weight, eps=eps, norm=norm),
+        reference=lambda x, length, weight, eps, norm: reference.avg_pool_rms_norm(x, length, weight, eps=eps,
+                                                                                   norm=norm),
+        sample=_pool_norm_sample,
+        # the output gradient, then the forward's arguments; returns (grad_x, grad_weight)
+        backward_args=lambda kw, g: [g[0], kw["x"], kw["length"], kw["weight"], kw["eps"], kw["norm"]],
     ),
     OpEntry(
         name="qkv_norm_rope",

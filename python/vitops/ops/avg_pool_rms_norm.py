@@ -7,7 +7,16 @@ import math
 
 import torch
 
-from ._checks import allows_double, check_float, check_same_device, dtype_name, fail_unless, is_concrete, shape_str
+from ._checks import (
+    allows_double,
+    check_float,
+    check_same_device,
+    check_shape_fits,
+    dtype_name,
+    fail_unless,
+    is_concrete,
+    shape_str,
+)
 
 _op = torch.ops.vitops.avg_pool_rms_norm.default
 _backward_op = torch.ops.vitops._avg_pool_rms_norm_backward.default
@@ -46,6 +55,7 @@ def _check(op, x, length, weight, eps, norm):
         out_side = math.isqrt(length)
         fail_unless(out_side * out_side == length and side % out_side == 0, lambda: (
             f"vitops.{op}: `length` ({length}) must be a square whose side divides the grid side {side}"))
+    check_shape_fits(op, "the output", (x.shape[0], length, x.shape[2]))
     fail_unless(norm in _KINDS, lambda: (
         f'vitops.{op}: `norm` must be "scale" (x * w), "scale_plus_one" (x * (1 + w)), "rms" (no weight) or '
         f'"none", got "{norm}"'))

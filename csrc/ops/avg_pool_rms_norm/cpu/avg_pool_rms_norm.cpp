@@ -1,4 +1,4 @@
-// avg_pool_rms_norm on the CPU (WIP): one task per (image, output token) row: the k x k window summed
+// avg_pool_rms_norm on the CPU: one task per (image, output token) row: the k x k window summed
 // in row-major order (AvgPool2d's order) in the accumulation type, divided by k², rounded to x's
 // dtype, then the row's RMS norm (kernels/norm/norm.h). Bitwise reproducible (no thread-dependent
 // order); weight gradients reduced in fixed row chunks.
@@ -136,13 +136,7 @@ std::tuple<Tensor, Tensor> avg_pool_rms_norm_backward_cpu(const Tensor& grad_in,
                                                           std::string norm_name) {
   const char* op = "_avg_pool_rms_norm_backward";
   const Geometry g = check_inputs(op, x_in, length, weight, eps, norm_name, /*allow_double=*/true);
-  VITOPS_CHECK(grad_in.dim() == 3 && grad_in.size(0) == g.batch && grad_in.size(1) == g.length &&
-                   grad_in.size(2) == g.dim,
-               "vitops.", op, ": `grad_output` must have shape [", g.batch, ", ", g.length, ", ", g.dim, "], got ",
-               shape_str(grad_in));
-  VITOPS_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "vitops.", op, ": `grad_output` must have the dtype of `x` (",
-               dtype_name(x_in.scalar_type()), "), got ", dtype_name(grad_in.scalar_type()));
-  check_same_device(op, "x", x_in, "grad_output", grad_in);
+  check_grad_output(op, grad_in, x_in, g);
   Tensor grad_x = new_empty(x_in, {g.batch, g.seq_len, g.dim}, x_in.scalar_type());
   Tensor grad_weight = weight.has_value() ? new_empty(x_in, {g.dim}, weight->scalar_type())
                                           : new_empty(x_in, {0}, x_in.scalar_type());
