@@ -1,4 +1,5 @@
-"""WIP: vitops.avg_pool_rms_norm (Gemma 3's exit before its GEMM), CPU only so far."""
+"""vitops.avg_pool_rms_norm (Gemma 3's exit before its GEMM): reference, HF, gradients, opcheck,
+compile, bad input, devices."""
 
 import pytest
 import torch
@@ -116,3 +117,23 @@ def test_device_forward_backward(device):
                 scale = b.abs().max().item() + 1e-6
                 torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype != torch.float32 else 1e-5,
                                            atol=(2e-2 if dtype != torch.float32 else 1e-6) * scale)
+
+
+def test_exported_and_equal_to_the_projector_path_at_the_released_size():
+    """vitops.avg_pool_rms_norm at Gemma 3's size: [2, 4096, 1152] -> [2, 256, 1152], against
+    HF's AvgPool2d + Gemma3RMSNorm."""
+    import vitops
+    from transformers import Gemma3Config
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    vis = dict(hidden_size=1152, image_size=896, patch_size=14, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, vision_use_head=False)
+    proj = Gemma3MultiModalProjector(Gemma3Config(vision_config=vis, text_config=dict(hidden_size=40),
+                                                  mm_tokens_per_image=256))
+    torch.nn.init.normal_(proj.mm_soft_emb_norm.weight, std=0.5)
+    x = randn(2, 4096, 1152)
+    with torch.no_grad():
+        grid = x.transpose(1, 2).reshape(2, 1152, 64, 64).contiguous()
+        want = proj.mm_soft_emb_norm(proj.avg_pool(grid).flatten(2).transpose(1, 2))
+        got = vitops.avg_pool_rms_norm(x, 256, proj.mm_soft_emb_norm.weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from .ops import (  # noqa: E402
     apply_multidimensional_rope,
     avg_pool_by_positions,
+    avg_pool_rms_norm,
     avg_pool_scale_standardize,
     factorized_posemb,
     patchify,
@@ -53,6 +54,7 @@ def build_info() -> dict:
 __all__ = [
     "apply_multidimensional_rope",
     "avg_pool_by_positions",
+    "avg_pool_rms_norm",
     "avg_pool_scale_standardize",
     "build_info",
     "factorized_posemb",

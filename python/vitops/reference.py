@@ -24,6 +24,7 @@ __all__ = [
     "rope_inv_freq",
     "qkv_norm_rope",
     "avg_pool_scale_standardize",
+    "avg_pool_rms_norm",
 ]
 
 
@@ -303,7 +304,7 @@ def avg_pool_scale_standardize(
 
 
 # --------------------------------------------------------------------------------------------
-# avg_pool_rms_norm (WIP: Gemma 3's exit before its GEMM)
+# avg_pool_rms_norm (Gemma 3's exit before its GEMM)
 # --------------------------------------------------------------------------------------------
 def avg_pool_rms_norm(x: torch.Tensor, length: int, weight: torch.Tensor | None, *, eps: float = 1e-6,
                       norm: str = "scale_plus_one") -> torch.Tensor:

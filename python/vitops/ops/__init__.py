@@ -6,7 +6,7 @@ autograd formula; the kernels themselves come from the compiled library.
 
 from .apply_multidimensional_rope import apply_multidimensional_rope
 from .avg_pool_by_positions import avg_pool_by_positions
-from .avg_pool_rms_norm import avg_pool_rms_norm  # WIP
+from .avg_pool_rms_norm import avg_pool_rms_norm
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
 from .patchify import patchify

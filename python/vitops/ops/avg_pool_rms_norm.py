@@ -1,4 +1,4 @@
-"""vitops.avg_pool_rms_norm (WIP): Gemma 3's vision exit before its projection GEMM: square average
+"""vitops.avg_pool_rms_norm: Gemma 3's vision exit before its projection GEMM: square average
 pooling of a row-major token grid, then the Gemma RMSNorm, in one pass."""
 
 from __future__ import annotations

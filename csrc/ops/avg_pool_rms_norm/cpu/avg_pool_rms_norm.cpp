@@ -28,6 +28,23 @@ void pooled_row(const scalar_t* xp, int64_t xs_b, int64_t xs_l, const Geometry& 
   for (int64_t d = 0; d < D; ++d) out[d] = round_to<scalar_t>(out[d] / count);
 }
 
+// Sum of x*y over a row in kLanes independent partial sums combined in a fixed tree: the lanes
+// become SIMD registers (one running sum would be a serial chain of D dependent adds), and the order
+// is the same on every run and thread count.
+constexpr int64_t kLanes = 16;
+
+template <typename acc>
+acc lane_dot(const acc* x, const acc* y, int64_t n) {
+  acc lanes[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[e + j] * y[e + j];
+  for (int64_t j = 0; e < n; ++e, ++j) lanes[j] += x[e] * y[e];
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
 template <typename acc>
 std::vector<acc> weight_factors(const Geometry& g, const std::optional<Tensor>& weight) {
   std::vector<acc> w(norm::has_weight(g.norm) ? g.dim : 0);
@@ -52,10 +69,12 @@ void forward(const Tensor& x, const Geometry& g, const std::optional<Tensor>& we
         for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>(p[d]);
         continue;
       }
-      acc ss = 0;
-      for (int64_t d = 0; d < D; ++d) ss += p[d] * p[d];
-      const acc r = norm::inverse_rms(ss, D, static_cast<acc>(eps));
-      for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>(w.empty() ? p[d] * r : (p[d] * r) * w[d]);
+      const acc r = norm::inverse_rms(lane_dot(p.data(), p.data(), D), D, static_cast<acc>(eps));
+      if (w.empty()) {
+        for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>(p[d] * r);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>((p[d] * r) * w[d]);
+      }
     }
   });
 }
@@ -88,18 +107,14 @@ void backward(const Tensor& grad, const Tensor& x, const Geometry& g, const std:
           for (int64_t d = 0; d < D; ++d) gpool[d] = widen(gy[d]);
         } else {
           pooled_row<scalar_t>(xp, xs_b, xs_l, g, b, s, p.data());
-          acc ss = 0;
-          for (int64_t d = 0; d < D; ++d) ss += p[d] * p[d];
-          const acc r = norm::inverse_rms(ss, D, static_cast<acc>(eps));
-          acc dot = 0;
+          const acc r = norm::inverse_rms(lane_dot(p.data(), p.data(), D), D, static_cast<acc>(eps));
           for (int64_t d = 0; d < D; ++d) {
             u[d] = p[d] * r;
             const acc gyd = widen(gy[d]);
             if (weighted) partial[chunk * D + d] += gyd * u[d];
             gu[d] = weighted ? gyd * w[d] : gyd;
-            dot += gu[d] * u[d];
           }
-          const acc mean_dot = dot / static_cast<acc>(D);
+          const acc mean_dot = lane_dot(gu.data(), u.data(), D) / static_cast<acc>(D);
           for (int64_t d = 0; d < D; ++d) gpool[d] = r * (gu[d] - u[d] * mean_dot);
         }
         const int64_t r0 = (s / g.out_side) * k, col0 = (s % g.out_side) * k;

@@ -1,4 +1,4 @@
-// avg_pool_rms_norm on CUDA (WIP): one block per (image, output token) row. Each thread owns the
+// avg_pool_rms_norm on CUDA: one block per (image, output token) row. Each thread owns the
 // columns d = tid, tid + blockDim, ...: it sums its columns over the k x k window in row-major order
 // (AvgPool2d's order, as the CPU kernel), divides by k² and rounds to x's dtype into shared memory;
 // the row's sum of squares is a fixed shared-memory tree (deterministic; its order differs from the
