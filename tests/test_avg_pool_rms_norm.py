@@ -86,6 +86,8 @@ def test_compile_fullgraph(dynamic):
     (dict(weight=None), r'`weight` must be given with norm="scale_plus_one"'),
     (dict(weight=torch.ones(7)), r"`weight` must have shape \[D\] = \[8\]"),
     (dict(x=torch.ones(2, 16, 8, dtype=torch.int64)), r"`x` must be"),
+    (dict(weight=torch.ones(8).to(torch.float8_e4m3fn)), r"`weight` must be a float32, bfloat16 or float16 or float64"),
+    (dict(weight=torch.ones(8, dtype=torch.int32)), r"`weight` must be a float32, bfloat16 or float16"),
     (dict(eps=float("nan")), r"`eps` must be a finite number"),
 ])
 def test_bad_input_real_and_fake(kwargs, match):

@@ -48,7 +48,8 @@ inline Geometry check_inputs(const char* op, const Tensor& x, int64_t length, co
     VITOPS_CHECK(w.dim() == 1 && w.size(0) == g.dim, "vitops.", op, ": `weight` must have shape [D] = [", g.dim,
                  "], got ", shape_str(w));
     VITOPS_CHECK(is_float_dtype(w.scalar_type()) && (allow_double || w.scalar_type() != ScalarType::Double),
-                 "vitops.", op, ": `weight` must be a floating tensor, got ", dtype_name(w.scalar_type()));
+                 "vitops.", op, ": `weight` must be a float32, bfloat16 or float16", allow_double ? " or float64" : "",
+                 " tensor, got ", dtype_name(w.scalar_type()));
     check_same_device(op, "x", x, "weight", w);
     value_kind_of(w.scalar_type(), &g.weight_kind);
     g.weight_stride = w.stride(0);
