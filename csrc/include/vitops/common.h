@@ -96,6 +96,14 @@ inline void check_float(const char* op, const char* arg, const Tensor& t, bool a
                allow_double ? " or float64" : " (float64 is CPU only)", ", got ", dtype_name(t.scalar_type()));
 }
 
+// A float table read in its own dtype (a norm weight, a frequency or standardisation table): any float
+// dtype the kernels read, float64 only where the kernels have float64 (the CPU).
+inline void check_float_table(const char* op, const char* arg, const Tensor& t, bool allow_double) {
+  VITOPS_CHECK(is_float_dtype(t.scalar_type()) && (allow_double || t.scalar_type() != ScalarType::Double), "vitops.",
+               op, ": `", arg, "` must be a float32, bfloat16 or float16", allow_double ? " or float64" : "",
+               " tensor, got ", dtype_name(t.scalar_type()));
+}
+
 inline void check_index(const char* op, const char* arg, const Tensor& t) {
   VITOPS_CHECK(is_index_dtype(t.scalar_type()), "vitops.", op, ": `", arg,
                "` must be an int64 or int32 tensor, got ", dtype_name(t.scalar_type()));

@@ -47,15 +47,24 @@ inline Geometry check_inputs(const char* op, const Tensor& x, int64_t length, co
     const Tensor& w = *weight;
     VITOPS_CHECK(w.dim() == 1 && w.size(0) == g.dim, "vitops.", op, ": `weight` must have shape [D] = [", g.dim,
                  "], got ", shape_str(w));
-    VITOPS_CHECK(is_float_dtype(w.scalar_type()) && (allow_double || w.scalar_type() != ScalarType::Double),
-                 "vitops.", op, ": `weight` must be a float32, bfloat16 or float16", allow_double ? " or float64" : "",
-                 " tensor, got ", dtype_name(w.scalar_type()));
+    check_float_table(op, "weight", w, allow_double);
     check_same_device(op, "x", x, "weight", w);
     value_kind_of(w.scalar_type(), &g.weight_kind);
     g.weight_stride = w.stride(0);
   }
   VITOPS_CHECK(std::isfinite(eps) && eps >= 0, "vitops.", op, ": `eps` must be a finite number >= 0, got ", eps);
   return g;
+}
+
+// The backward's outputs, allocated alike by both kernels: grad_x [B, L, D] in x's dtype and
+// grad_weight [D] in the weight's dtype ([0] placeholder without a weight).
+struct BackwardOutputs {
+  Tensor grad_x, grad_weight;
+};
+
+inline BackwardOutputs allocate_backward(const Tensor& x, const Geometry& g, const std::optional<Tensor>& weight) {
+  return {new_empty(x, {g.batch, g.seq_len, g.dim}, x.scalar_type()),
+          weight.has_value() ? new_empty(x, {g.dim}, weight->scalar_type()) : new_empty(x, {0}, x.scalar_type())};
 }
 
 // The backward's grad_output: [B, length, D] in x's dtype, on x's device.

@@ -43,9 +43,7 @@ inline void check_std_buffer(const char* op, const char* arg, const Tensor& t, c
                              int64_t dim, bool allow_double, ValueKind* kind, int64_t* stride) {
   VITOPS_CHECK(t.dim() == 1 && t.size(0) == dim, "vitops.", op, ": `", arg, "` must have shape [D] = [", dim,
                "], got ", shape_str(t));
-  VITOPS_CHECK(is_float_dtype(t.scalar_type()) && (allow_double || t.scalar_type() != ScalarType::Double), "vitops.",
-               op, ": `", arg, "` must be a float32, bfloat16 or float16", allow_double ? " or float64" : "",
-               " tensor, got ", dtype_name(t.scalar_type()));
+  check_float_table(op, arg, t, allow_double);
   check_same_device(op, like_name, like, arg, t);
   value_kind_of(t.scalar_type(), kind);
   *stride = t.stride(0);

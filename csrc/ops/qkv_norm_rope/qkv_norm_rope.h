@@ -134,9 +134,7 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
     const Tensor& t = **weights[w];
     VITOPS_CHECK(t.dim() == 1 && t.size(0) == g.head_dim, "vitops.", op, ": `", weight_names[w],
                  "` must have shape [hd] = [", g.head_dim, "], got ", shape_str(t));
-    VITOPS_CHECK(is_float_dtype(t.scalar_type()) && (allow_double || t.scalar_type() != ScalarType::Double),
-                 "vitops.", op, ": `", weight_names[w], "` must be a float32, bfloat16 or float16",
-                 allow_double ? " or float64" : "", " tensor, got ", dtype_name(t.scalar_type()));
+    check_float_table(op, weight_names[w], t, allow_double);
     value_kind_of(t.scalar_type(), &g.weight_kind[w]);
     g.weight_stride[w] = t.stride(0);
   }
@@ -171,9 +169,7 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
     VITOPS_CHECK(f.dim() == 1 && f.size(0) == g.layout.num_pairs(), "vitops.", op,
                  ": `rope_freqs` must have shape [hd / 2] = [", g.layout.num_pairs(),
                  "] (one inverse frequency per rotated pair), got ", shape_str(f));
-    VITOPS_CHECK(is_float_dtype(f.scalar_type()) && (allow_double || f.scalar_type() != ScalarType::Double),
-                 "vitops.", op, ": `rope_freqs` must be a float32, bfloat16 or float16",
-                 allow_double ? " or float64" : "", " tensor, got ", dtype_name(f.scalar_type()));
+    check_float_table(op, "rope_freqs", f, allow_double);
     g.has_freq_table = true;
     value_kind_of(f.scalar_type(), &g.freq_kind);
     g.freq_stride = f.stride(0);

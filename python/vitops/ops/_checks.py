@@ -65,6 +65,14 @@ def check_float(op: str, arg: str, t: torch.Tensor) -> None:
         f"{' or float64' if allow_double else ' (float64 is CPU only)'}, got {dtype_name(t.dtype)}"))
 
 
+def check_float_table(op: str, arg: str, t: torch.Tensor, allow_double: bool) -> None:
+    """csrc common.h check_float_table: a float table read in its own dtype (a norm weight, a frequency
+    or standardisation table); float64 only where the kernels have it."""
+    fail_unless(t.dtype in _FLOAT and (allow_double or t.dtype != torch.float64), lambda: (
+        f"vitops.{op}: `{arg}` must be a float32, bfloat16 or float16{' or float64' if allow_double else ''} "
+        f"tensor, got {dtype_name(t.dtype)}"))
+
+
 def check_index(op: str, arg: str, t: torch.Tensor) -> None:
     fail_unless(t.dtype in _INDEX,
                 lambda: f"vitops.{op}: `{arg}` must be an int64 or int32 tensor, got {dtype_name(t.dtype)}")

@@ -10,6 +10,7 @@ import torch
 from ._checks import (
     allows_double,
     check_float,
+    check_float_table,
     check_same_device,
     check_shape_fits,
     dtype_name,
@@ -22,7 +23,6 @@ _op = torch.ops.vitops.avg_pool_rms_norm.default
 _backward_op = torch.ops.vitops._avg_pool_rms_norm_backward.default
 _WEIGHTED = ("scale", "scale_plus_one")
 _KINDS = ("scale", "scale_plus_one", "rms", "none")
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def avg_pool_rms_norm(x: torch.Tensor, length: int, weight: torch.Tensor | None, *, eps: float = 1e-6,
@@ -66,10 +66,7 @@ def _check(op, x, length, weight, eps, norm):
     if weight is not None:
         fail_unless(weight.dim() == 1 and weight.shape[0] == x.shape[2], lambda: (
             f"vitops.{op}: `weight` must have shape [D] = [{x.shape[2]}], got {shape_str(weight)}"))
-        allow_double = allows_double(x)
-        fail_unless(weight.dtype in _FLOATS and (allow_double or weight.dtype != torch.float64), lambda: (
-            f"vitops.{op}: `weight` must be a float32, bfloat16 or float16{' or float64' if allow_double else ''} "
-            f"tensor, got {dtype_name(weight.dtype)}"))
+        check_float_table(op, "weight", weight, allows_double(x))
         check_same_device(op, "x", x, "weight", weight)
     fail_unless(math.isfinite(eps) and eps >= 0, lambda: f"vitops.{op}: `eps` must be a finite number >= 0, got {eps}")
 

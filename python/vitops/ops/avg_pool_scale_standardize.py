@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import allows_double, check_same_device, dtype_name, fail_unless, shape_str
+from ._checks import allows_double, check_float_table, check_same_device, fail_unless, shape_str
 from .avg_pool_by_positions import check_backward as _check_pool_backward
 from .avg_pool_by_positions import check_forward as _check_pool_forward
 
@@ -42,10 +42,7 @@ def avg_pool_scale_standardize(
 def _check_std_buffer(op, arg, t, like_name, like, dim):
     fail_unless(t.dim() == 1 and t.shape[0] == dim, lambda: (
         f"vitops.{op}: `{arg}` must have shape [D] = [{dim}], got {shape_str(t)}"))
-    allow_double = allows_double(like)
-    fail_unless(t.dtype in (torch.float32, torch.bfloat16, torch.float16) or (allow_double and t.dtype == torch.float64),
-                lambda: (f"vitops.{op}: `{arg}` must be a float32, bfloat16 or float16"
-                         f"{' or float64' if allow_double else ''} tensor, got {dtype_name(t.dtype)}"))
+    check_float_table(op, arg, t, allows_double(like))
     check_same_device(op, like_name, like, arg, t)
 
 

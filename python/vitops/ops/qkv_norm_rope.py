@@ -9,6 +9,7 @@ import torch
 from ._checks import (
     allows_double,
     check_float,
+    check_float_table,
     check_same_device,
     check_shape_fits,
     dtype_name,
@@ -102,12 +103,6 @@ _POSITION_DTYPES = (torch.int32, torch.int64) + _FLOATS
 _MAX_CUDA_HEAD_DIM = 512
 
 
-def _check_float_table(op, name, t, allow_double):
-    fail_unless(t.dtype in _FLOATS and (allow_double or t.dtype != torch.float64), lambda: (
-        f"vitops.{op}: `{name}` must be a float32, bfloat16 or float16{' or float64' if allow_double else ''} "
-        f"tensor, got {dtype_name(t.dtype)}"))
-
-
 def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
                   pairing, rope_freqs):
     """csrc/ops/qkv_norm_rope/qkv_norm_rope.h check_inputs, in the same order."""
@@ -158,7 +153,7 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
             continue
         fail_unless(w.dim() == 1 and w.shape[0] == hd, lambda: (
             f"vitops.{op}: `{name}` must have shape [hd] = [{hd}], got {shape_str(w)}"))
-        _check_float_table(op, name, w, allow_double)
+        check_float_table(op, name, w, allow_double)
     fail_unless(positions.dim() == 3 and positions.shape[0] == q.shape[0] and positions.shape[1] == q.shape[1],
                 lambda: (f"vitops.{op}: `positions` must have shape [B, L, ndim] = [{q.shape[0]}, {q.shape[1]}, "
                          f"ndim], got {shape_str(positions)}"))
@@ -185,7 +180,7 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
         fail_unless(rope_freqs.dim() == 1 and rope_freqs.shape[0] == hd // 2, lambda: (
             f"vitops.{op}: `rope_freqs` must have shape [hd / 2] = [{hd // 2}] (one inverse frequency per rotated "
             f"pair), got {shape_str(rope_freqs)}"))
-        _check_float_table(op, "rope_freqs", rope_freqs, allow_double)
+        check_float_table(op, "rope_freqs", rope_freqs, allow_double)
     if q.device.type == "cuda":
         fail_unless(hd <= _MAX_CUDA_HEAD_DIM, lambda: (
             f"vitops.{op}: the CUDA kernel supports head dims up to {_MAX_CUDA_HEAD_DIM}, got {hd} "

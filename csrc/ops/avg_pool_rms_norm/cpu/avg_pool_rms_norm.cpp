@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../avg_pool_rms_norm.h"
+#include "kernels/norm/cpu.h"
 
 namespace vitops::avg_pool_rms_norm {
 namespace {
@@ -26,23 +27,6 @@ void pooled_row(const scalar_t* xp, int64_t xs_b, int64_t xs_l, const Geometry& 
     }
   const acc count = static_cast<acc>(k * k);
   for (int64_t d = 0; d < D; ++d) out[d] = round_to<scalar_t>(out[d] / count);
-}
-
-// Sum of x*y over a row in kLanes independent partial sums combined in a fixed tree: the lanes
-// become SIMD registers (one running sum would be a serial chain of D dependent adds), and the order
-// is the same on every run and thread count.
-constexpr int64_t kLanes = 16;
-
-template <typename acc>
-acc lane_dot(const acc* x, const acc* y, int64_t n) {
-  acc lanes[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[e + j] * y[e + j];
-  for (int64_t j = 0; e < n; ++e, ++j) lanes[j] += x[e] * y[e];
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  return lanes[0];
 }
 
 template <typename acc>
@@ -69,7 +53,7 @@ void forward(const Tensor& x, const Geometry& g, const std::optional<Tensor>& we
         for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>(p[d]);
         continue;
       }
-      const acc r = norm::inverse_rms(lane_dot(p.data(), p.data(), D), D, static_cast<acc>(eps));
+      const acc r = norm::inverse_rms(norm::sum_of_squares(p.data(), D), D, static_cast<acc>(eps));
       if (w.empty()) {
         for (int64_t d = 0; d < D; ++d) dst[d] = narrow<scalar_t>(p[d] * r);
       } else {
@@ -107,14 +91,14 @@ void backward(const Tensor& grad, const Tensor& x, const Geometry& g, const std:
           for (int64_t d = 0; d < D; ++d) gpool[d] = widen(gy[d]);
         } else {
           pooled_row<scalar_t>(xp, xs_b, xs_l, g, b, s, p.data());
-          const acc r = norm::inverse_rms(lane_dot(p.data(), p.data(), D), D, static_cast<acc>(eps));
+          const acc r = norm::inverse_rms(norm::sum_of_squares(p.data(), D), D, static_cast<acc>(eps));
           for (int64_t d = 0; d < D; ++d) {
             u[d] = p[d] * r;
             const acc gyd = widen(gy[d]);
             if (weighted) partial[chunk * D + d] += gyd * u[d];
             gu[d] = weighted ? gyd * w[d] : gyd;
           }
-          const acc mean_dot = lane_dot(gu.data(), u.data(), D) / static_cast<acc>(D);
+          const acc mean_dot = norm::lane_dot(gu.data(), u.data(), D) / static_cast<acc>(D);
           for (int64_t d = 0; d < D; ++d) gpool[d] = r * (gu[d] - u[d] * mean_dot);
         }
         const int64_t r0 = (s / g.out_side) * k, col0 = (s % g.out_side) * k;
@@ -152,9 +136,9 @@ std::tuple<Tensor, Tensor> avg_pool_rms_norm_backward_cpu(const Tensor& grad_in,
   const char* op = "_avg_pool_rms_norm_backward";
   const Geometry g = check_inputs(op, x_in, length, weight, eps, norm_name, /*allow_double=*/true);
   check_grad_output(op, grad_in, x_in, g);
-  Tensor grad_x = new_empty(x_in, {g.batch, g.seq_len, g.dim}, x_in.scalar_type());
-  Tensor grad_weight = weight.has_value() ? new_empty(x_in, {g.dim}, weight->scalar_type())
-                                          : new_empty(x_in, {0}, x_in.scalar_type());
+  BackwardOutputs grads = allocate_backward(x_in, g, weight);
+  Tensor& grad_x = grads.grad_x;
+  Tensor& grad_weight = grads.grad_weight;
   if (grad_weight.numel() > 0 && grad_x.numel() == 0) {
     VITOPS_DISPATCH_FLOATING(grad_weight.scalar_type(), "avg_pool_rms_norm_zero_weight_grad", [&] {
       std::fill(grad_weight.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>() + g.dim, scalar_t(0));

@@ -193,9 +193,10 @@ std::tuple<Tensor, Tensor> avg_pool_rms_norm_backward_cuda(const Tensor& grad_in
   check_grad_output(op, grad_in, x_in, g);
   check_cuda_limits(op, g);
   CudaDeviceGuard guard(x_in.get_device());
-  Tensor grad_x = new_empty(x_in, {g.batch, g.seq_len, g.dim}, x_in.scalar_type());
+  BackwardOutputs grads = allocate_backward(x_in, g, weight);
+  Tensor& grad_x = grads.grad_x;
+  Tensor& grad_weight = grads.grad_weight;
   const bool weighted = weight.has_value();
-  Tensor grad_weight = weighted ? new_empty(x_in, {g.dim}, weight->scalar_type()) : new_empty(x_in, {0}, x_in.scalar_type());
   const int64_t rows = g.batch * g.length;
   Tensor partials = new_empty(x_in, {weighted && grad_x.numel() > 0 ? rows : 0, g.dim}, ScalarType::Float);
   cudaStream_t stream = current_cuda_stream(x_in.get_device());

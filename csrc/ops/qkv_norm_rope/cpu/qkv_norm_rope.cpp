@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../qkv_norm_rope.h"
+#include "kernels/norm/cpu.h"
 #include "kernels/rope/cpu.h"
 
 namespace vitops::qkv_norm_rope {
@@ -69,28 +70,6 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
   return t;
 }
 
-// Sums of x*y over a head row in kLanes independent partial sums, combined in a fixed tree: the
-// compiler turns the lanes into SIMD registers (a single running sum is a serial dependency chain
-// the compiler may not reorder), and the order is the same on every run and thread count.
-constexpr int64_t kLanes = 16;
-
-template <typename acc>
-acc dot_product(const acc* x, const acc* y, int64_t n) {
-  acc lanes[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[e + j] * y[e + j];
-  for (int64_t j = 0; e < n; ++e, ++j) lanes[j] += x[e] * y[e];
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  return lanes[0];
-}
-
-template <typename acc>
-acc sum_of_squares(const acc* x, int64_t n) {
-  return dot_product(x, x, n);
-}
-
 template <typename scalar_t>
 void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const out[kNumHeadTensors],
                   const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight, const void* positions,
@@ -120,7 +99,7 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
             }
             // widen/narrow (common.h) rather than c10's conversions: branch-free, so these loops vectorize.
             for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
-            const acc r = norm::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
+            const acc r = norm::inverse_rms(norm::sum_of_squares(x.data(), hd), hd, eps_acc);
             for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(x[e] * r);
             continue;
           }
@@ -130,11 +109,11 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
           }
           for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
           if (norm::has_weight(kind)) {
-            const acc r = norm::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
+            const acc r = norm::inverse_rms(norm::sum_of_squares(x.data(), hd), hd, eps_acc);
             const acc* w = t.weights[tensor].data();
             for (int64_t e = 0; e < hd; ++e) n[e] = widen(narrow<scalar_t>((x[e] * r) * w[e]));
           } else {  // Rms
-            const acc r = norm::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
+            const acc r = norm::inverse_rms(norm::sum_of_squares(x.data(), hd), hd, eps_acc);
             for (int64_t e = 0; e < hd; ++e) n[e] = widen(narrow<scalar_t>(x[e] * r));
           }
           if constexpr (std::is_same_v<scalar_t, acc>) {
@@ -199,7 +178,7 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
             else
               std::copy(gy.begin(), gy.end(), gu.begin());
             for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
-            const acc r = norm::inverse_rms(sum_of_squares(x.data(), hd), hd, eps_acc);
+            const acc r = norm::inverse_rms(norm::sum_of_squares(x.data(), hd), hd, eps_acc);
             for (int64_t e = 0; e < hd; ++e) {
               u[e] = x[e] * r;
               if (tensor < 2 && weighted) {
@@ -208,7 +187,7 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
               }
             }
             // sum(gu * u): the normalisation's projection term
-            const acc mean_dot = dot_product(gu.data(), u.data(), hd) / static_cast<acc>(hd);
+            const acc mean_dot = norm::lane_dot(gu.data(), u.data(), hd) / static_cast<acc>(hd);
             for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(r * (gu[e] - u[e] * mean_dot));
           }
         }
