@@ -543,14 +543,16 @@ def build_g3_tower(shape, device, dtype):
 
     def vit():
         require_module("vitops.hf.gemma3", "from_hf")
+        require_module("vitops.models.gemma3", "encode_images")
         from vitops.hf import gemma3 as hf_gemma3
+        from vitops.models.gemma3 import encode_images
 
         sd = {**{f"vision_tower.{k}": v for k, v in vis.state_dict().items()},
               **{f"multi_modal_projector.{k}": v for k, v in proj.state_dict().items()}}
         tower, embedder = hf_gemma3.from_hf(cfg, sd, dtype=dtype, device=device)
         # the MaxText-style tower takes NHWC images; this view of HF's NCHW pixels is undone without
-        # a copy before the patch convolution
-        return lambda pixels: embedder(tower(pixels.permute(0, 2, 3, 1)[:, None]))
+        # a copy before the patch convolution; the exit pooling and the projector norm are one op
+        return lambda pixels: encode_images(tower, embedder, pixels.permute(0, 2, 3, 1)[:, None])
 
     return Setup((pixels,), hf, vit, [], None, None)
 

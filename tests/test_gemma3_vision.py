@@ -12,6 +12,7 @@ from vitops.models.gemma3 import (
     Gemma3VisionEncoderLayer,
     VisionEmbedder,
     VisionExit,
+    encode_images,
     posemb_sincos_2d,
 )
 
@@ -63,6 +64,17 @@ def build(cfg, dtype=torch.float32, seed=0):
     return tower, projector, ours, embedder
 
 
+def soft_tokens(ours, embedder, nhwc, fused, deterministic=None):
+    """The two ways to the soft tokens: the MaxText modules one after the other (the exit pooling
+    alone, then the embedder's norm), or encode_images (pooling + norm as one op)."""
+    if fused:
+        return encode_images(ours, embedder, nhwc, deterministic)
+    return embedder(ours(nhwc, deterministic))
+
+
+PATHS = pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -92,8 +104,12 @@ def test_tower_and_projector_match_hf_float32(config, n_images):
         nhwc = px.permute(0, 2, 3, 1).reshape(2, n_images, image, image, 3)
         pooled = ours(nhwc)
         got = embedder(pooled)
+        fused = encode_images(ours, embedder, nhwc)
     assert pooled.shape == (2, n_images, tokens, d) and got.shape == (2, n_images, tokens, 40)
+    assert fused.shape == got.shape
     assert rel_err(got.reshape(want.shape), want) < 1e-5
+    assert rel_err(fused.reshape(want.shape), want) < 1e-5
+    torch.testing.assert_close(fused, got, rtol=1e-5, atol=1e-6)
     # the pooled tower output equals HF's last_hidden_state pooled the same way
     side, k = image // patch, image // patch // math.isqrt(tokens)
     ref_pool = torch.nn.functional.avg_pool2d(hidden.transpose(1, 2).reshape(-1, d, side, side), k, k)
@@ -114,6 +130,36 @@ def test_single_image_nhwc_input_and_bad_shapes():
         Gemma3VisionConfig(mm_tokens_per_image=8)
     with pytest.raises(ValueError, match="VisionExit: 16 tokens do not pool to 9"):
         VisionExit(9)(randn(1, 16, 4))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vision_exit_equals_avg_pool2d_on_random_grids(seed):
+    """The exit's op path (pooling that tiles the grid) against AvgPool2d on the NCHW grid, for seeded
+    random grids, pools, dtypes and a non-contiguous input, forward and backward; and KerasHub's
+    floor pooling of a side the pool does not divide."""
+    gen = torch.Generator().manual_seed(seed)
+    out_side = int(torch.randint(1, 5, (1,), generator=gen))
+    k = int(torch.randint(1, 5, (1,), generator=gen))
+    side, d, b = out_side * k, int(torch.randint(1, 40, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+    dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[seed % 4]
+    base = torch.randn(b, side * side, 2 * d, generator=gen).to(dtype)
+    x = base[..., ::2].requires_grad_()  # strided channels
+    for exit_ in (VisionExit(out_side**2), VisionExit(pool_size=k)):
+        got = exit_(x)
+        grid = x.transpose(1, 2).reshape(b, d, side, side)
+        want = torch.nn.functional.avg_pool2d(grid, k, k).flatten(2).transpose(1, 2)
+        assert got.shape == (b, out_side**2, d) and got.dtype == dtype
+        tol = dict(rtol=0, atol=0) if dtype in (torch.float32, torch.float64) and k == 1 else {}
+        torch.testing.assert_close(got, want, **tol)
+        g = torch.randn(got.shape, generator=gen).to(dtype)
+        (ga,) = torch.autograd.grad((got * g).sum(), x)
+        (gb,) = torch.autograd.grad((want * g).sum(), x)
+        torch.testing.assert_close(ga, gb)
+    # floor pooling: a 7x7 grid with pool 3 keeps the top-left 6x6
+    x = randn(2, 49, 5)
+    got = VisionExit(pool_size=3)(x)
+    want = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(2, 5, 7, 7)[..., :6, :6], 3, 3)
+    torch.testing.assert_close(got, want.flatten(2).transpose(1, 2))
 
 
 def test_bfloat16_error_against_float64_no_worse_than_hf():
@@ -164,7 +210,8 @@ def test_dropout_applies_in_train_mode_only():
         assert not torch.equal(ours(x), ours(x, deterministic=True))
 
 
-def test_gradients_match_hf():
+@PATHS
+def test_gradients_match_hf(fused):
     cfg = Gemma3VisionConfig(hidden_size=64, intermediate_size=136, num_layers=2, num_heads=4, image_size=56,
                              patch_size=14, mm_tokens_per_image=4, text_hidden_size=40)
     tower, projector, ours, embedder = build(cfg)
@@ -173,10 +220,14 @@ def test_gradients_match_hf():
     want = torch.autograd.grad((projector(tower(pixel_values=px).last_hidden_state) * g).sum(),
                                [px, tower.encoder.layers[0].self_attn.q_proj.weight])
     nhwc = px.detach().permute(0, 2, 3, 1).requires_grad_()
-    got = torch.autograd.grad((embedder(ours(nhwc))[:, 0] * g).sum(),
-                              [nhwc, ours.Transformer.encoderblock_0.MultiHeadDotProductAttention_0.query.weight])
+    got = torch.autograd.grad((soft_tokens(ours, embedder, nhwc, fused)[:, 0] * g).sum(),
+                              [nhwc, ours.Transformer.encoderblock_0.MultiHeadDotProductAttention_0.query.weight,
+                               embedder.mm_soft_embedding_norm.scale])
+    want_norm = torch.autograd.grad((projector(tower(pixel_values=px).last_hidden_state) * g).sum(),
+                                    projector.mm_soft_emb_norm.weight)[0]
     assert rel_err(got[0].permute(0, 3, 1, 2), want[0]) < 1e-5
     assert rel_err(got[1], want[1]) < 1e-5
+    assert rel_err(got[2], want_norm) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,13 +434,15 @@ def test_released_config_float32(num_layers, images):
     with torch.no_grad():
         hidden = tower(pixel_values=px).last_hidden_state
         want = projector(hidden)
-        pooled = ours(px.permute(0, 2, 3, 1)[None])  # one prompt's image + crops: [1, N, 256, 1152]
+        features = ours.encode(px.permute(0, 2, 3, 1)[None])  # one prompt's image + crops: [1, N, 4096, 1152]
+        pooled = ours.VisionExit(features[0])[None]  # [1, N, 256, 1152]
         got = embedder(pooled)[0]
-    assert got.shape == (images, 256, 2560)
-    err = rel_err(got, want)
+        fused = embedder.pool_and_embed(features, 256)[0]  # encode_images' path
+    assert got.shape == fused.shape == (images, 256, 2560)
+    err, fused_err = rel_err(got, want), rel_err(fused, want)
     print(f"gemma3 released vision config, {num_layers} layers, {images} images, float32 tower+projector: "
-          f"rel err {err:.2e}")
-    assert err <= 1e-4
+          f"rel err {err:.2e} (pool + norm fused: {fused_err:.2e})")
+    assert err <= 1e-4 and fused_err <= 1e-4
     for width in (3840, 5376):  # the 12B and 27B projectors on the same tower output
         w = torch.randn(1152, width) / 1152**0.5
         norm = torch.randn(1152) * 0.5
@@ -482,8 +535,9 @@ def test_each_module_matches_its_hf_module_float32():
         assert rel_err(got, want) <= 1e-5, i
 
 
+@PATHS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_error_against_float64_no_worse_than_hf(dtype):
+def test_low_precision_error_against_float64_no_worse_than_hf(dtype, fused):
     cfg = Gemma3VisionConfig(hidden_size=64, intermediate_size=136, num_layers=2, num_heads=4, image_size=56,
                              patch_size=14, mm_tokens_per_image=4, text_hidden_size=40)
     ours_err, hf_err = [], []
@@ -496,14 +550,15 @@ def test_low_precision_error_against_float64_no_worse_than_hf(dtype):
         tower, projector, ours, embedder = build(cfg, dtype, seed=seed)
         with torch.no_grad():
             hf_out = projector(tower(pixel_values=px.to(dtype)).last_hidden_state)
-            out = embedder(ours(px.permute(0, 2, 3, 1).to(dtype)))
+            out = soft_tokens(ours, embedder, px.permute(0, 2, 3, 1).to(dtype), fused)
         assert out.dtype == dtype
         ours_err.append(rel_err(out.reshape(ref.shape), ref))
         hf_err.append(rel_err(hf_out, ref))
     assert sum(ours_err) / 4 <= 1.05 * sum(hf_err) / 4, (ours_err, hf_err)
 
 
-def test_compile_fullgraph_dynamic_no_recompile_for_another_crop_count():
+@PATHS
+def test_compile_fullgraph_dynamic_no_recompile_for_another_crop_count(fused):
     import torch._dynamo
     import torch._dynamo.testing
 
@@ -512,7 +567,7 @@ def test_compile_fullgraph_dynamic_no_recompile_for_another_crop_count():
     ours, embedder = Gemma3VisionEncoderLayer(cfg).eval(), VisionEmbedder(cfg).eval()
 
     def f(images):
-        return embedder(ours(images))
+        return soft_tokens(ours, embedder, images, fused)
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
@@ -538,8 +593,9 @@ def test_siglip_attention_pooling_head_is_skipped():
     assert not report.missing and not report.unexpected
 
 
+@PATHS
 @pytest.mark.parametrize("device", DEVICES)
-def test_tower_and_projector_on_each_device(device):
+def test_tower_and_projector_on_each_device(device, fused):
     """fp32 parity and the bf16 error against float64 (vs HF's own on the same device), per device
     (the CUDA variant runs in tools/gpu_check.sh)."""
     cfg = Gemma3VisionConfig(hidden_size=64, intermediate_size=136, num_layers=2, num_heads=4, image_size=56,
@@ -556,7 +612,7 @@ def test_tower_and_projector_on_each_device(device):
         x = px.to(device=device, dtype=dtype)
         with torch.no_grad():
             want = projector(tower(pixel_values=x).last_hidden_state)
-            got = embedder(ours(x.permute(0, 2, 3, 1)))[:, 0]
+            got = soft_tokens(ours, embedder, x.permute(0, 2, 3, 1), fused)[:, 0]
         assert got.device.type == device and got.dtype == dtype
         if dtype == torch.float32:
             assert rel_err(got.cpu(), want.cpu()) < 1e-5

@@ -167,6 +167,7 @@ def build_gemma3(args):
 
 
 def run_gemma3(args) -> int:
+    from .models.gemma3 import encode_images
     from .preprocess import Gemma3ImageProcessor
 
     config, tower, projector = build_gemma3(args)
@@ -177,9 +178,8 @@ def run_gemma3(args) -> int:
     t1 = time.perf_counter()
 
     def encode():
-        tokens = tower(batch.nhwc().to(getattr(torch, args.dtype)))  # [images + crops, 1, 256, D]
-        if projector is not None:
-            tokens = projector(tokens)
+        # [images + crops, 1, 256, D]: the exit pooling and the projector's norm are one op
+        tokens = encode_images(tower, projector, batch.nhwc().to(getattr(torch, args.dtype)))
         return tokens.flatten(0, 2)  # the whole image's tokens, then each crop's
 
     soft_tokens = _encode(args, encode)

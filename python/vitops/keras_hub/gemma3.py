@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.gemma3 import Gemma3VisionConfig, Gemma3VisionEncoderLayer, VisionEmbedder, VisionExit
+from ..models.gemma3 import Gemma3VisionConfig, Gemma3VisionEncoderLayer, VisionEmbedder, VisionExit, encode_images
 from ._common import check_epsilon, check_positive_int, resolve_dtype
 
 __all__ = ["Gemma3VisionEncoder"]
@@ -98,5 +98,5 @@ class Gemma3VisionEncoder(nn.Module):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"Gemma3VisionEncoder: images must be [batch, images, {s}, {s}, 3], got {shape}")
         deterministic = None if training is None else not training
-        pooled = self.encoder(images, deterministic)  # [B, N, tokens, D]
-        return self.projector(pooled.flatten(0, 1))
+        # [B, N, tokens, output_dim]; the pooling and the norm are one op where the pool tiles the grid
+        return encode_images(self.encoder, self.projector, images, deterministic).flatten(0, 1)

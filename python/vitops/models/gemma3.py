@@ -30,6 +30,7 @@ from torch import nn
 from ..layers import AttentionType, RMSNorm
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
+from ..ops import avg_pool_rms_norm
 
 __all__ = [
     "GEMMA3_ATTENTION_PATTERN",
@@ -42,6 +43,7 @@ __all__ = [
     "VisionEmbedder",
     "VisionExit",
     "get_attention_type",
+    "encode_images",
     "get_query_pre_attn_scalar",
     "posemb_sincos_2d",
 ]
@@ -213,15 +215,21 @@ class VisionExit(nn.Module):
     """Average pooling of the square row-major token grid ``[B, L, D]`` to ``output_length`` tokens
     (HF Gemma3MultiModalProjector's AvgPool2d; MaxText's NHWC avg_pool): identity when
     ``L == output_length``. ``pool_size`` instead pools fixed ``pool_size x pool_size`` windows
-    (KerasHub's AveragePooling2D: a grid side it does not divide drops its last rows and columns)."""
+    (KerasHub's AveragePooling2D: a grid side it does not divide drops its last rows and columns).
+
+    Pooling that tiles the grid runs as ``vitops.avg_pool_rms_norm(norm="none")``, which reads the
+    token-major input in place (AvgPool2d needs it as an NCHW grid); KerasHub's floor pooling keeps
+    ``F.avg_pool2d``."""
 
     def __init__(self, output_length: int = 256, *, pool_size: int | None = None):
         super().__init__()
         self.output_length = output_length
         self.pool_size = pool_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
+    def pooled_length(self, length: int) -> int | None:
+        """Tokens out for ``length`` tokens in when the windows tile the grid (the fused ops'
+        geometry); None for KerasHub's floor pooling of a side the pool does not divide. Raises for a
+        grid this exit cannot pool."""
         side = math.isqrt(length)
         if side * side != length:
             raise ValueError(f"VisionExit: {length} tokens are not a square grid")
@@ -229,14 +237,21 @@ class VisionExit(nn.Module):
             k = self.pool_size
             if k > side:
                 raise ValueError(f"VisionExit: pool_size {k} is larger than the {side}x{side} token grid")
-        else:
-            if length == self.output_length:
-                return x
-            out_side = math.isqrt(self.output_length)
-            if out_side * out_side != self.output_length or side % out_side:
-                raise ValueError(f"VisionExit: {length} tokens do not pool to {self.output_length} (both must be "
-                                 "squares, the output side dividing the input side)")
-            k = side // out_side
+            return (side // k) ** 2 if side % k == 0 else None
+        out_side = math.isqrt(self.output_length)
+        if out_side * out_side != self.output_length or side % out_side:
+            raise ValueError(f"VisionExit: {length} tokens do not pool to {self.output_length} (both must be "
+                             "squares, the output side dividing the input side)")
+        return self.output_length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        out_length = self.pooled_length(length)
+        if out_length == length:
+            return x
+        if out_length is not None:
+            return avg_pool_rms_norm(x, out_length, None, norm="none")
+        side, k = math.isqrt(length), self.pool_size
         grid = x.transpose(1, 2).reshape(b, d, side, side)
         return F.avg_pool2d(grid, kernel_size=k, stride=k).flatten(2).transpose(1, 2)
 
@@ -268,6 +283,15 @@ class VisionEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor, eqn: str = "...tm,md->...td") -> torch.Tensor:
         return self.mm_input_projection(eqn, self.mm_soft_embedding_norm(x)).to(x.dtype)
+
+    def pool_and_embed(self, x: torch.Tensor, length: int, eqn: str = "...tm,md->...td") -> torch.Tensor:
+        """``self(VisionExit(length)(x))`` for token grids ``x [..., L, D]``, the pooling and the norm in
+        one op (``vitops.avg_pool_rms_norm``, HF's projector up to its GEMM): x is read once."""
+        norm = self.mm_soft_embedding_norm
+        lead = x.shape[:-2]
+        grid = x.reshape(-1, *x.shape[-2:])
+        normed = avg_pool_rms_norm(grid, length, norm.scale, eps=norm.eps, norm=norm.kind)
+        return self.mm_input_projection(eqn, normed.reshape(*lead, length, normed.shape[-1])).to(x.dtype)
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10000.0, *, dtype=torch.float32,
@@ -315,6 +339,13 @@ class Gemma3VisionEncoderLayer(nn.Module):
         self.VisionExit = VisionExit(config.mm_tokens_per_image)
 
     def forward(self, inputs: torch.Tensor, deterministic: bool | None = None, train: bool = False) -> torch.Tensor:
+        x = self.encode(inputs, deterministic)
+        b, n = x.shape[:2]
+        x = self.VisionExit(x.flatten(0, 1))
+        return x.reshape(b, n, *x.shape[1:])
+
+    def encode(self, inputs: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        """The tower up to its exit: ``[B, N, L, D]`` (L = patches per image, row major)."""
         c = self.config
         if inputs.dim() == 4:
             inputs = inputs.unsqueeze(1)
@@ -332,5 +363,21 @@ class Gemma3VisionEncoderLayer(nn.Module):
             side = c.patches_per_side
             x = x + posemb_sincos_2d(side, side, c.hidden_size, dtype=x.dtype, device=x.device)
         x = _dropout(x, self.dropout_rate, _dropout_active(self, deterministic))
-        x = self.VisionExit(self.Transformer(x, deterministic))
+        x = self.Transformer(x, deterministic)
         return x.reshape(b, n, *x.shape[1:])
+
+
+def encode_images(tower: Gemma3VisionEncoderLayer, embedder: VisionEmbedder | None, inputs: torch.Tensor,
+                  deterministic: bool | None = None) -> torch.Tensor:
+    """Images to soft tokens, HF's ``get_image_features``: ``embedder(tower(inputs))``
+    ``[B, N, mm_tokens_per_image, text_hidden_size]`` (``tower(inputs)`` when ``embedder`` is None),
+    with the tower's exit pooling and the embedder's norm fused into one op where the pooling tiles
+    the grid (:meth:`VisionEmbedder.pool_and_embed`)."""
+    if embedder is None:
+        return tower(inputs, deterministic)
+    x = tower.encode(inputs, deterministic)
+    length = tower.VisionExit.pooled_length(x.shape[2])
+    if length is None:
+        b, n = x.shape[:2]
+        return embedder(tower.VisionExit(x.flatten(0, 1)).reshape(b, n, -1, x.shape[-1]))
+    return embedder.pool_and_embed(x, length)
