@@ -54,6 +54,12 @@ VITOPS_STABLE_TORCH_LIBRARY(VITOPS_OPS_NAMESPACE, m) {
   m.def("qkv_norm_rope(Tensor q, Tensor k, Tensor? v, Tensor? q_weight, Tensor? k_weight, Tensor positions, float eps, float base_frequency, ScalarType? rope_dtype=None, str norm=\"scale\", bool v_norm=True, str pairing=\"half_split\", Tensor? rope_freqs=None) -> (Tensor q_out, Tensor k_out, Tensor v_out)");
   m.def("_qkv_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor? grad_v, Tensor q, Tensor k, Tensor? v, Tensor? q_weight, Tensor? k_weight, Tensor positions, float eps, float base_frequency, ScalarType? rope_dtype=None, str norm=\"scale\", bool v_norm=True, str pairing=\"half_split\", Tensor? rope_freqs=None) -> (Tensor grad_q_in, Tensor grad_k_in, Tensor grad_v_in, Tensor grad_q_weight, Tensor grad_k_weight)");
 
+  // MaxText's sincos2d position table [1, h * w, width] (ops/posemb_sincos_2d), float32 math rounded
+  // to dtype (None: like's). A factory: `like` only names the device (its shape and values are not
+  // read), because the dispatcher picks the CPU or CUDA kernel from a tensor argument. No backward:
+  // the table is a constant.
+  m.def("posemb_sincos_2d(Tensor like, SymInt h, SymInt w, SymInt width, float temperature=10000.0, ScalarType? dtype=None) -> Tensor");
+
   // Fused exit: avg_pool_by_positions, pooled rounded to x's dtype, * scale (sqrt(D)) in float32,
   // optional standardize (y - std_bias) * std_scale in float32 -> (output[B, length, D], mask[B, length]).
   m.def("avg_pool_scale_standardize(Tensor x, Tensor positions_xy, SymInt length, float scale, Tensor? std_bias=None, Tensor? std_scale=None) -> (Tensor output, Tensor mask)");

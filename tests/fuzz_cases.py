@@ -62,6 +62,12 @@ def _tol(dtype: torch.dtype) -> dict:
     return {name: 2 * value for name, value in tol(dtype).items()}
 
 
+def _output_tol(op: str, dtype: torch.dtype) -> dict:
+    """_tol of an op's output dtype; posemb_sincos_2d computes in float32 whatever its output dtype (as
+    MaxText), so its float64 tables carry float32's last-bit differences of libm's sin/cos/pow."""
+    return _tol(torch.float32 if op == "posemb_sincos_2d" and dtype == torch.float64 else dtype)
+
+
 def _dtypes(namespace: str):
     return [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if namespace == "vitops" else [])
 
@@ -243,6 +249,17 @@ def _qkv(rng, namespace):
     return case
 
 
+def _sincos(rng, namespace):
+    # odd and empty grids, width 0 / 4 (one frequency) / wide, dtype from `like` or given; `like`'s
+    # shape and values are never read
+    out = rng.choice(_dtypes(namespace))
+    given = rng.random() < 0.4
+    like_dtype = rng.choice([torch.float32, torch.int64, torch.bfloat16]) if given else out
+    like = _strided(rng, torch.zeros(_rand_dims(rng, rng.randint(0, 2), 0, 3), dtype=like_dtype))
+    return dict(like=like, h=rng.randint(0, 9), w=rng.randint(0, 9), width=4 * rng.choice([0, 1, 2, 3, 8, 33]),
+                temperature=rng.choice([10000.0, 100.0, 1.0, 0.5, 1e30]), dtype=out if given else None)
+
+
 GENERATORS = {
     "patchify": _patchify,
     "pixel_shuffle": _pixel_shuffle,
@@ -252,6 +269,7 @@ GENERATORS = {
     "avg_pool_scale_standardize": _exit,
     "avg_pool_rms_norm": _pool_norm,
     "qkv_norm_rope": _qkv,
+    "posemb_sincos_2d": _sincos,
 }
 
 # argument order of each forward schema, and the arguments autograd differentiates
@@ -275,9 +293,9 @@ def _args(op, kw):
 def valid_case(op: str, seed: int, namespace: str = "vitops") -> tuple[Case, dict]:
     rng = random.Random(f"{op}/{seed}/{namespace}")
     kw = GENERATORS[op](rng, namespace)
-    dtype = kw[SCHEMA_ARGS[op][0]].dtype
+    dtype = kw.get("dtype") or kw[SCHEMA_ARGS[op][0]].dtype  # posemb_sincos_2d's dtype argument names the output's
     case = Case(op=op, args=_args(op, kw), expect="match", reference=lambda: reference_call(op, kw),
-                tolerance=_tol(dtype), describe=f"valid {op} seed={seed}")
+                tolerance=_output_tol(op, dtype), describe=f"valid {op} seed={seed}")
     return case, kw
 
 
@@ -295,6 +313,8 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
     out = []
     tensors = [n for n in SCHEMA_ARGS[op] if isinstance(kw[n], torch.Tensor)]
     first = SCHEMA_ARGS[op][0]
+    if op == "posemb_sincos_2d":
+        tensors = []  # `like` names the device only: its own mutations below
     for name in tensors:
         t = kw[name]
         bad = rng.choice(BAD_DTYPES)
@@ -307,7 +327,9 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
         if t.dim() > 0:
             fewer = t.select(0, 0) if t.shape[0] else t.sum(0).to(t.dtype)
             out.append((f"{name} one dim fewer", {**kw, name: fewer}, "either"))
-    if namespace == "vitops_emu":
+    if namespace == "vitops_emu" and op == "posemb_sincos_2d":
+        out.append(("float64 output on the CUDA kernels", {**kw, "dtype": torch.float64}, True))
+    elif namespace == "vitops_emu":
         out.append(("float64 input on the CUDA kernels", {**kw, first: kw[first].double()}, True))
     f = float("nan")
     if op == "patchify":
@@ -404,6 +426,25 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
         huge = 3037000499**2  # a square L of 2^63 scale, B = 0: valid, returns at once
         out.append(("expanded x of a 3037000499² grid", {**kw, "x": _huge_expanded((0, huge, 1), x.dtype), "length": 1,
                                                            "weight": None, "norm": "rms"}, "returns"))
+    elif op == "posemb_sincos_2d":
+        like = kw["like"]
+        bad = rng.choice(BAD_DTYPES)
+        out.append((f"dtype {bad}", {**kw, "dtype": bad}, True))
+        out.append((f"like dtype {bad} with dtype None", {**kw, "like": torch.zeros(like.shape, dtype=bad),
+                                                          "dtype": None}, True))
+        if namespace == "vitops":
+            out.append(("like on meta", {**kw, "like": like.to("meta")}, "returns"))
+        out.append(("like one more dim (valid)", {**kw, "like": like.unsqueeze(0).expand(2, *like.shape)}, None))
+        for name in ("h", "w"):
+            for v in (-1, INT64_MIN):
+                out.append((f"{name} {v}", {**kw, name: v}, True))
+        for width in (-4, 2, 6, 4 * 3 + 1, INT64_MIN):
+            out.append((f"width {width}", {**kw, "width": width}, True))
+        for t in (0.0, -1.0, f, float("inf"), 1e39, 1e-50):
+            out.append((f"temperature {t}", {**kw, "temperature": t}, True))
+        out.append(("h * w past int64", {**kw, "h": 2**32, "w": 2**32}, True))
+        out.append(("h * w * width past int64", {**kw, "h": 2**31, "w": 2**31, "width": 8}, True))
+        out.append(("empty grid of huge width (valid)", {**kw, "h": 0, "w": 2**40, "width": 2**20}, "returns"))
     elif op == "qkv_norm_rope":
         for name, vals in (("eps", (-1.0, f, float("inf"))), ("base_frequency", (0.0, -2.0, f, float("inf")))):
             for v in vals:
@@ -501,7 +542,8 @@ def invalid_case(op: str, seed: int, namespace: str = "vitops") -> Case:
                     describe=f"invalid {op} seed={seed}: {describe}")
     describe, new_kw, flag = rest
     args = _args(op, new_kw)
-    tolerance = _tol(new_kw[SCHEMA_ARGS[op][0]].dtype) if new_kw[SCHEMA_ARGS[op][0]].dtype in _TOLERANT else None
+    out_dtype = new_kw.get("dtype") or new_kw[SCHEMA_ARGS[op][0]].dtype
+    tolerance = _output_tol(op, out_dtype) if out_dtype in _TOLERANT else None
     name = f"invalid {op} seed={seed}: {describe}"
     if flag is None:  # looks extreme but is valid: must match the reference
         return Case(op=op, args=args, expect="match", reference=lambda: reference_call(op, new_kw),
@@ -632,6 +674,8 @@ def backward_args(op: str, kw: dict, outputs: list) -> list:
 
 def check_emulated_backward(op: str, kw: dict) -> str | None:
     """The emulated CUDA backward kernel against the CPU backward kernel on the same arguments."""
+    if BACKWARD_OP[op] is None:
+        return None  # a factory op: nothing to differentiate
     outs = [o for o in _flat(op_fn("vitops", op)(*_args(op, kw))) if o.is_floating_point()]
     args = backward_args(op, kw, outs)
     cpu = op_fn("vitops", BACKWARD_OP[op])(*args)

@@ -79,6 +79,7 @@ tests/test_patchify.py::test_channels_first_equals_hf_llama4_unfold_and_backward
 tests/test_pixel_shuffle.py::test_leading_dims_strided_and_backward[cuda]
 tests/test_pixel_shuffle.py::test_views_read_in_place_or_copied[cuda]
 tests/test_avg_pool_rms_norm.py::test_device_forward_backward[cuda]
+tests/test_posemb_sincos_2d.py::test_device_table[cuda]
 "
 # memcheck only (racecheck would also report on cuBLAS / SDPA kernels that are not ours)
 MEMCHECK_EXTRA_TESTS="tests/test_gemma4_modules.py::test_cuda_padded_forward_does_not_sync"

@@ -26,6 +26,7 @@ from .ops import (  # noqa: E402
     factorized_posemb,
     patchify,
     pixel_shuffle,
+    posemb_sincos_2d,
     qkv_norm_rope,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "ops",
     "patchify",
     "pixel_shuffle",
+    "posemb_sincos_2d",
     "qkv_norm_rope",
     "reference",
 ]

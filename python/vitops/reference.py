@@ -320,3 +320,22 @@ def avg_pool_rms_norm(x: torch.Tensor, length: int, weight: torch.Tensor | None,
     grid = x.transpose(1, 2).reshape(b, d, side, side)
     pooled = torch.nn.functional.avg_pool2d(grid, k, k).flatten(2).transpose(1, 2)
     return pooled if norm == "none" else rms_norm(pooled, weight, eps, norm)
+
+
+def posemb_sincos_2d(like: torch.Tensor, h: int, w: int, width: int, temperature: float = 10000.0,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """MaxText's MoCo v3 table ``[1, h * w, width]`` on ``like``'s device (the op's raw form): rows
+    m = y * w + x, channels ``[sin(x f_k), cos(x f_k), sin(y f_k), cos(y f_k)]`` with
+    ``f_k = 1 / temperature^(k / (width / 4 - 1))`` (``/ 1`` for width 4, where MaxText's is NaN),
+    computed in float32 (as MaxText's jnp code) and cast to ``dtype`` (None: like's)."""
+    if width % 4:
+        raise ValueError(f"posemb_sincos_2d: `width` must be a multiple of 4, got {width}")
+    device = like.device
+    quarter = width // 4
+    y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    omega = torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter - 1, 1)
+    omega = 1.0 / (temperature**omega)
+    ys = y.reshape(-1, 1).float() * omega[None]
+    xs = x.reshape(-1, 1).float() * omega[None]
+    table = torch.cat([torch.sin(xs), torch.cos(xs), torch.sin(ys), torch.cos(ys)], dim=1)
+    return table[None].to(like.dtype if dtype is None else dtype)

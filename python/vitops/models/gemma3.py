@@ -31,6 +31,7 @@ from ..layers import AttentionType, RMSNorm
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
 from ..ops import avg_pool_rms_norm
+from ..ops import posemb_sincos_2d as _posemb_sincos_2d_op
 
 __all__ = [
     "GEMMA3_ATTENTION_PATTERN",
@@ -296,19 +297,11 @@ class VisionEmbedder(nn.Module):
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10000.0, *, dtype=torch.float32,
                      device=None) -> torch.Tensor:
-    """MaxText's MoCo v3 table ``[1, h * w, width]``: rows m = y * w + x, channels
-    ``[sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k)]`` with ``w_k = 1 / temperature^(k / (width / 4 - 1))``,
-    computed in float32 (as MaxText's jnp code) and cast to ``dtype``."""
-    if width % 4:
-        raise ValueError(f"posemb_sincos_2d: `width` must be a multiple of 4, got {width}")
-    quarter = width // 4
-    y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    omega = torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter - 1, 1)
-    omega = 1.0 / (temperature**omega)
-    ys = y.reshape(-1, 1).float() * omega[None]
-    xs = x.reshape(-1, 1).float() * omega[None]
-    table = torch.cat([torch.sin(xs), torch.cos(xs), torch.sin(ys), torch.cos(ys)], dim=1)
-    return table[None].to(dtype)
+    """MaxText's MoCo v3 table ``[1, h * w, width]`` (``vitops.posemb_sincos_2d``, one kernel): rows
+    m = y * w + x, channels ``[sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k)]`` with
+    ``w_k = 1 / temperature^(k / (width / 4 - 1))``, computed in float32 (as MaxText's jnp code) and
+    cast to ``dtype``."""
+    return _posemb_sincos_2d_op(h, w, width, temperature, dtype=dtype, device=device)
 
 
 class Gemma3VisionEncoderLayer(nn.Module):

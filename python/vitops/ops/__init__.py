@@ -11,6 +11,7 @@ from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
 from .patchify import patchify
 from .pixel_shuffle import pixel_shuffle
+from .posemb_sincos_2d import posemb_sincos_2d
 from .qkv_norm_rope import qkv_norm_rope
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "factorized_posemb",
     "patchify",
     "pixel_shuffle",
+    "posemb_sincos_2d",
     "qkv_norm_rope",
 ]

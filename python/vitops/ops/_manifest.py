@@ -26,6 +26,7 @@ from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
 from .patchify import patchify
 from .pixel_shuffle import pixel_shuffle
+from .posemb_sincos_2d import posemb_sincos_2d
 from .qkv_norm_rope import qkv_norm_rope
 
 __all__ = ["DEFAULT_TOLERANCES", "MANIFEST", "OpEntry", "entry"]
@@ -47,12 +48,14 @@ class OpEntry:
     wrapper: Callable[..., Any]  # (**args) -> the public wrapper's outputs, in the raw op's layout
     reference: Callable[..., Any]  # (**args) -> the reference's outputs, in the raw op's layout
     sample: Callable[[torch.device | str, torch.dtype, bool], dict]  # (device, dtype, empty) -> args
-    backward_args: Callable[[dict, list], list]  # (args, output gradients) -> the backward op's arguments
+    # (args, output gradients) -> the backward op's arguments; None for an op with nothing to
+    # differentiate (a factory: posemb_sincos_2d), which has no backward op
+    backward_args: Callable[[dict, list], list] | None
     tolerances: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
 
     @property
-    def backward(self) -> str:
-        return f"_{self.name}_backward"
+    def backward(self) -> str | None:
+        return None if self.backward_args is None else f"_{self.name}_backward"
 
     def positional(self, kw: dict) -> list:
         """The raw op's positional arguments from named ones."""
@@ -121,6 +124,12 @@ def _pool_norm_sample(device, dtype, empty):
     g = _generator()
     return dict(x=_rand(g, device, dtype, 0 if empty else 2, 64, 40), length=16, weight=_rand(g, device, dtype, 40),
                 eps=1e-6, norm="scale_plus_one")
+
+
+def _sincos_sample(device, dtype, empty):
+    # Gemma 3's 64 x 64 grid scaled down: an 8 x 6 grid of width 40 (10 frequencies per block)
+    return dict(like=torch.empty(2, device=device, dtype=dtype), h=0 if empty else 8, w=6, width=40,
+                temperature=10000.0, dtype=None)
 
 
 def _qkv_sample(device, dtype, empty):
@@ -222,6 +231,18 @@ MANIFEST: tuple[OpEntry, ...] = (
         sample=_pool_norm_sample,
         # the output gradient, then the forward's arguments; returns (grad_x, grad_weight)
         backward_args=lambda kw, g: [g[0], kw["x"], kw["length"], kw["weight"], kw["eps"], kw["norm"]],
+    ),
+    OpEntry(
+        name="posemb_sincos_2d",
+        args=("like", "h", "w", "width", "temperature", "dtype"),
+        differentiable=(),  # a factory: `like` names the device only
+        wrapper=lambda like, h, w, width, temperature, dtype: posemb_sincos_2d(
+            h, w, width, temperature, dtype=like.dtype if dtype is None else dtype, device=like.device),
+        reference=lambda **kw: reference.posemb_sincos_2d(**kw),
+        sample=_sincos_sample,
+        backward_args=None,
+        # float32 angles up to (h - 1) x f_0 = 7 rad: libm's and torch's sin/cos/pow agree to an ulp or two
+        tolerances={**DEFAULT_TOLERANCES, torch.float32: (1e-6, 1e-6), torch.float64: (1e-6, 1e-6)},
     ),
     OpEntry(
         name="qkv_norm_rope",
