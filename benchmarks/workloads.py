@@ -378,6 +378,35 @@ def build_g3_projector(shape, device, dtype):
     return Setup((x,), proj, vit, [x], fwd, None)
 
 
+def build_g3_exit(shape, device, dtype):
+    """W4's memory-bound part alone: the pooling and the soft-embedding norm before the GEMM."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    cfg = _g3_config(shape.get("smoke", False), 2560)
+    proj = Gemma3MultiModalProjector(cfg).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        proj.mm_soft_emb_norm.weight.normal_(0, 0.5)  # HF initialises it to zeros
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    d = cfg.vision_config.hidden_size
+    x = torch.randn(shape["B"], side * side, d, device=device, dtype=dtype)
+    eps = cfg.vision_config.layer_norm_eps
+
+    def hf(x):  # Gemma3MultiModalProjector.forward up to its matmul, through HF's own modules
+        grid = x.transpose(1, 2).reshape(x.shape[0], d, side, side).contiguous()
+        return proj.mm_soft_emb_norm(proj.avg_pool(grid).flatten(2).transpose(1, 2))
+
+    def vit():
+        op = require_op("avg_pool_rms_norm", device)
+        return lambda x: op(x, cfg.mm_tokens_per_image, proj.mm_soft_emb_norm.weight, eps=eps)
+
+    ds = _isz(dtype)
+    out_bytes = shape["B"] * cfg.mm_tokens_per_image * d * ds
+    fwd = x.numel() * ds + out_bytes
+    # backward: read x and grad_output, write grad_x (the weight gradient is D floats)
+    bwd = fwd + 2 * x.numel() * ds + out_bytes
+    return Setup((x,), hf, vit, [x, proj.mm_soft_emb_norm.weight], fwd, bwd)
+
+
 # ------------------------------------------------------------------------------------------------
 # W5: Llama 4 pixel shuffle; W6: Llama 4 vision RoPE (complex multiply)
 # ------------------------------------------------------------------------------------------------
@@ -605,6 +634,8 @@ WORKLOADS: list[Workload] = [
     Workload("W4", "g3_projector", "Gemma 3 projector: AvgPool 4x4 + RMSNorm + projection",
              [dict(B=b, text=2560) for b in (1, 5, 32)], [dict(B=2, smoke=True)], build_g3_projector,
              backward=False),
+    Workload("W4", "g3_exit", "Gemma 3 exit alone: AvgPool 4x4 + Gemma RMSNorm (the projector before its GEMM)",
+             [dict(B=b) for b in (1, 5, 32)], [dict(B=2, smoke=True)], build_g3_exit),
     Workload("W5", "l4_pixel_shuffle", "Llama 4 pixel shuffle 0.5 on a CLS-dropped view",
              _L4_TILES, _L4_SMOKE, build_l4_pixel_shuffle),
     Workload("W6", "l4_rope", "Llama 4 vision 2-D RoPE (complex) on Q and K",
