@@ -162,6 +162,37 @@ def test_vision_exit_equals_avg_pool2d_on_random_grids(seed):
     torch.testing.assert_close(got, want.flatten(2).transpose(1, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_embedding_as_patchify_and_gemm_equals_the_convolution(dtype):
+    """embed_patches' two forms (and "auto"), forward and backward, against HF's conv embedding."""
+    cfg = Gemma3VisionConfig(hidden_size=64, intermediate_size=136, num_layers=1, num_heads=4, image_size=56,
+                             patch_size=14, mm_tokens_per_image=4, text_hidden_size=40)
+    tower, projector, ours, embedder = build(cfg, dtype)
+    px = torch.randn(3, 3, 56, 56, dtype=torch.float64)
+    with torch.no_grad():
+        ref64 = tower.double().embeddings.patch_embedding(px).flatten(2).transpose(1, 2)
+    outs = {}
+    for mode in ("conv", "patchify", "auto"):
+        ours.patch_embedding = mode
+        ours.zero_grad()
+        nhwc = px.permute(0, 2, 3, 1).to(dtype).requires_grad_()
+        out = ours.embed_patches(nhwc)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        (out * g).sum().backward()
+        outs[mode] = (out.detach(), nhwc.grad, ours.embedding.weight.grad.clone(), ours.embedding.bias.grad.clone())
+    conv, gemm = outs["conv"], outs["patchify"]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(conv, gemm):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    # the same error against float64 as the convolution (both round one float32-accumulated dot)
+    assert rel_err(gemm[0], ref64) <= 1.05 * rel_err(conv[0], ref64) + 1e-7
+    auto = outs["auto"]
+    assert torch.equal(auto[0], (gemm if dtype == torch.bfloat16 else conv)[0])
+    ours.patch_embedding = "im2col"
+    with pytest.raises(ValueError, match='`patch_embedding` must be "auto", "conv" or "patchify"'):
+        ours.embed_patches(px.permute(0, 2, 3, 1).to(dtype))
+
+
 def test_bfloat16_error_against_float64_no_worse_than_hf():
     cfg = Gemma3VisionConfig(hidden_size=64, intermediate_size=136, num_layers=2, num_heads=4, image_size=56,
                              patch_size=14, mm_tokens_per_image=4, text_hidden_size=40)
