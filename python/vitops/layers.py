@@ -6,6 +6,7 @@ end), and ``vitops.reference`` uses the same norm for the fused ops' oracles.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Callable
@@ -18,14 +19,18 @@ __all__ = [
     "ACTIVATIONS",
     "AttentionType",
     "ClippedLinear",
+    "DecoderKVCache",
     "GatedMlp",
+    "MODEL_MODES",
     "RMSNorm",
     "acc_dtype",
     "activation",
     "attention_mask",
     "broadcast_dropout",
+    "decoder_attention_mask",
     "dropout",
     "dropout_active",
+    "image_block_ids",
     "mask_is_redundant",
     "rms_norm",
 ]
@@ -227,3 +232,91 @@ def mask_is_redundant(valid: torch.Tensor) -> bool:
     the mask would be a host sync (the towers must stay sync-free, e.g. for CUDA-graph capture) and
     under torch.compile a data-dependent branch, so there the mask is always passed."""
     return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder attention: masks over absolute positions, image blocks, the KV cache
+# ---------------------------------------------------------------------------------------------
+MODEL_MODES = ("train", "prefill", "autoregressive")  # MaxText's MODEL_MODE_* values
+
+
+def image_block_ids(bidirectional_mask: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Ids of the contiguous image-token runs of ``bidirectional_mask [B, L]`` (True = image token):
+    1, 2, ... per run in order, 0 for text (HF's ``get_block_sequence_ids_for_mask`` + 1).
+    ``previous [B, S]``: the ids of the tokens before these (a KV cache), so a run that crosses
+    the boundary keeps its id and new runs continue the numbering. No host synchronisation."""
+    image = bidirectional_mask.to(torch.bool)
+    if previous is not None and previous.shape[1] > 0:
+        last = previous[:, -1:]
+        before = torch.cat([last > 0, image[:, :-1]], dim=1)
+        offset = previous.amax(dim=1, keepdim=True)
+    else:
+        before = F.pad(image, (1, 0), value=False)[:, :-1]
+        offset = torch.zeros_like(image[:, :1], dtype=torch.int64)
+    starts = image & ~before
+    ids = torch.cumsum(starts.to(torch.int64), dim=1) + offset
+    return torch.where(image, ids, torch.zeros_like(ids))
+
+
+def decoder_attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, attention_type: AttentionType, *,
+                           window: int | None = None, chunk: int | None = None,
+                           q_segments: torch.Tensor | None = None, k_segments: torch.Tensor | None = None,
+                           q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """The boolean SDPA mask ``[B, 1, Lq, Lk]`` (True = attend) of a decoder layer, over absolute
+    positions (queries ``[B, Lq]``, keys ``[B, Lk]``, e.g. a KV cache's followed by the new ones):
+
+    * causal: ``k_pos <= q_pos``; OR, for tokens of the same image block (``*_blocks`` > 0, from
+      :func:`image_block_ids`), attend both ways (Gemma 3's bidirectional image tokens);
+    * ``LOCAL_SLIDING``: AND ``q_pos - k_pos < window`` (HF's sliding window, self included);
+    * ``CHUNK``: AND ``k_pos // chunk == q_pos // chunk`` (Llama 4's chunked attention);
+    * ``GLOBAL``: nothing more;
+    * segments (MaxText's ``decoder_segment_ids``, packed sequences): AND the same segment id.
+    """
+    qp, kp = q_positions[:, :, None], k_positions[:, None, :]
+    mask = kp <= qp
+    if q_blocks is not None and k_blocks is not None:
+        qb, kb = q_blocks[:, :, None], k_blocks[:, None, :]
+        mask = mask | ((qb == kb) & (qb > 0))
+    if attention_type == AttentionType.LOCAL_SLIDING:
+        if window is None or window < 1:
+            raise ValueError(f"decoder_attention_mask: LOCAL_SLIDING needs a window >= 1, got {window}")
+        mask = mask & (qp - kp < window)
+    elif attention_type == AttentionType.CHUNK:
+        if chunk is None or chunk < 1:
+            raise ValueError(f"decoder_attention_mask: CHUNK needs a chunk size >= 1, got {chunk}")
+        mask = mask & (torch.div(kp, chunk, rounding_mode="floor") == torch.div(qp, chunk, rounding_mode="floor"))
+    elif attention_type != AttentionType.GLOBAL:
+        raise ValueError(f"decoder_attention_mask: unsupported attention type {attention_type}")
+    if q_segments is not None and k_segments is not None:
+        mask = mask & (q_segments[:, :, None] == k_segments[:, None, :])
+    return mask[:, None]
+
+
+@dataclasses.dataclass
+class DecoderKVCache:
+    """One decoder layer's cache (MaxText's ``kv_cache``, PyTorch form): keys and values as attention
+    reads them (after the q/k norm and RoPE), ``[B, KV, S, hd]``, with the absolute positions
+    ``[B, S]`` of the cached tokens, their segment ids and image-block ids (None when not tracked).
+    Layers return a new cache; a step's outputs equal a full forward over the same tokens."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    positions: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    image_blocks: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.key.shape[2]
+
+    def extend(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+               segment_ids: torch.Tensor | None, image_blocks: torch.Tensor | None) -> "DecoderKVCache":
+        """The cache followed by new tokens (one concatenation per tensor)."""
+        def cat(a, b, dim):
+            if (a is None) != (b is None):
+                raise ValueError("DecoderKVCache: segment ids / image blocks must be tracked for every step or none")
+            return None if a is None else torch.cat([a, b], dim=dim)
+
+        return DecoderKVCache(torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2),
+                              torch.cat([self.positions, positions], dim=1), cat(self.segment_ids, segment_ids, 1),
+                              cat(self.image_blocks, image_blocks, 1))

@@ -16,6 +16,9 @@
   :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key.
 * :func:`to_hf_state_dict` / :func:`save_hf_safetensors`: the inverse (5.18 ``save_pretrained`` names).
 * :func:`from_hf`: build (and optionally load) the tower + projector from an HF config.
+* :func:`decoder_config_from_hf` / :func:`load_hf_decoder_state_dict` / :func:`decoder_to_hf_state_dict` /
+  :func:`decoder_from_hf`: the text decoder layers (:class:`Gemma3ScannableBlock`) from
+  ``Gemma3ForConditionalGeneration`` / ``Gemma3ForCausalLM`` / ``Gemma3TextModel`` configs and weights.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from typing import Any
 import torch
 
 from ..models._hf_config import config_getter, square_side
-from ..models.gemma3 import Gemma3VisionConfig, Gemma3VisionEncoderLayer, VisionEmbedder
+from ..layers import AttentionType
+from ..models.gemma3 import (
+    Gemma3DecoderConfig,
+    Gemma3ScannableBlock,
+    Gemma3VisionConfig,
+    Gemma3VisionEncoderLayer,
+    VisionEmbedder,
+    get_attention_type,
+)
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -46,7 +57,11 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "config_from_hf",
+    "decoder_config_from_hf",
+    "decoder_from_hf",
+    "decoder_to_hf_state_dict",
     "from_hf",
+    "load_hf_decoder_state_dict",
     "load_hf_state_dict",
     "save_hf_safetensors",
     "to_hf_config",
@@ -227,3 +242,153 @@ def from_hf(hf_config: Any, checkpoint=None, *, projector: bool = True, dtype: t
     if checkpoint is not None:
         load_hf_state_dict((tower, proj), checkpoint, strict=strict)
     return tower, proj
+
+
+# ---------------------------------------------------------------------------------------------
+# Text decoder layers: config and checkpoints
+# ---------------------------------------------------------------------------------------------
+def _rope_settings(t) -> dict:
+    """(local theta, global theta, global linear factor) from a text config: transformers 5.x
+    ``rope_parameters`` per layer type, or the 4.x fields (``rope_theta``, ``rope_local_base_freq``,
+    ``rope_scaling``)."""
+    params = t("rope_parameters")
+    out = {}
+    if isinstance(params, dict) and "full_attention" in params:
+        local, full = params.get("sliding_attention") or {}, params.get("full_attention") or {}
+        for name, p in (("sliding_attention", local), ("full_attention", full)):
+            kind = p.get("rope_type", "default")
+            if kind not in ("default", "linear"):
+                raise ValueError(f"vitops.hf.gemma3: {name} RoPE type {kind!r} is not supported (default or linear)")
+        if local.get("rope_type", "default") == "linear":
+            raise ValueError("vitops.hf.gemma3: linear RoPE scaling on the sliding layers is not supported")
+        if "rope_theta" in local:
+            out["rope_local_base_freq"] = float(local["rope_theta"])
+        if "rope_theta" in full:
+            out["rope_theta"] = float(full["rope_theta"])
+        out["rope_linear_factor"] = float(full["factor"]) if full.get("rope_type") == "linear" else None
+        return out
+    if t("rope_local_base_freq") is not None:
+        out["rope_local_base_freq"] = float(t("rope_local_base_freq"))
+    if t("rope_theta") is not None:
+        out["rope_theta"] = float(t("rope_theta"))
+    scaling = t("rope_scaling")
+    if scaling is None:
+        out["rope_linear_factor"] = None
+    else:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "linear":
+            raise ValueError(f"vitops.hf.gemma3: rope_scaling type {kind!r} is not supported (linear)")
+        out["rope_linear_factor"] = float(scaling["factor"])
+    return out
+
+
+def decoder_config_from_hf(hf_config: Any, **overrides) -> Gemma3DecoderConfig:
+    """vitops decoder config from an HF ``Gemma3Config`` (its text_config) or ``Gemma3TextConfig``
+    (objects, dicts, a ``config.json`` path or a checkpoint directory). The layer pattern must be
+    HF's 5:1 (``layer_types``), which MaxText's :func:`get_attention_type` reproduces."""
+    data = read_config(hf_config)
+    get = config_getter(data)
+    text = get("text_config")
+    t = config_getter(text if text is not None else data)
+    act = t("hidden_activation") or t("hidden_act")
+    if act is not None and act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_python_tanh", "gelu_fast"):
+        raise ValueError(f"vitops.hf.gemma3: the Gemma 3 decoder MLP uses the tanh GELU, got {act!r}")
+    if t("use_bidirectional_attention"):
+        raise ValueError("vitops.hf.gemma3: use_bidirectional_attention (EmbeddingGemma) is not supported")
+    # attn_logit_softcapping: HF 5.18 never applies it in Gemma 3 (facts file section 4.6); ignored here too
+    layer_types = t("layer_types")
+    if layer_types is not None:
+        expected = ["full_attention" if get_attention_type(i) == AttentionType.GLOBAL else "sliding_attention"
+                    for i in range(len(layer_types))]
+        if list(layer_types) != expected:
+            raise ValueError(f"vitops.hf.gemma3: layer_types {list(layer_types)} differ from Gemma 3's 5:1 pattern "
+                             f"{expected}")
+    kwargs = dict(hidden_size=t("hidden_size"), intermediate_size=t("intermediate_size"),
+                  num_heads=t("num_attention_heads"), num_kv_heads=t("num_key_value_heads"), head_dim=t("head_dim"),
+                  query_pre_attn_scalar=t("query_pre_attn_scalar"), sliding_window=t("sliding_window"),
+                  rms_norm_eps=t("rms_norm_eps"), attention_dropout=t("attention_dropout"))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    for name in ("query_pre_attn_scalar", "rms_norm_eps", "attention_dropout"):
+        if name in kwargs:
+            kwargs[name] = float(kwargs[name])
+    kwargs.update(_rope_settings(t))
+    kwargs.update(overrides)
+    return Gemma3DecoderConfig(**kwargs)
+
+
+def num_decoder_layers(hf_config: Any) -> int:
+    data = read_config(hf_config)
+    text = config_getter(data)("text_config")
+    n = config_getter(text if text is not None else data)("num_hidden_layers")
+    if n is None:
+        raise ValueError("vitops.hf.gemma3: the config has no num_hidden_layers")
+    return int(n)
+
+
+def _decoder_rows() -> list[tuple[str, str, bool]]:
+    pairs = [("input_layernorm.weight", "pre_self_attention_norm.scale"),
+             ("post_attention_layernorm.weight", "post_self_attention_norm.scale"),
+             ("pre_feedforward_layernorm.weight", "pre_ffw_norm.scale"),
+             ("post_feedforward_layernorm.weight", "post_ffw_norm.scale"),
+             ("self_attn.q_proj.weight", "self_attention.query.weight"),
+             ("self_attn.k_proj.weight", "self_attention.key.weight"),
+             ("self_attn.v_proj.weight", "self_attention.value.weight"),
+             ("self_attn.o_proj.weight", "self_attention.out.weight"),
+             ("self_attn.q_norm.weight", "self_attention.query_norm.scale"),
+             ("self_attn.k_norm.weight", "self_attention.key_norm.scale"),
+             ("mlp.gate_proj.weight", "mlp.wi_0.weight"), ("mlp.up_proj.weight", "mlp.wi_1.weight"),
+             ("mlp.down_proj.weight", "mlp.wo.weight")]
+    return [(f"layers.{{i}}.{hf}", f"layers_{{i}}.{ours}", True) for hf, ours in pairs]
+
+
+_DECODER_KEYS = KeyMap(_decoder_rows())
+_DECODER_ANCHOR = re.compile(r"^(?P<prefix>.*?)layers\.\d+\.self_attn\.q_norm\.weight$")
+DEFAULT_DECODER_PREFIX = "language_model.model."  # the hub / save_pretrained form of Gemma3ForConditionalGeneration
+
+
+def _decoder_prefix(keys) -> str | None:
+    """The text before ``layers.{i}.`` of the decoder's keys (every form of the facts file's section 3:
+    ``language_model.model.``, ``model.language_model.``, ``model.`` (Gemma3ForCausalLM), ``''``
+    (Gemma3TextModel)); SigLIP's layers have no q_norm, so the anchor cannot match the tower."""
+    found = sorted({m.group("prefix") for k in keys if (m := _DECODER_ANCHOR.match(k))})
+    if len(found) > 1:
+        raise CheckpointMismatchError(f"several decoder prefixes in the checkpoint {found}; pass decoder_prefix=")
+    return found[0] if found else None
+
+
+def load_hf_decoder_state_dict(block: Gemma3ScannableBlock, checkpoint, *, strict: bool = True,
+                               decoder_prefix: str | None = None) -> LoadReport:
+    """Load HF Gemma 3 text decoder layers (``...layers.{i}.*`` of ``Gemma3ForConditionalGeneration``,
+    ``Gemma3ForCausalLM`` or ``Gemma3TextModel``, any key form) into a :class:`Gemma3ScannableBlock`
+    (``layers_{i}``). The embeddings, final norm and lm_head are not part of it (ignored); a layer
+    index past the block, a missing or mis-shaped tensor raises :class:`CheckpointMismatchError`
+    listing them all (``strict``)."""
+    if not isinstance(block, Gemma3ScannableBlock):
+        raise TypeError(f"load_hf_decoder_state_dict loads into a Gemma3ScannableBlock, got {type(block).__name__}")
+    sd = read_checkpoint(checkpoint)
+    prefix = decoder_prefix if decoder_prefix is not None else _decoder_prefix(list(sd.keys()))
+    rest = re.compile(r"^(?!layers\.)")  # embed_tokens, norm, ...: not decoder layers
+    spec = Part("decoder", block, _DECODER_KEYS, prefix, DEFAULT_DECODER_PREFIX, ignored=rest)
+
+    def message(report):
+        return parts_message("Gemma 3 decoder", [spec], report,
+                             "check the block's num_of_layers / sizes, or pass decoder_prefix=")
+
+    return load_parts([spec], sd, strict, message)
+
+
+def decoder_to_hf_state_dict(block: Gemma3ScannableBlock, *, decoder_prefix: str = DEFAULT_DECODER_PREFIX
+                             ) -> dict[str, torch.Tensor]:
+    """HF-named state dict of the layers (the inverse of :func:`load_hf_decoder_state_dict`)."""
+    return export_parts([Part("decoder", block, _DECODER_KEYS, decoder_prefix, decoder_prefix)])
+
+
+def decoder_from_hf(hf_config: Any, checkpoint=None, *, dtype: torch.dtype | None = None, device=None,
+                    strict: bool = True, **overrides) -> Gemma3ScannableBlock:
+    """The whole decoder stack as one :class:`Gemma3ScannableBlock` (its block-local pattern is the
+    global one), built from an HF config and loaded from ``checkpoint`` if given, in eval mode."""
+    config = decoder_config_from_hf(hf_config, **overrides)
+    block = Gemma3ScannableBlock(config, num_decoder_layers(hf_config), device=device, dtype=dtype).eval()
+    if checkpoint is not None:
+        load_hf_decoder_state_dict(block, checkpoint, strict=strict)
+    return block

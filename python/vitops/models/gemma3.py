@@ -27,17 +27,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import AttentionType, RMSNorm
+from ..layers import (
+    MODEL_MODES,
+    AttentionType,
+    DecoderKVCache,
+    GatedMlp,
+    RMSNorm,
+    broadcast_dropout,
+    decoder_attention_mask,
+    image_block_ids,
+)
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
-from ..ops import avg_pool_rms_norm, patchify
+from ..ops import avg_pool_rms_norm, patchify, qkv_norm_rope
 from ..ops import posemb_sincos_2d as _posemb_sincos_2d_op
 
 __all__ = [
     "GEMMA3_ATTENTION_PATTERN",
+    "DecoderKVCache",
     "Einsum",
     "Encoder",
     "Encoder1DBlock",
+    "Gemma3DecoderConfig",
+    "Gemma3DecoderLayer",
+    "Gemma3ScannableBlock",
+    "Gemma3SelfAttention",
     "Gemma3VisionConfig",
     "Gemma3VisionEncoderLayer",
     "MlpBlockViT",
@@ -47,6 +61,7 @@ __all__ = [
     "encode_images",
     "get_query_pre_attn_scalar",
     "posemb_sincos_2d",
+    "rope_inverse_frequencies",
 ]
 
 # Five sliding-window layers, then one global layer (HF: "sliding_attention" if (i + 1) % 6 else
@@ -397,3 +412,225 @@ def encode_images(tower: Gemma3VisionEncoderLayer, embedder: VisionEmbedder | No
         b, n = x.shape[:2]
         return embedder(tower.VisionExit(x.flatten(0, 1)).reshape(b, n, -1, x.shape[-1]))
     return embedder.pool_and_embed(x, length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text decoder (MaxText Gemma3DecoderLayer / Gemma3ScannableBlock; HF Gemma3DecoderLayer's math)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Gemma3DecoderConfig:
+    """Hyper-parameters of the Gemma 3 text decoder layers. Defaults: the released 4B text model.
+    MaxText names in brackets: hidden_size [emb_dim], intermediate_size [mlp_dim], num_heads
+    [num_query_heads], num_kv_heads, head_dim, query_pre_attn_scalar (HF's; MaxText's
+    :func:`get_query_pre_attn_scalar` is its ``** -0.5``), sliding_window [sliding_window_size],
+    rope_local_base_freq / rope_theta / rope_linear_factor (local layers: theta 1e4; global layers:
+    theta 1e6 with linear scaling, HF's ``rope_parameters``), dropout_rate, attention_dropout."""
+
+    hidden_size: int = 2560
+    intermediate_size: int = 10240
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256.0
+    sliding_window: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_local_base_freq: float = 10000.0
+    rope_theta: float = 1000000.0
+    rope_linear_factor: float | None = 8.0  # global layers' linear RoPE scaling (None: none)
+    hidden_activation: str = "gelu_pytorch_tanh"
+    dropout_rate: float = 0.0
+    attention_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"Gemma3DecoderConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                             f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"Gemma3DecoderConfig: head_dim must be even (RoPE pairs), got {self.head_dim}")
+        if self.sliding_window < 1:
+            raise ValueError(f"Gemma3DecoderConfig: sliding_window must be >= 1, got {self.sliding_window}")
+        if self.rope_linear_factor is not None and not self.rope_linear_factor > 0:
+            raise ValueError(f"Gemma3DecoderConfig: rope_linear_factor must be > 0 or None, got "
+                             f"{self.rope_linear_factor}")
+
+    def replace(self, **changes) -> "Gemma3DecoderConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, linear_factor: float | None = None,
+                             device=None) -> torch.Tensor:
+    """HF's default inverse frequencies ``1 / theta^(arange(0, hd, 2) / hd)`` in float32, divided by
+    ``linear_factor`` for linear scaling (HF ``rope_type="linear"``), computed as HF computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    return inv_freq / linear_factor if linear_factor is not None else inv_freq
+
+
+class Gemma3SelfAttention(nn.Module):
+    """Gemma 3 text self-attention (MaxText ``Attention`` with ``use_qk_norm=True``): q/k/v projections
+    (``query``, ``key``, ``value``, bias-free), the q/k Gemma RMSNorm ``x * (1 + w)`` over the head dim
+    before rotate-half RoPE (cos/sin rounded to the activation dtype), ``query_pre_attn_scalar ** -0.5``
+    logit scale, GQA, the layer's mask (causal, sliding window, image blocks, segments) and ``out``.
+    The norms and RoPE are one ``vitops.qkv_norm_rope`` call (norm ``"scale_plus_one"``, 1-D positions)."""
+
+    def __init__(self, config: Gemma3DecoderConfig, attention_type: AttentionType, *, device=None, dtype=None):
+        super().__init__()
+        c = config
+        if attention_type not in (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL):
+            raise ValueError(f"Gemma3SelfAttention: attention_type must be LOCAL_SLIDING or GLOBAL, got "
+                             f"{attention_type}")
+        self.config = c
+        self.attention_type = attention_type
+        kw = dict(device=device, dtype=dtype)
+        self.query = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False, **kw)
+        self.key = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False, **kw)
+        self.value = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False, **kw)
+        self.out = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
+        self.query_norm = RMSNorm(c.head_dim, c.rms_norm_eps, plus_one=True, **kw)
+        self.key_norm = RMSNorm(c.head_dim, c.rms_norm_eps, plus_one=True, **kw)
+        local = attention_type == AttentionType.LOCAL_SLIDING
+        self.rope_theta = c.rope_local_base_freq if local else c.rope_theta
+        self.rope_linear_factor = None if local else c.rope_linear_factor
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
+                image_blocks: torch.Tensor | None = None, kv_cache: DecoderKVCache | None = None,
+                deterministic: bool | None = None) -> tuple[torch.Tensor, DecoderKVCache]:
+        """``inputs [B, L, D]``, ``positions [B, L]`` absolute (int); returns ``(out [B, L, D], cache)``,
+        the cache holding every key so far (``kv_cache`` followed by these tokens)."""
+        c = self.config
+        b, length, _ = inputs.shape
+        q = self.query(inputs).view(b, length, c.num_heads, c.head_dim)
+        k = self.key(inputs).view(b, length, c.num_kv_heads, c.head_dim)
+        v = self.value(inputs).view(b, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        freqs = rope_inverse_frequencies(c.head_dim, self.rope_theta, self.rope_linear_factor, inputs.device)
+        q, k, _ = qkv_norm_rope(q, k, None, self.query_norm.scale, self.key_norm.scale, positions[..., None],
+                                eps=c.rms_norm_eps, base_frequency=self.rope_theta, rope_dtype=inputs.dtype,
+                                norm="scale_plus_one", v_norm=False, rope_freqs=freqs)
+        if kv_cache is None:
+            cache = DecoderKVCache(k, v, positions, segment_ids, image_blocks)
+        else:
+            cache = kv_cache.extend(k, v, positions, segment_ids, image_blocks)
+        mask = decoder_attention_mask(positions, cache.positions, self.attention_type, window=c.sliding_window,
+                                      q_segments=segment_ids, k_segments=cache.segment_ids,
+                                      q_blocks=image_blocks, k_blocks=cache.image_blocks)
+        out = F.scaled_dot_product_attention(
+            q, cache.key, cache.value, attn_mask=mask,
+            dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
+            scale=c.query_pre_attn_scalar ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
+        out = out.transpose(1, 2).reshape(b, length, c.num_heads * c.head_dim)
+        return self.out(out), cache
+
+
+def _decoder_positions(inputs: torch.Tensor, decoder_positions: torch.Tensor | None,
+                       kv_cache: DecoderKVCache | None) -> torch.Tensor:
+    """MaxText's ``decoder_positions`` [B, L], or positions following the cache (0.. without one)."""
+    if decoder_positions is not None:
+        return decoder_positions
+    start = 0 if kv_cache is None else kv_cache.length
+    return torch.arange(start, start + inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    """One Gemma 3 text decoder layer (MaxText ``Gemma3DecoderLayer``; HF ``Gemma3DecoderLayer``):
+
+        h = x + post_self_attention_norm(self_attention(pre_self_attention_norm(x)))
+        y = dropout(h + post_ffw_norm(mlp(pre_ffw_norm(h))))
+
+    with Gemma RMSNorms ``x * (1 + w)`` in float32 and the tanh-GeGLU MLP (``wi_0`` gate, ``wi_1`` up,
+    ``wo`` down). ``forward(inputs, decoder_segment_ids, decoder_positions, deterministic, model_mode,
+    bidirectional_mask=None, kv_cache=None, ...)`` returns ``(output, kv_cache)`` as MaxText's:
+
+    * ``model_mode="train"``: a full-sequence forward; packed sequences attend within their segment
+      (``decoder_segment_ids [B, L]``); returns ``(y, None)``.
+    * ``"prefill"``: the same, returning the layer's :class:`DecoderKVCache`.
+    * ``"autoregressive"``: new tokens after ``kv_cache`` (positions default to following it);
+      returns the extended cache. A step's outputs equal a full forward over the same tokens.
+
+    ``bidirectional_mask [B, L]`` (True = image token): tokens of one contiguous image block attend to
+    each other both ways (HF's ``token_type_ids``). ``decoder_positions [B, L]``: absolute positions
+    (RoPE, causality, window). MaxText's ``previous_chunk``, ``page_state``, ``slot`` and
+    ``attention_metadata`` (paged attention) are accepted and must be None."""
+
+    def __init__(self, config: Gemma3DecoderConfig, attention_type: AttentionType = AttentionType.LOCAL_SLIDING, *,
+                 device=None, dtype=None):
+        super().__init__()
+        c = config
+        kw = dict(device=device, dtype=dtype)
+        self.config = c
+        self.attention_type = attention_type
+        self.pre_self_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True, **kw)
+        self.self_attention = Gemma3SelfAttention(c, attention_type, **kw)
+        self.post_self_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True, **kw)
+        self.pre_ffw_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True, **kw)
+        self.mlp = GatedMlp(c.hidden_size, c.intermediate_size, c.hidden_activation, c.dropout_rate, **kw)
+        self.post_ffw_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True, **kw)
+
+    def forward(self, inputs: torch.Tensor, decoder_segment_ids: torch.Tensor | None = None,
+                decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
+                model_mode: str = "train", previous_chunk=None, page_state=None, slot=None,
+                bidirectional_mask: torch.Tensor | None = None, kv_cache: DecoderKVCache | None = None,
+                attention_metadata=None) -> tuple[torch.Tensor, DecoderKVCache | None]:
+        _check_decoder_call("Gemma3DecoderLayer", inputs, model_mode, kv_cache, previous_chunk, page_state, slot,
+                            attention_metadata)
+        positions = _decoder_positions(inputs, decoder_positions, kv_cache)
+        blocks = None
+        if bidirectional_mask is not None:
+            blocks = image_block_ids(bidirectional_mask, None if kv_cache is None else kv_cache.image_blocks)
+        elif kv_cache is not None and kv_cache.image_blocks is not None:
+            blocks = torch.zeros_like(positions)  # text tokens after cached image blocks
+        attn, cache = self.self_attention(self.pre_self_attention_norm(inputs), positions,
+                                          segment_ids=decoder_segment_ids, image_blocks=blocks, kv_cache=kv_cache,
+                                          deterministic=deterministic)
+        h = inputs + self.post_self_attention_norm(attn)
+        y = h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h), deterministic))
+        y = broadcast_dropout(y, self.config.dropout_rate, _dropout_active(self, deterministic))
+        return y, (None if model_mode == "train" else cache)
+
+
+def _check_decoder_call(name: str, inputs: torch.Tensor, model_mode: str, kv_cache, previous_chunk, page_state, slot,
+                        attention_metadata) -> None:
+    if model_mode not in MODEL_MODES:
+        raise ValueError(f"{name}: `model_mode` must be one of {MODEL_MODES}, got {model_mode!r}")
+    if inputs.dim() != 3:
+        raise ValueError(f"{name}: `inputs` must be [B, L, D], got {list(inputs.shape)}")
+    if model_mode == "autoregressive" and kv_cache is None:
+        raise ValueError(f'{name}: model_mode="autoregressive" needs the `kv_cache` of the earlier tokens '
+                         '(run model_mode="prefill" first)')
+    if model_mode == "train" and kv_cache is not None:
+        raise ValueError(f'{name}: model_mode="train" takes no `kv_cache` (use "autoregressive")')
+    for arg, value in (("previous_chunk", previous_chunk), ("page_state", page_state), ("slot", slot),
+                       ("attention_metadata", attention_metadata)):
+        if value is not None:
+            raise NotImplementedError(f"{name}: `{arg}` (MaxText's paged / chunked-prefill state) is not supported; "
+                                      "pass kv_cache instead")
+
+
+class Gemma3ScannableBlock(nn.Module):
+    """``num_of_layers`` decoder layers ``layers_{i}`` with ``get_attention_type(i)`` on the block-local
+    index (MaxText ``Gemma3ScannableBlock``: blocks of 6 repeat the 5:1 pattern). ``forward`` takes the
+    layer arguments; returns ``y`` (``model_mode="train"``) or ``(y, [per-layer caches])``; with
+    ``kv_cache`` (a list, one per layer) it runs the autoregressive step."""
+
+    def __init__(self, config: Gemma3DecoderConfig, num_of_layers: int = 1, *, device=None, dtype=None):
+        super().__init__()
+        if num_of_layers < 1:
+            raise ValueError(f"Gemma3ScannableBlock: num_of_layers must be >= 1, got {num_of_layers}")
+        self.config = config
+        self.num_of_layers = num_of_layers
+        for i in range(num_of_layers):
+            self.add_module(f"layers_{i}", Gemma3DecoderLayer(config, get_attention_type(i), device=device,
+                                                               dtype=dtype))
+
+    def forward(self, inputs: torch.Tensor, decoder_segment_ids: torch.Tensor | None = None,
+                decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
+                model_mode: str = "train", slot=None, page_state=None, previous_chunk=None,
+                bidirectional_mask: torch.Tensor | None = None, kv_cache: list | None = None):
+        if kv_cache is not None and len(kv_cache) != self.num_of_layers:
+            raise ValueError(f"Gemma3ScannableBlock: `kv_cache` must hold one cache per layer ({self.num_of_layers}), "
+                             f"got {len(kv_cache)}")
+        y, caches = inputs, []
+        for i in range(self.num_of_layers):
+            y, cache = getattr(self, f"layers_{i}")(
+                y, decoder_segment_ids, decoder_positions, deterministic, model_mode, previous_chunk, page_state, slot,
+                bidirectional_mask, None if kv_cache is None else kv_cache[i])
+            caches.append(cache)
+        return y if model_mode == "train" else (y, caches)
