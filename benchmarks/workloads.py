@@ -517,6 +517,52 @@ def build_rope_1d(shape, device, dtype):
     return Setup((q, k, cos, sin, pos), hf, vit, [q, k], fwd, 2 * fwd)
 
 
+def build_g3_qk_norm_rope(shape, device, dtype):
+    """Gemma 3 text attention's q/k entry (4B: 8 q heads, 4 kv heads, head_dim 256) on the q_proj /
+    k_proj outputs: HF's q_norm / k_norm (Gemma3RMSNorm, x * (1 + w)) then apply_rotary_pos_emb with
+    cos/sin of the global layers' table (theta 1e6, linear factor 8) in the activation dtype; cos/sin
+    are given to HF precomputed (its model computes them once per forward for all layers)."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, Gemma3RotaryEmbedding, apply_rotary_pos_emb
+
+    hq, hk, hd, seq, bsz = shape["Hq"], shape["Hkv"], shape["hd"], shape["S"], shape.get("B", 1)
+    cfg = Gemma3TextConfig(hidden_size=hq * hd, num_attention_heads=hq, num_key_value_heads=hk, head_dim=hd,
+                           num_hidden_layers=6)
+    q_norm, k_norm = (Gemma3RMSNorm(hd, cfg.rms_norm_eps).to(device=device, dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        q_norm.weight.normal_(0, 0.3)
+        k_norm.weight.normal_(0, 0.3)
+    q = torch.randn(bsz, seq, hq * hd, device=device, dtype=dtype)
+    k = torch.randn(bsz, seq, hk * hd, device=device, dtype=dtype)
+    pos = torch.arange(seq, device=device).expand(bsz, seq)
+    rotary = Gemma3RotaryEmbedding(cfg).to(device)
+    cos, sin = rotary(q, pos, "full_attention")
+    params = cfg.rope_parameters["full_attention"]
+
+    def hf(q, k, cos, sin, pos):
+        qs = q_norm(q.view(bsz, seq, hq, hd).transpose(1, 2))
+        ks = k_norm(k.view(bsz, seq, hk, hd).transpose(1, 2))
+        return apply_rotary_pos_emb(qs, ks, cos, sin)
+
+    def vit():
+        op = require_op("qkv_norm_rope", device)
+        from vitops.models.gemma3 import rope_inverse_frequencies
+
+        freqs = rope_inverse_frequencies(hd, params["rope_theta"], params.get("factor"), device)
+        positions = pos[..., None]
+
+        def run(q, k, cos, sin, pos):
+            qo, ko, _ = op(q.view(bsz, seq, hq, hd), k.view(bsz, seq, hk, hd), None, q_norm.weight, k_norm.weight,
+                           positions, eps=cfg.rms_norm_eps, base_frequency=params["rope_theta"], rope_dtype=dtype,
+                           norm="scale_plus_one", v_norm=False, rope_freqs=freqs)
+            return qo, ko
+
+        return run
+
+    fwd = 2 * (q.numel() + k.numel()) * _isz(dtype)
+    return Setup((q, k, cos, sin, pos), hf, vit, [q, k, q_norm.weight, k_norm.weight], fwd, 2 * fwd)
+
+
 def build_rms_norm(shape, device, dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -644,6 +690,9 @@ WORKLOADS: list[Workload] = [
     Workload("W7", "rope_1d", "Generic 1-D RoPE (Llama apply_rotary_pos_emb), Liger shapes",
              [dict(Hq=32, Hkv=8, hd=128, S=s) for s in (1024, 4096, 16384)],
              [dict(Hq=2, Hkv=1, hd=16, S=8)], build_rope_1d),
+    Workload("W7", "g3_qk_norm_rope", "Gemma 3 text q/k Gemma RMSNorm + rotate-half RoPE (4B heads)",
+             [dict(Hq=8, Hkv=4, hd=256, S=s) for s in (1024, 4096, 16384)], [dict(Hq=2, Hkv=1, hd=16, S=8)],
+             build_g3_qk_norm_rope),
     Workload("W7", "rms_norm", "Generic RMSNorm (LlamaRMSNorm), M=2048",
              [dict(M=2048, H=h) for h in (1152, 4096, 32768)], [dict(M=4, H=32)], build_rms_norm),
     Workload("W8", "g4_tower", "Gemma 4 vision tower end to end (SDPA)",
