@@ -27,7 +27,9 @@ __all__ = [
     "activation",
     "attention_mask",
     "broadcast_dropout",
+    "check_decoder_call",
     "decoder_attention_mask",
+    "decoder_positions_for",
     "dropout",
     "dropout_active",
     "image_block_ids",
@@ -35,7 +37,7 @@ __all__ = [
     "rms_norm",
 ]
 
-NORM_KINDS = ("scale", "scale_plus_one", "rms")
+NORM_KINDS = ("scale", "scale_plus_one", "rms", "scale_after_cast")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,7 +55,9 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float, kind: str 
     * ``"scale"``: ``(x * r) * w`` (HF Gemma4RMSNorm; Gemma 4 folded Gemma 3's ``1 + w`` into its
       checkpoints),
     * ``"scale_plus_one"``: ``(x * r) * (1 + w)`` (HF Gemma3RMSNorm, the ``1 + w`` added in float32),
-    * ``"rms"``: ``x * r`` (no weight).
+    * ``"rms"``: ``x * r`` (no weight),
+    * ``"scale_after_cast"``: ``(x * r).to(dtype) * w`` (Llama order: HF LlamaRMSNorm / Llama4TextRMSNorm,
+      MaxText's RMSNorm; the weight multiply in the storage dtype).
 
     ``kind=None`` means ``"scale"`` with a weight and ``"rms"`` without. ``pow(., -0.5)`` and a
     float32 weight multiply reproduce HF's Gemma 4 norm bit for bit (``rsqrt`` equals it on the CPU).
@@ -66,6 +70,8 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, eps: float, kind: str 
     acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if kind == "scale_after_cast":
+        return y.to(x.dtype) * scale
     if kind == "scale":
         y = y * scale.to(acc)
     elif kind == "scale_plus_one":
@@ -131,7 +137,7 @@ class ClippedLinear(nn.Linear):
 # HF's names of the tanh-approximated GELU (Gemma's gelu_pytorch_tanh and its aliases) and the exact
 # GELU. The tanh forms are one function, but HF computes the Python variants op by op in the
 # activation dtype, so in bfloat16 they round differently from the fused kernel: each is reproduced
-# as HF writes it.
+# as HF writes it. SiLU (HF "silu") for the Llama SwiGLU MLPs.
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -139,6 +145,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_python_tanh": lambda x: x * 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
     "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
     "gelu": F.gelu,
+    "silu": F.silu,  # Llama 4's SwiGLU
 }
 TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_python_tanh", "gelu_fast")
 
@@ -320,3 +327,31 @@ class DecoderKVCache:
         return DecoderKVCache(torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2),
                               torch.cat([self.positions, positions], dim=1), cat(self.segment_ids, segment_ids, 1),
                               cat(self.image_blocks, image_blocks, 1))
+
+
+def decoder_positions_for(inputs: torch.Tensor, decoder_positions: torch.Tensor | None,
+                          kv_cache: DecoderKVCache | None) -> torch.Tensor:
+    """MaxText's ``decoder_positions [B, L]``, or positions following the cache (0, 1, ... without one)."""
+    if decoder_positions is not None:
+        return decoder_positions
+    start = 0 if kv_cache is None else kv_cache.length
+    return torch.arange(start, start + inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
+
+
+def check_decoder_call(name: str, inputs: torch.Tensor, model_mode: str, kv_cache: DecoderKVCache | None, *,
+                       previous_chunk=None, page_state=None, slot=None, attention_metadata=None) -> None:
+    """The argument checks every decoder layer's MaxText-style call shares."""
+    if model_mode not in MODEL_MODES:
+        raise ValueError(f"{name}: `model_mode` must be one of {MODEL_MODES}, got {model_mode!r}")
+    if inputs.dim() != 3:
+        raise ValueError(f"{name}: `inputs` must be [B, L, D], got {list(inputs.shape)}")
+    if model_mode == "autoregressive" and kv_cache is None:
+        raise ValueError(f'{name}: model_mode="autoregressive" needs the `kv_cache` of the earlier tokens '
+                         '(run model_mode="prefill" first)')
+    if model_mode == "train" and kv_cache is not None:
+        raise ValueError(f'{name}: model_mode="train" takes no `kv_cache` (use "autoregressive")')
+    for arg, value in (("previous_chunk", previous_chunk), ("page_state", page_state), ("slot", slot),
+                       ("attention_metadata", attention_metadata)):
+        if value is not None:
+            raise NotImplementedError(f"{name}: `{arg}` (MaxText's paged / chunked-prefill state) is not supported; "
+                                      "pass kv_cache instead")

@@ -1,4 +1,4 @@
-"""HF ``transformers`` interop for the Llama 4 vision model: configs and checkpoints (``vitops.hf.llama4``).
+"""HF ``transformers`` interop for the Llama 4 vision model and text decoder layers: configs and checkpoints (``vitops.hf.llama4``).
 
 * :func:`config_from_hf` / :func:`to_hf_vision_config`: HF ``Llama4Config`` / ``Llama4VisionConfig``
   (objects, dicts, or a ``config.json`` / checkpoint directory) <-> :class:`Llama4VisionConfig`.
@@ -9,6 +9,8 @@
   :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key.
 * :func:`to_hf_state_dict` / :func:`save_hf_safetensors`: the inverse.
 * :func:`from_hf`: build (and optionally load) the model + projector from an HF config.
+* :func:`decoder_config_from_hf` / :func:`load_hf_decoder_state_dict` / :func:`decoder_to_hf_state_dict` /
+  :func:`decoder_from_hf`: the text decoder layers (:class:`Llama4ScannableBlock`, MoE experts included).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import Any
 
 import torch
 
-from ..models.llama4 import Llama4MultiModalProjector, Llama4VisionConfig, Llama4VisionModel
+from ..models._hf_config import config_getter
+from ..models.llama4 import (
+    Llama4DecoderConfig,
+    Llama4MultiModalProjector,
+    Llama4ScannableBlock,
+    Llama4VisionConfig,
+    Llama4VisionModel,
+)
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -37,7 +46,11 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "config_from_hf",
+    "decoder_config_from_hf",
+    "decoder_from_hf",
+    "decoder_to_hf_state_dict",
     "load_hf_config",
+    "load_hf_decoder_state_dict",
     "from_hf",
     "load_hf_state_dict",
     "save_hf_safetensors",
@@ -205,3 +218,158 @@ def from_hf(hf_config: Any, checkpoint=None, *, projector: bool = True, dtype: t
     if checkpoint is not None:
         load_hf_state_dict((model, proj), checkpoint, strict=strict)
     return model, proj
+
+
+# ---------------------------------------------------------------------------------------------
+# Text decoder layers: config and checkpoints
+# ---------------------------------------------------------------------------------------------
+def _text_getter(hf_config: Any):
+    data = read_config(hf_config)
+    text = config_getter(data)("text_config")
+    return config_getter(text if text is not None else data)
+
+
+def _rope_scaling(t) -> tuple[float | None, dict | None]:
+    """(theta, llama3 scaling or None) from 5.x ``rope_parameters`` or 4.x ``rope_theta`` / ``rope_scaling``."""
+    params = t("rope_parameters")
+    if isinstance(params, dict) and params:
+        theta, kind, scaling = params.get("rope_theta"), params.get("rope_type", "default"), params
+    else:
+        scaling = t("rope_scaling")
+        theta, kind = t("rope_theta"), (None if scaling is None else scaling.get("rope_type", scaling.get("type")))
+        kind = kind or "default"
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"vitops.hf.llama4: RoPE type {kind!r} is not supported (default or llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k]) for k in keys}
+
+
+def _interval_of(flags: list[bool], what: str) -> int | None:
+    """The n of a 0-based every-n-th pattern ((i + 1) % n == 0) that ``flags`` follows, None when no
+    flag is set; any other pattern raises (MaxText's helpers express only these)."""
+    from ..models.llama4 import determine_is_moe_layer
+
+    if not any(flags):
+        return None
+    n = flags.index(True) + 1
+    if [determine_is_moe_layer(i, n) for i in range(len(flags))] != list(flags):
+        raise ValueError(f"vitops.hf.llama4: the {what} layers {[i for i, f in enumerate(flags) if f]} are not every "
+                         f"n-th layer ((i + 1) % n == 0), which Llama4ScannableBlock builds")
+    return n
+
+
+def decoder_config_from_hf(hf_config: Any, **overrides) -> tuple[Llama4DecoderConfig, int | None, int | None, int]:
+    """``(config, nope_layer_interval, interleave_moe_layer_step, num_layers)`` of the text decoder from
+    an HF ``Llama4Config`` (its text_config) or ``Llama4TextConfig`` (objects, dicts, ``config.json``
+    or a checkpoint directory). The NoPE and MoE layers are read from ``no_rope_layers`` (0 = NoPE)
+    and ``moe_layers`` (or ``interleave_moe_layer_step``); an int ``attn_temperature_tuning`` (older
+    files) counts as bool."""
+    t = _text_getter(hf_config)
+    if (t("num_experts_per_tok") or 1) != 1:
+        raise ValueError(f"vitops.hf.llama4: top-{t('num_experts_per_tok')} routing is not supported (Llama 4: top-1)")
+    layers = t("num_hidden_layers")
+    if layers is None:
+        raise ValueError("vitops.hf.llama4: the config has no num_hidden_layers")
+    layers = int(layers)
+    no_rope = t("no_rope_layers")
+    if no_rope:
+        nope = _interval_of([not bool(f) for f in no_rope], "NoPE")
+    else:
+        interval = t("no_rope_layer_interval")
+        nope = interval if interval else None
+    moe = t("moe_layers")
+    if moe is not None:
+        step = _interval_of([i in set(moe) for i in range(layers)], "MoE")
+    else:
+        step = t("interleave_moe_layer_step")
+    theta, scaling = _rope_scaling(t)
+    tuning = t("attn_temperature_tuning")
+    kwargs = dict(hidden_size=t("hidden_size"), intermediate_size=t("intermediate_size"),
+                  intermediate_size_mlp=t("intermediate_size_mlp"), num_heads=t("num_attention_heads"),
+                  num_kv_heads=t("num_key_value_heads"), head_dim=t("head_dim"), rms_norm_eps=t("rms_norm_eps"),
+                  rope_theta=theta, num_experts=t("num_local_experts"), use_qk_norm=t("use_qk_norm"),
+                  attention_chunk_size=t("attention_chunk_size"), floor_scale=t("floor_scale"),
+                  attn_scale=t("attn_scale"), hidden_act=t("hidden_act"), attention_dropout=t("attention_dropout"))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    for name in ("rms_norm_eps", "rope_theta", "floor_scale", "attn_scale", "attention_dropout"):
+        if name in kwargs:
+            kwargs[name] = float(kwargs[name])
+    if "use_qk_norm" in kwargs:
+        kwargs["use_qk_norm"] = bool(kwargs["use_qk_norm"])
+    if tuning is not None:
+        kwargs["attn_temperature_tuning"] = bool(tuning)
+    kwargs.update(rope_scaling=scaling, nope_layer_interval=nope, interleave_moe_layer_step=step)
+    kwargs.update(overrides)
+    config = Llama4DecoderConfig(**kwargs)
+    return config, config.nope_layer_interval, config.interleave_moe_layer_step, layers
+
+
+def _decoder_rows() -> list[tuple[str, str, bool]]:
+    pairs = [("input_layernorm.weight", "pre_self_attention_layer_norm.scale"),
+             ("post_attention_layernorm.weight", "post_self_attention_layer_norm.scale"),
+             ("self_attn.q_proj.weight", "self_attention.query.weight"),
+             ("self_attn.k_proj.weight", "self_attention.key.weight"),
+             ("self_attn.v_proj.weight", "self_attention.value.weight"),
+             ("self_attn.o_proj.weight", "self_attention.out.weight"),
+             ("feed_forward.router.weight", "Llama4MoEBlock_0.gate.weight"),
+             ("feed_forward.experts.gate_up_proj", "Llama4MoEBlock_0.wi"),
+             ("feed_forward.experts.down_proj", "Llama4MoEBlock_0.wo"),
+             ("feed_forward.shared_expert.gate_proj.weight", "Llama4MoEBlock_0.shared_experts.wi_0.weight"),
+             ("feed_forward.shared_expert.up_proj.weight", "Llama4MoEBlock_0.shared_experts.wi_1.weight"),
+             ("feed_forward.shared_expert.down_proj.weight", "Llama4MoEBlock_0.shared_experts.wo.weight"),
+             ("feed_forward.gate_proj.weight", "mlp.wi_0.weight"), ("feed_forward.up_proj.weight", "mlp.wi_1.weight"),
+             ("feed_forward.down_proj.weight", "mlp.wo.weight")]
+    return [(f"layers.{{i}}.{hf}", f"layers_{{i}}.{ours}", True) for hf, ours in pairs]
+
+
+_DECODER_KEYS = KeyMap(_decoder_rows())
+# text layers have feed_forward.*; the vision encoder's layers have mlp.fc1 / fc2
+_DECODER_ANCHOR = re.compile(r"^(?P<prefix>.*?)layers\.\d+\.feed_forward\.")
+DEFAULT_DECODER_PREFIX = "language_model.model."  # Llama4ForConditionalGeneration's one key form
+
+
+def _decoder_prefix(keys) -> str | None:
+    found = sorted({m.group("prefix") for k in keys if (m := _DECODER_ANCHOR.match(k))})
+    if len(found) > 1:
+        raise CheckpointMismatchError(f"several decoder prefixes in the checkpoint {found}; pass decoder_prefix=")
+    return found[0] if found else None
+
+
+def load_hf_decoder_state_dict(block: Llama4ScannableBlock, checkpoint, *, strict: bool = True,
+                               decoder_prefix: str | None = None) -> LoadReport:
+    """Load HF Llama 4 text decoder layers (``...layers.{i}.*`` of ``Llama4ForConditionalGeneration``,
+    ``Llama4ForCausalLM`` or ``Llama4TextModel``) into a :class:`Llama4ScannableBlock` (``layers_{i}``):
+    attention, norms, the router ``[E, H]``, experts ``gate_up_proj [E, H, 2I]`` (gate first) and
+    ``down_proj [E, I, H]`` (used as ``x @ W``, as HF), the shared expert and the dense MLPs. A layer
+    whose MoE/dense kind differs from the block's shows up as missing + unexpected keys; everything
+    wrong is listed in one :class:`CheckpointMismatchError` (``strict``)."""
+    if not isinstance(block, Llama4ScannableBlock):
+        raise TypeError(f"load_hf_decoder_state_dict loads into a Llama4ScannableBlock, got {type(block).__name__}")
+    sd = read_checkpoint(checkpoint)
+    prefix = decoder_prefix if decoder_prefix is not None else _decoder_prefix(list(sd.keys()))
+    spec = Part("decoder", block, _DECODER_KEYS, prefix, DEFAULT_DECODER_PREFIX, ignored=re.compile(r"^(?!layers\.)"))
+
+    def message(report):
+        return parts_message("Llama 4 decoder", [spec], report,
+                             "check the block's layers, NoPE / MoE intervals and sizes, or pass decoder_prefix=")
+
+    return load_parts([spec], sd, strict, message)
+
+
+def decoder_to_hf_state_dict(block: Llama4ScannableBlock, *, decoder_prefix: str = DEFAULT_DECODER_PREFIX
+                             ) -> dict[str, torch.Tensor]:
+    """HF-named state dict of the layers (the inverse of :func:`load_hf_decoder_state_dict`)."""
+    return export_parts([Part("decoder", block, _DECODER_KEYS, decoder_prefix, decoder_prefix)])
+
+
+def decoder_from_hf(hf_config: Any, checkpoint=None, *, dtype: torch.dtype | None = None, device=None,
+                    strict: bool = True, **overrides) -> Llama4ScannableBlock:
+    """The whole text decoder as one :class:`Llama4ScannableBlock` (block-local patterns equal the
+    global ones), built from an HF config and loaded from ``checkpoint`` if given, in eval mode."""
+    config, nope, step, layers = decoder_config_from_hf(hf_config, **overrides)
+    block = Llama4ScannableBlock(config, nope, step, num_of_layers=layers, device=device, dtype=dtype).eval()
+    if checkpoint is not None:
+        load_hf_decoder_state_dict(block, checkpoint, strict=strict)
+    return block

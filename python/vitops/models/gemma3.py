@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (
-    MODEL_MODES,
     AttentionType,
     DecoderKVCache,
     GatedMlp,
     RMSNorm,
     broadcast_dropout,
+    check_decoder_call,
     decoder_attention_mask,
+    decoder_positions_for,
     image_block_ids,
 )
 from ..layers import dropout as _dropout
@@ -520,15 +521,6 @@ class Gemma3SelfAttention(nn.Module):
         return self.out(out), cache
 
 
-def _decoder_positions(inputs: torch.Tensor, decoder_positions: torch.Tensor | None,
-                       kv_cache: DecoderKVCache | None) -> torch.Tensor:
-    """MaxText's ``decoder_positions`` [B, L], or positions following the cache (0.. without one)."""
-    if decoder_positions is not None:
-        return decoder_positions
-    start = 0 if kv_cache is None else kv_cache.length
-    return torch.arange(start, start + inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
-
-
 class Gemma3DecoderLayer(nn.Module):
     """One Gemma 3 text decoder layer (MaxText ``Gemma3DecoderLayer``; HF ``Gemma3DecoderLayer``):
 
@@ -569,9 +561,9 @@ class Gemma3DecoderLayer(nn.Module):
                 model_mode: str = "train", previous_chunk=None, page_state=None, slot=None,
                 bidirectional_mask: torch.Tensor | None = None, kv_cache: DecoderKVCache | None = None,
                 attention_metadata=None) -> tuple[torch.Tensor, DecoderKVCache | None]:
-        _check_decoder_call("Gemma3DecoderLayer", inputs, model_mode, kv_cache, previous_chunk, page_state, slot,
-                            attention_metadata)
-        positions = _decoder_positions(inputs, decoder_positions, kv_cache)
+        check_decoder_call("Gemma3DecoderLayer", inputs, model_mode, kv_cache, previous_chunk=previous_chunk,
+                           page_state=page_state, slot=slot, attention_metadata=attention_metadata)
+        positions = decoder_positions_for(inputs, decoder_positions, kv_cache)
         blocks = None
         if bidirectional_mask is not None:
             blocks = image_block_ids(bidirectional_mask, None if kv_cache is None else kv_cache.image_blocks)
@@ -584,24 +576,6 @@ class Gemma3DecoderLayer(nn.Module):
         y = h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h), deterministic))
         y = broadcast_dropout(y, self.config.dropout_rate, _dropout_active(self, deterministic))
         return y, (None if model_mode == "train" else cache)
-
-
-def _check_decoder_call(name: str, inputs: torch.Tensor, model_mode: str, kv_cache, previous_chunk, page_state, slot,
-                        attention_metadata) -> None:
-    if model_mode not in MODEL_MODES:
-        raise ValueError(f"{name}: `model_mode` must be one of {MODEL_MODES}, got {model_mode!r}")
-    if inputs.dim() != 3:
-        raise ValueError(f"{name}: `inputs` must be [B, L, D], got {list(inputs.shape)}")
-    if model_mode == "autoregressive" and kv_cache is None:
-        raise ValueError(f'{name}: model_mode="autoregressive" needs the `kv_cache` of the earlier tokens '
-                         '(run model_mode="prefill" first)')
-    if model_mode == "train" and kv_cache is not None:
-        raise ValueError(f'{name}: model_mode="train" takes no `kv_cache` (use "autoregressive")')
-    for arg, value in (("previous_chunk", previous_chunk), ("page_state", page_state), ("slot", slot),
-                       ("attention_metadata", attention_metadata)):
-        if value is not None:
-            raise NotImplementedError(f"{name}: `{arg}` (MaxText's paged / chunked-prefill state) is not supported; "
-                                      "pass kv_cache instead")
 
 
 class Gemma3ScannableBlock(nn.Module):

@@ -23,13 +23,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import (
+    ACTIVATIONS,
+    AttentionType,
+    DecoderKVCache,
+    GatedMlp,
+    RMSNorm,
+    broadcast_dropout,
+    check_decoder_call,
+    decoder_attention_mask,
+    decoder_positions_for,
+    rms_norm,
+)
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
 from ._hf_config import config_getter, square_side
 from ..ops import patchify, pixel_shuffle, qkv_norm_rope  # pixel_shuffle: MaxText's function, the kernel itself
 
 __all__ = [
+    "Llama4DecoderConfig",
+    "Llama4DecoderLayer",
+    "Llama4MoEBlock",
     "Llama4MultiModalProjector",
+    "Llama4ScannableBlock",
+    "Llama4TextAttention",
     "Llama4UnfoldConvolution",
     "Llama4VisionConfig",
     "Llama4VisionEncoder",
@@ -40,6 +57,7 @@ __all__ = [
     "Llama4VisionPixelShuffleMLP",
     "determine_is_moe_layer",
     "determine_is_nope_layer",
+    "llama3_inverse_frequencies",
     "pixel_shuffle",
     "vision_positions",
 ]
@@ -398,3 +416,281 @@ class Llama4VisionModel(nn.Module):
         x = self.encode(tiles, deterministic)[:, :-1]  # drop CLS
         out = self.pixel_shuffle_mlp(x, deterministic)
         return out.unflatten(0, pixel_values.shape[:2]) if pixel_values.dim() == 5 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text decoder (MaxText Llama4DecoderLayer / Llama4ScannableBlock; HF Llama4TextDecoderLayer's math)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Llama4DecoderConfig:
+    """Hyper-parameters of the Llama 4 text decoder layers. Defaults: Scout 17B-16E (Maverick:
+    ``num_experts=128, interleave_moe_layer_step=2, use_qk_norm=False, rope_scaling=None``).
+    ``rope_scaling``: HF's llama3 dict (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``) or None. MaxText hard-codes the temperature tuning's
+    ``attn_scale`` 0.1 and ``floor_scale`` 8192; HF reads them from its config, as here."""
+
+    hidden_size: int = 5120
+    intermediate_size: int = 8192  # every expert and the shared expert
+    intermediate_size_mlp: int = 16384  # the dense layers
+    num_heads: int = 40
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = dataclasses.field(default_factory=lambda: dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+    num_experts: int = 16
+    use_qk_norm: bool = True
+    attention_chunk_size: int = 8192
+    attn_temperature_tuning: bool = True
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    nope_layer_interval: int | None = 4
+    interleave_moe_layer_step: int | None = 1
+    hidden_act: str = "silu"
+    dropout_rate: float = 0.0
+    attention_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"Llama4DecoderConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                             f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"Llama4DecoderConfig: head_dim must be even (RoPE pairs), got {self.head_dim}")
+        if self.attention_chunk_size < 1:
+            raise ValueError(f"Llama4DecoderConfig: attention_chunk_size must be >= 1, got {self.attention_chunk_size}")
+        if self.num_experts < 1:
+            raise ValueError(f"Llama4DecoderConfig: num_experts must be >= 1, got {self.num_experts}")
+
+    def replace(self, **changes) -> "Llama4DecoderConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def llama3_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies ``1 / theta^(2i / hd)`` in float32 with the llama3 rescaling when
+    ``scaling`` is given (HF ``rope_type="llama3"``): wavelengths longer than
+    ``original / low_freq_factor`` are divided by ``factor``, shorter than ``original /
+    high_freq_factor`` kept, and those between interpolated smoothly."""
+    import math
+
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = original / low, original / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Llama4TextAttention(nn.Module):
+    """Llama 4 text self-attention (MaxText ``Attention`` of ``Llama4DecoderLayer``): bias-free
+    ``query``/``key``/``value``/``out``, GQA, logit scale ``head_dim ** -0.5``.
+
+    * RoPE layers: interleaved complex-pair RoPE of q and k in float32 (one ``qkv_norm_rope`` call,
+      ``pairing="interleaved"``, llama3-scaled frequencies), then (``use_qk_norm``) the weightless L2
+      norm of q and k after it (HF order; it does not commute bitwise); chunked causal attention.
+    * NoPE layers: no RoPE, no q/k norm; with ``attn_temperature_tuning`` q is scaled by
+      ``log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`` in float32 on the absolute positions
+      (MaxText's ``decoder_positions``; HF's cache positions, equal without left padding); full causal
+      attention."""
+
+    def __init__(self, config: Llama4DecoderConfig, is_nope_layer: bool = False, *, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.config = c
+        self.is_nope_layer = is_nope_layer
+        self.use_qk_norm = c.use_qk_norm and not is_nope_layer
+        self.attention_type = AttentionType.GLOBAL if is_nope_layer else AttentionType.CHUNK
+        kw = dict(device=device, dtype=dtype)
+        self.query = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False, **kw)
+        self.key = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False, **kw)
+        self.value = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False, **kw)
+        self.out = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
+                kv_cache: DecoderKVCache | None = None, deterministic: bool | None = None
+                ) -> tuple[torch.Tensor, DecoderKVCache]:
+        c = self.config
+        b, length, _ = inputs.shape
+        q = self.query(inputs).view(b, length, c.num_heads, c.head_dim)
+        k = self.key(inputs).view(b, length, c.num_kv_heads, c.head_dim)
+        v = self.value(inputs).view(b, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        if not self.is_nope_layer:
+            freqs = llama3_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, inputs.device)
+            q, k, _ = qkv_norm_rope(q, k, None, None, None, positions[..., None], base_frequency=c.rope_theta,
+                                    rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved",
+                                    rope_freqs=freqs)
+            if self.use_qk_norm:  # HF's Llama4TextL2Norm after the rotation
+                q, k = rms_norm(q, None, c.rms_norm_eps, "rms"), rms_norm(k, None, c.rms_norm_eps, "rms")
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            if c.attn_temperature_tuning:
+                scale = torch.log1p(torch.floor((positions.float() + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
+                q = (q * scale[:, None, :, None]).to(q.dtype)
+        cache = (DecoderKVCache(k, v, positions, segment_ids) if kv_cache is None
+                 else kv_cache.extend(k, v, positions, segment_ids, None))
+        mask = decoder_attention_mask(positions, cache.positions, self.attention_type, chunk=c.attention_chunk_size,
+                                      q_segments=segment_ids, k_segments=cache.segment_ids)
+        out = F.scaled_dot_product_attention(
+            q, cache.key, cache.value, attn_mask=mask,
+            dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
+            scale=c.head_dim ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
+        out = out.transpose(1, 2).reshape(b, length, c.num_heads * c.head_dim)
+        return self.out(out), cache
+
+
+class Llama4MoEBlock(nn.Module):
+    """Llama 4's routed + shared MoE (MaxText ``RoutedAndSharedMoE``, HF ``Llama4TextMoe``): the top-1
+    router ``gate`` (bias-free ``[E, H]``), the sigmoid of the selected logit (float32, rounded to the
+    activation dtype) scaling the expert's *input*, experts ``wi [E, H, 2I]`` (gate columns first,
+    then up: HF's ``gate_up_proj``) and ``wo [E, I, H]`` used as ``x @ W``, SwiGLU ``up * silu(gate)``,
+    plus ``shared_experts`` (a SwiGLU MLP) on every token.
+
+    Each token runs only its selected expert (tokens bucketed by expert with a stable sort): exact,
+    because HF's unselected experts get an all-zero input and, with no bias and silu(0) * 0 = 0,
+    contribute exact zeros. The eager path reads the per-expert counts on the host (free on the CPU,
+    a synchronisation on CUDA until the routing op lands); under torch.compile every expert runs on
+    every token as HF does (the same result, E x the FLOPs) so the graph has no data-dependent shapes."""
+
+    def __init__(self, config: Llama4DecoderConfig, *, device=None, dtype=None):
+        super().__init__()
+        c = config
+        kw = dict(device=device, dtype=dtype)
+        self.num_experts = c.num_experts
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False, **kw)
+        self.wi = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, 2 * c.intermediate_size, **kw))
+        self.wo = nn.Parameter(torch.empty(c.num_experts, c.intermediate_size, c.hidden_size, **kw))
+        nn.init.normal_(self.wi, std=c.hidden_size ** -0.5)
+        nn.init.normal_(self.wo, std=c.intermediate_size ** -0.5)
+        self.shared_experts = GatedMlp(c.hidden_size, c.intermediate_size, c.hidden_act, c.dropout_rate, **kw)
+        self.activation = c.hidden_act
+
+    def _expert(self, x: torch.Tensor, e) -> torch.Tensor:
+        gate, up = (x @ self.wi[e]).chunk(2, dim=-1)
+        return (up * ACTIVATIONS[self.activation](gate)) @ self.wo[e]
+
+    def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = self.gate(flat)
+        top_logit, expert = logits.topk(1, dim=-1)
+        score = torch.sigmoid(top_logit.float()).to(flat.dtype)  # [N, 1]
+        routed_in = flat * score
+        expert = expert[:, 0]
+        if torch.compiler.is_compiling():
+            onehot = F.one_hot(expert, self.num_experts).to(flat.dtype)  # [N, E]: HF's all-experts form
+            stacked = torch.stack([self._expert(routed_in * onehot[:, e:e + 1], e) for e in range(self.num_experts)])
+            routed = stacked.sum(dim=0)
+        else:
+            order = torch.argsort(expert, stable=True)
+            counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+            sorted_in = routed_in[order]
+            pieces, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    pieces.append(self._expert(sorted_in[start:start + n], e))
+                start += n
+            routed = torch.empty_like(flat)
+            if pieces:
+                routed[order] = torch.cat(pieces)
+        out = self.shared_experts(flat, deterministic) + routed
+        return out.view(shape)
+
+
+class Llama4DecoderLayer(nn.Module):
+    """One Llama 4 text decoder layer (MaxText ``Llama4DecoderLayer(config, is_nope_layer,
+    is_moe_layer)``; HF ``Llama4TextDecoderLayer``):
+
+        h = x + self_attention(pre_self_attention_layer_norm(x))
+        y = dropout(h + ffn(post_self_attention_layer_norm(h)))
+
+    with Llama-order RMSNorms (normalised in float32, cast, then ``* w``), ``ffn`` the MoE block
+    (``Llama4MoEBlock_0``, the ``moe_block`` property) or a dense SwiGLU ``mlp``
+    (``intermediate_size_mlp``). The call form and model modes are :class:`Gemma3DecoderLayer`'s
+    (train / prefill / autoregressive with a :class:`DecoderKVCache`, segment ids), returning
+    ``(output, kv_cache)``."""
+
+    def __init__(self, config: Llama4DecoderConfig, is_nope_layer: bool = False, is_moe_layer: bool = False, *,
+                 device=None, dtype=None):
+        super().__init__()
+        c = config
+        kw = dict(device=device, dtype=dtype)
+        self.config = c
+        self.is_nope_layer = is_nope_layer
+        self.is_moe_layer = is_moe_layer
+        self.pre_self_attention_layer_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.self_attention = Llama4TextAttention(c, is_nope_layer, **kw)
+        self.post_self_attention_layer_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        if is_moe_layer:
+            self.Llama4MoEBlock_0 = Llama4MoEBlock(c, **kw)
+        else:
+            self.mlp = GatedMlp(c.hidden_size, c.intermediate_size_mlp, c.hidden_act, c.dropout_rate, **kw)
+
+    @property
+    def moe_block(self) -> "Llama4MoEBlock | None":
+        return self.Llama4MoEBlock_0 if self.is_moe_layer else None
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, norm.scale, norm.eps, "scale_after_cast")
+
+    def forward(self, inputs: torch.Tensor, decoder_segment_ids: torch.Tensor | None = None,
+                decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
+                model_mode: str = "train", previous_chunk=None, slot=None, kv_cache: DecoderKVCache | None = None,
+                attention_metadata=None) -> tuple[torch.Tensor, DecoderKVCache | None]:
+        check_decoder_call("Llama4DecoderLayer", inputs, model_mode, kv_cache, previous_chunk=previous_chunk, slot=slot,
+                           attention_metadata=attention_metadata)
+        positions = decoder_positions_for(inputs, decoder_positions, kv_cache)
+        attn, cache = self.self_attention(self._norm(self.pre_self_attention_layer_norm, inputs), positions,
+                                          segment_ids=decoder_segment_ids, kv_cache=kv_cache,
+                                          deterministic=deterministic)
+        h = inputs + attn
+        ffn = self.Llama4MoEBlock_0 if self.is_moe_layer else self.mlp
+        y = h + ffn(self._norm(self.post_self_attention_layer_norm, h), deterministic)
+        y = broadcast_dropout(y, self.config.dropout_rate, _dropout_active(self, deterministic))
+        return y, (None if model_mode == "train" else cache)
+
+
+class Llama4ScannableBlock(nn.Module):
+    """Layers ``layers_{j}`` with :func:`determine_is_nope_layer` / :func:`determine_is_moe_layer` on
+    the block-local ``j`` (MaxText ``Llama4ScannableBlock(config, nope_layer_interval,
+    interleave_moe_layer_step)``; MaxText's constructor defaults (1, 1) make every layer NoPE and
+    MoE, as here). ``num_of_layers``: the block length (default: the least common multiple of the two
+    intervals, MaxText's ``inhomogeneous_layer_cycle_interval`` (4 for the released models); the
+    whole decoder for a full stack). Returns ``y`` (train) or ``(y, [per-layer caches])``."""
+
+    def __init__(self, config: Llama4DecoderConfig, nope_layer_interval: int | None = 1,
+                 interleave_moe_layer_step: int | None = 1, num_of_layers: int | None = None, *, device=None,
+                 dtype=None):
+        super().__init__()
+        import math
+
+        if num_of_layers is None:
+            steps = [s for s in (nope_layer_interval, interleave_moe_layer_step) if s is not None and s > 0]
+            num_of_layers = math.lcm(*steps) if steps else 1
+        if num_of_layers < 1:
+            raise ValueError(f"Llama4ScannableBlock: num_of_layers must be >= 1, got {num_of_layers}")
+        self.config = config
+        self.num_of_layers = num_of_layers
+        for j in range(num_of_layers):
+            self.add_module(f"layers_{j}", Llama4DecoderLayer(
+                config, determine_is_nope_layer(j, nope_layer_interval),
+                determine_is_moe_layer(j, interleave_moe_layer_step), device=device, dtype=dtype))
+
+    def forward(self, inputs: torch.Tensor, decoder_segment_ids: torch.Tensor | None = None,
+                decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
+                model_mode: str = "train", previous_chunk=None, slot=None, kv_cache: list | None = None):
+        if kv_cache is not None and len(kv_cache) != self.num_of_layers:
+            raise ValueError(f"Llama4ScannableBlock: `kv_cache` must hold one cache per layer ({self.num_of_layers}), "
+                             f"got {len(kv_cache)}")
+        y, caches = inputs, []
+        for j in range(self.num_of_layers):
+            y, cache = getattr(self, f"layers_{j}")(y, decoder_segment_ids, decoder_positions, deterministic,
+                                                    model_mode, previous_chunk, slot,
+                                                    None if kv_cache is None else kv_cache[j])
+            caches.append(cache)
+        return y if model_mode == "train" else (y, caches)

@@ -1,0 +1,329 @@
+"""Llama 4 text decoder layers (vitops.models.llama4: Llama4DecoderLayer, Llama4ScannableBlock) against
+transformers 5.18's Llama4TextDecoderLayer stack (random weights, eval, SDPA): RoPE layers (interleaved
+complex pairs, llama3 scaling, L2 q/k norm after RoPE, chunked attention) and NoPE layers (temperature
+tuning, full causal), MoE with several experts (top-1 sigmoid router scaling the expert input, shared
+expert) and dense layers, interleave steps 1 and 2, Scout- and Maverick-like settings; the KV-cache
+step, packed segments, bf16, gradients, torch.compile; checkpoints."""
+
+import pytest
+import torch
+
+from vitops.hf import CheckpointMismatchError
+from vitops.hf import llama4 as llama4_hf
+from vitops.models.llama4 import Llama4DecoderConfig, Llama4DecoderLayer, Llama4MoEBlock, Llama4ScannableBlock
+
+from _utils import DEVICES
+
+transformers = pytest.importorskip("transformers")
+from transformers import Llama4TextConfig  # noqa: E402
+from transformers.models.llama4.modeling_llama4 import Llama4TextModel, Llama4TextMoe  # noqa: E402
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def text_config(layers=8, step=2, experts=4, qk_norm=True, rope=LLAMA3, **kw):
+    args = dict(vocab_size=64, hidden_size=64, intermediate_size=48, intermediate_size_mlp=80,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                num_local_experts=experts, interleave_moe_layer_step=step, no_rope_layer_interval=4,
+                attention_chunk_size=4, floor_scale=3, attn_scale=0.1, attn_temperature_tuning=True,
+                use_qk_norm=qk_norm, rope_parameters=dict(rope), max_position_embeddings=64,
+                attn_implementation="sdpa")
+    args.update(kw)
+    return Llama4TextConfig(**args)
+
+
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or "router" in name:  # HF initialises gate_up_proj to zeros
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "norm" in name:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def build(seed=0, **kw):
+    tc = text_config(**kw)
+    torch.manual_seed(seed)
+    hf = randomize(Llama4TextModel(tc).eval(), seed)
+    return hf, tc, llama4_hf.decoder_from_hf(tc, hf.state_dict())
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def hidden(hf, x, **kw):
+    with torch.no_grad():
+        return hf(inputs_embeds=x, output_hidden_states=True, **kw).hidden_states
+
+
+SETTINGS = {
+    "scout-like": dict(step=1, qk_norm=True, rope=LLAMA3),  # every layer MoE, L2 norm, llama3 RoPE
+    "maverick-like": dict(step=2, qk_norm=False, rope={"rope_type": "default", "rope_theta": 500000.0}),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_each_layer_matches_hf(setting):
+    hf, tc, ours = build(**SETTINGS[setting])
+    x = torch.randn(2, 11, 64)
+    hs = hidden(hf, x)
+    kinds = set()
+    with torch.no_grad():
+        for i in range(7):  # the 8th layer's HF output is normed
+            layer = getattr(ours, f"layers_{i}")
+            assert layer.is_nope_layer == (not tc.no_rope_layers[i])
+            assert layer.is_moe_layer == (i in tc.moe_layers)
+            kinds.add((layer.is_nope_layer, layer.is_moe_layer))
+            got, _ = layer(hs[i])
+            assert rel(got, hs[i + 1]) < 1e-5, i
+    assert len(kinds) >= 2
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_stack_matches_hf(seed):
+    hf, tc, ours = build(seed=seed)
+    x = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(seed))
+    hs = hidden(hf, x)
+    with torch.no_grad():
+        y = ours(x)
+        assert rel(hf.norm(y), hs[-1]) < 1e-4
+
+
+def test_moe_block_equals_hf_all_experts_form():
+    tc = text_config(experts=8)
+    torch.manual_seed(3)
+    hf_moe = randomize(Llama4TextMoe(tc).eval(), 3)
+    ours = Llama4MoEBlock(llama4_hf.decoder_config_from_hf(tc)[0]).eval()
+    ours.gate.weight.data.copy_(hf_moe.router.weight)
+    ours.wi.data.copy_(hf_moe.experts.gate_up_proj)
+    ours.wo.data.copy_(hf_moe.experts.down_proj)
+    for a, b in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+        getattr(ours.shared_experts, a).weight.data.copy_(getattr(hf_moe.shared_expert, b).weight)
+    x = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        want, _ = hf_moe(x)
+        got = ours(x)
+        compiled = torch.compile(ours, fullgraph=True)(x)  # every expert on every token: the same values
+    torch.testing.assert_close(got, want.view(got.shape), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled, got, rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_tuning_uses_absolute_positions_past_floor():
+    """NoPE layers: with floor_scale 3 the factor steps at positions 2, 5, 8, ...; a cached step at
+    positions past the prefill must see the same factors as the full forward."""
+    hf, tc, ours = build()
+    x = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        full = ours(x)
+        y1, caches = ours(x[:, :7], model_mode="prefill")
+        y2, _ = ours(x[:, 7:], model_mode="autoregressive", kv_cache=caches)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [(5, 1, 1, 1, 1, 1, 1), (4, 3, 2)])
+def test_kv_cache_steps_equal_full_forward_and_hf_cache(steps):
+    hf, tc, ours = build()
+    total = sum(steps)
+    x = torch.randn(2, total, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = ours(x)
+        caches, outs, start = None, [], 0
+        for n in steps:
+            y, caches = ours(x[:, start:start + n], model_mode="prefill" if caches is None else "autoregressive",
+                             kv_cache=caches)
+            outs.append(y)
+            start += n
+        first = hf(inputs_embeds=x[:, :steps[0]], use_cache=True)
+        step = hf(inputs_embeds=x[:, steps[0]:steps[0] + steps[1]], past_key_values=first.past_key_values,
+                  use_cache=True)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert rel(hf.norm(outs[1]), step.last_hidden_state) < 1e-5
+
+
+def test_packed_segments_equal_separate_sequences():
+    hf, tc, ours = build()
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(1, 7, 64, generator=g), torch.randn(1, 6, 64, generator=g)
+    segments = torch.tensor([[1] * 7 + [2] * 6])
+    positions = torch.cat([torch.arange(7), torch.arange(6)])[None]
+    with torch.no_grad():
+        y = ours(torch.cat([a, b], 1), segments, positions)
+        ya, yb = ours(a), ours(b)
+    torch.testing.assert_close(y[:, :7], ya, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[:, 7:], yb, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_against_float64_no_worse_than_hf(dtype):
+    ours_err, hf_err = [], []
+    for seed in range(3):
+        hf, tc, _ = build(seed=seed)
+        sd = hf.state_dict()
+        x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(20 + seed))
+        ref = hidden(hf.double(), x.double())[-2]
+        hf.to(dtype)
+        hf_out = hidden(hf, x.to(dtype))[-2]
+        ours = llama4_hf.decoder_from_hf(tc, sd, dtype=dtype)
+        with torch.no_grad():
+            y = x.to(dtype)
+            for i in range(7):
+                y, _ = getattr(ours, f"layers_{i}")(y)
+        assert y.dtype == dtype
+        ours_err.append(rel(y, ref))
+        hf_err.append(rel(hf_out, ref))
+    assert sum(ours_err) / 3 <= 1.05 * sum(hf_err) / 3, (ours_err, hf_err)
+
+
+def test_gradients_match_hf():
+    hf, tc, ours = build(layers=5)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    g = torch.randn(2, 9, 64)
+    out = hf(inputs_embeds=x, output_hidden_states=True).hidden_states[-2]
+    params = [hf.layers[0].self_attn.q_proj.weight, hf.layers[1].feed_forward.experts.gate_up_proj,
+              hf.layers[1].feed_forward.router.weight, hf.layers[3].input_layernorm.weight]
+    want = torch.autograd.grad((out * g).sum(), [x, *params])
+    x2 = x.detach().clone().requires_grad_()
+    y = x2
+    for i in range(4):
+        y, _ = getattr(ours, f"layers_{i}")(y)
+    mine = [ours.layers_0.self_attention.query.weight, ours.layers_1.Llama4MoEBlock_0.wi,
+            ours.layers_1.Llama4MoEBlock_0.gate.weight, ours.layers_3.pre_self_attention_layer_norm.scale]
+    got = torch.autograd.grad((y * g).sum(), [x2, *mine])
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-5
+
+
+def test_compile_fullgraph_dynamic_no_recompile():
+    import torch._dynamo.testing
+
+    _, tc, ours = build(layers=4, step=2)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True, backend=counter)
+    with torch.no_grad():
+        for b, length in ((2, 7), (3, 10), (4, 5)):
+            x = torch.randn(b, length, 64)
+            torch.testing.assert_close(compiled(x), ours(x), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_scannable_block_patterns_and_moe_block_property():
+    cfg = Llama4DecoderConfig(hidden_size=32, intermediate_size=16, intermediate_size_mlp=24, num_heads=4,
+                              num_kv_heads=2, head_dim=8, num_experts=2)
+    block = Llama4ScannableBlock(cfg, nope_layer_interval=4, interleave_moe_layer_step=2)
+    assert block.num_of_layers == 4
+    assert [block.get_submodule(f"layers_{j}").is_nope_layer for j in range(4)] == [False, False, False, True]
+    assert [block.get_submodule(f"layers_{j}").is_moe_layer for j in range(4)] == [False, True, False, True]
+    assert block.layers_1.moe_block is block.layers_1.Llama4MoEBlock_0 and block.layers_0.moe_block is None
+    defaults = Llama4ScannableBlock(cfg)  # MaxText's constructor defaults: every layer NoPE and MoE
+    assert defaults.num_of_layers == 1 and defaults.layers_0.is_nope_layer and defaults.layers_0.is_moe_layer
+    with pytest.raises(ValueError, match='model_mode="train" takes no `kv_cache`'):
+        Llama4DecoderLayer(cfg)(torch.randn(1, 3, 32), kv_cache=object())
+
+
+def test_dropout_in_train_mode_only():
+    cfg = Llama4DecoderConfig(hidden_size=32, intermediate_size=16, intermediate_size_mlp=24, num_heads=4,
+                              num_kv_heads=2, head_dim=8, num_experts=2, dropout_rate=0.3)
+    layer = Llama4DecoderLayer(cfg, is_moe_layer=True).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        a, _ = layer(x)
+        assert torch.equal(a, layer(x, deterministic=True)[0])
+        assert not torch.equal(a, layer(x, deterministic=False)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and configs
+# ---------------------------------------------------------------------------------------------
+def test_full_model_key_forms_round_trip_and_mismatch(tmp_path):
+    from transformers import Llama4ForCausalLM
+
+    hf, tc, _ = build()
+    causal = Llama4ForCausalLM(tc).eval()
+    causal.model.load_state_dict(hf.state_dict())
+    x = torch.randn(1, 9, 64)
+    want = hidden(hf, x)[-1]
+    forms = {"Llama4ForCausalLM (model.)": causal.state_dict(),
+             "Llama4ForConditionalGeneration (language_model.model.)":
+                 {f"language_model.{k}": v for k, v in causal.state_dict().items()},
+             "Llama4TextModel ('')": hf.state_dict()}
+    for name, sd in forms.items():
+        block = llama4_hf.decoder_from_hf(tc)
+        report = llama4_hf.load_hf_decoder_state_dict(block, sd)
+        assert not report.missing and not report.unexpected, name
+        with torch.no_grad():
+            assert rel(hf.norm(block(x)), want) < 1e-4, name
+    exported = llama4_hf.decoder_to_hf_state_dict(block)
+    assert set(exported) == {k for k in forms["Llama4ForConditionalGeneration (language_model.model.)"]
+                             if ".layers." in k}
+    bad = dict(exported)
+    del bad["language_model.model.layers.1.feed_forward.experts.down_proj"]
+    bad["language_model.model.layers.0.feed_forward.router.weight"] = torch.zeros(4, 64)  # layer 0 is dense
+    bad["language_model.model.layers.3.self_attn.q_proj.weight"] = torch.zeros(5, 64)
+    with pytest.raises(CheckpointMismatchError) as e:
+        llama4_hf.load_hf_decoder_state_dict(llama4_hf.decoder_from_hf(tc), bad)
+    for part in ("layers.1.feed_forward.experts.down_proj", "layers.0.feed_forward.router.weight",
+                 "layers.3.self_attn.q_proj.weight"):
+        assert part in str(e.value)
+
+
+def test_config_from_hf_forms():
+    tc = text_config()
+    config, nope, step, layers = llama4_hf.decoder_config_from_hf(tc)
+    assert (nope, step, layers) == (4, 2, 8)
+    assert config.rope_scaling == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=16)
+    assert config.floor_scale == 3.0 and config.attention_chunk_size == 4 and config.use_qk_norm
+    # an older file: attn_temperature_tuning as an int
+    older = dict(tc.to_dict(), attn_temperature_tuning=4)
+    assert llama4_hf.decoder_config_from_hf(older)[0].attn_temperature_tuning is True
+    with pytest.raises(ValueError, match="not every n-th layer"):
+        llama4_hf.decoder_config_from_hf(dict(tc.to_dict(), moe_layers=[0, 2, 3]))
+    with pytest.raises(ValueError, match="RoPE type 'yarn' is not supported"):
+        llama4_hf.decoder_config_from_hf(dict(tc.to_dict(), rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stack_on_each_device(device):
+    hf, tc, _ = build(layers=4)
+    sd = hf.state_dict()
+    x = torch.randn(2, 9, 64)
+    ref = hidden(hf.double(), x.double())[-1]
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = llama4_hf.decoder_from_hf(tc, sd, dtype=dtype, device=device)
+        hf_d = Llama4TextModel(tc).eval()
+        hf_d.load_state_dict(sd)
+        hf_d.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            got = hf_d.norm(ours(x.to(device=device, dtype=dtype)))
+            want = hidden(hf_d, x.to(device=device, dtype=dtype))[-1]
+        assert got.device.type == device and got.dtype == dtype
+        if dtype == torch.float32:
+            assert rel(got.cpu(), want.cpu()) < 1e-4
+        else:
+            assert rel(got.cpu(), ref) <= 1.1 * rel(want.cpu(), ref) + 1e-3
+
+
+@pytest.mark.slow
+def test_released_scout_width_layers_short_sequence():
+    """Scout's widths (hidden 5120, 40 / 8 heads of 128, experts and shared expert 8192, dense 16384,
+    llama3 RoPE, L2 q/k norm) with 2 experts instead of 16 (memory): a dense RoPE layer and an MoE
+    NoPE layer, each against HF on HF's own input."""
+    tc = text_config(layers=3, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+                     num_attention_heads=40, num_key_value_heads=8, head_dim=128, experts=2, step=2,
+                     no_rope_layers=[1, 0, 1], attention_chunk_size=8192, floor_scale=2,
+                     rope={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    torch.manual_seed(0)
+    hf = randomize(Llama4TextModel(tc).eval())
+    ours = llama4_hf.decoder_from_hf(tc, hf.state_dict())
+    assert not ours.layers_0.is_nope_layer and ours.layers_1.is_nope_layer and ours.layers_1.is_moe_layer
+    x = torch.randn(1, 7, 5120)
+    hs = hidden(hf, x)
+    with torch.no_grad():
+        for i in (0, 1):
+            got, _ = getattr(ours, f"layers_{i}")(hs[i])
+            assert rel(got, hs[i + 1]) < 1e-5, i
