@@ -546,9 +546,9 @@ def build_g3_qk_norm_rope(shape, device, dtype):
 
     def vit():
         op = require_op("qkv_norm_rope", device)
-        from vitops.models.gemma3 import rope_inverse_frequencies
+        from vitops.layers import rope_inverse_frequencies
 
-        freqs = rope_inverse_frequencies(hd, params["rope_theta"], params.get("factor"), device)
+        freqs = rope_inverse_frequencies(hd, params["rope_theta"], linear_factor=params.get("factor"), device=device)
         positions = pos[..., None]
 
         def run(q, k, cos, sin, pos):

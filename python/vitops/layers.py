@@ -27,7 +27,9 @@ __all__ = [
     "activation",
     "attention_mask",
     "broadcast_dropout",
+    "check_attention_heads",
     "check_decoder_call",
+    "decoder_attend",
     "decoder_attention_mask",
     "decoder_positions_for",
     "dropout",
@@ -35,6 +37,8 @@ __all__ = [
     "image_block_ids",
     "mask_is_redundant",
     "rms_norm",
+    "rope_inverse_frequencies",
+    "run_decoder_layers",
 ]
 
 NORM_KINDS = ("scale", "scale_plus_one", "rms", "scale_after_cast")
@@ -355,3 +359,68 @@ def check_decoder_call(name: str, inputs: torch.Tensor, model_mode: str, kv_cach
         if value is not None:
             raise NotImplementedError(f"{name}: `{arg}` (MaxText's paged / chunked-prefill state) is not supported; "
                                       "pass kv_cache instead")
+
+
+def check_attention_heads(name: str, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """A decoder config's attention shape: GQA groups divide the heads, RoPE pairs the head dim."""
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"{name}: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"{name}: head_dim must be even (RoPE pairs), got {head_dim}")
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, *, linear_factor: float | None = None,
+                             llama3_scaling: dict | None = None, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies ``1 / theta^(arange(0, hd, 2) / hd)`` in float32, computed as HF
+    computes them, with HF's rescalings as options: ``linear_factor`` divides them all (``rope_type
+    "linear"``, Gemma 3's global layers); ``llama3_scaling`` (``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_max_position_embeddings``; Llama 4 Scout) divides wavelengths
+    longer than ``original / low_freq_factor`` by ``factor``, keeps those shorter than ``original /
+    high_freq_factor`` and interpolates smoothly between."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if linear_factor is not None:
+        inv_freq = inv_freq / linear_factor
+    if llama3_scaling is None:
+        return inv_freq
+    factor, low = llama3_scaling["factor"], llama3_scaling["low_freq_factor"]
+    high, original = llama3_scaling["high_freq_factor"], llama3_scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = original / low, original / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def decoder_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   attention_type: AttentionType, kv_cache: DecoderKVCache | None, *, scale: float,
+                   dropout_p: float = 0.0, window: int | None = None, chunk: int | None = None,
+                   segment_ids: torch.Tensor | None = None, image_blocks: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, DecoderKVCache]:
+    """A decoder layer's attention after its q/k preparation: ``q [B, H, L, hd]``, ``k``/``v``
+    ``[B, KV, L, hd]`` of the new tokens appended to ``kv_cache``, the layer's mask
+    (:func:`decoder_attention_mask`), SDPA with GQA. Returns ``(out [B, L, H * hd], cache)``."""
+    cache = (DecoderKVCache(k, v, positions, segment_ids, image_blocks) if kv_cache is None
+             else kv_cache.extend(k, v, positions, segment_ids, image_blocks))
+    mask = decoder_attention_mask(positions, cache.positions, attention_type, window=window, chunk=chunk,
+                                  q_segments=segment_ids, k_segments=cache.segment_ids, q_blocks=image_blocks,
+                                  k_blocks=cache.image_blocks)
+    out = F.scaled_dot_product_attention(q, cache.key, cache.value, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    b, heads, length, hd = q.shape
+    return out.transpose(1, 2).reshape(b, length, heads * hd), cache
+
+
+def run_decoder_layers(block: nn.Module, inputs: torch.Tensor, model_mode: str, kv_cache: list | None,
+                       call: Callable[[nn.Module, torch.Tensor, "DecoderKVCache | None"], tuple]):
+    """A scannable block's loop over ``layers_{i}``: ``call(layer, y, cache_i)`` returns ``(y, cache)``;
+    the block returns ``y`` for ``model_mode="train"``, else ``(y, [per-layer caches])``."""
+    n = block.num_of_layers
+    if kv_cache is not None and len(kv_cache) != n:
+        raise ValueError(f"{type(block).__name__}: `kv_cache` must hold one cache per layer ({n}), got {len(kv_cache)}")
+    y, caches = inputs, []
+    for i in range(n):
+        y, cache = call(getattr(block, f"layers_{i}"), y, None if kv_cache is None else kv_cache[i])
+        caches.append(cache)
+    return y if model_mode == "train" else (y, caches)

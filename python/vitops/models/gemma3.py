@@ -33,10 +33,13 @@ from ..layers import (
     GatedMlp,
     RMSNorm,
     broadcast_dropout,
+    check_attention_heads,
     check_decoder_call,
-    decoder_attention_mask,
+    decoder_attend,
     decoder_positions_for,
     image_block_ids,
+    rope_inverse_frequencies,
+    run_decoder_layers,
 )
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
@@ -62,7 +65,6 @@ __all__ = [
     "encode_images",
     "get_query_pre_attn_scalar",
     "posemb_sincos_2d",
-    "rope_inverse_frequencies",
 ]
 
 # Five sliding-window layers, then one global layer (HF: "sliding_attention" if (i + 1) % 6 else
@@ -443,11 +445,7 @@ class Gemma3DecoderConfig:
     attention_dropout: float = 0.0
 
     def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"Gemma3DecoderConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
-                             f"{self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"Gemma3DecoderConfig: head_dim must be even (RoPE pairs), got {self.head_dim}")
+        check_attention_heads("Gemma3DecoderConfig", self.num_heads, self.num_kv_heads, self.head_dim)
         if self.sliding_window < 1:
             raise ValueError(f"Gemma3DecoderConfig: sliding_window must be >= 1, got {self.sliding_window}")
         if self.rope_linear_factor is not None and not self.rope_linear_factor > 0:
@@ -456,14 +454,6 @@ class Gemma3DecoderConfig:
 
     def replace(self, **changes) -> "Gemma3DecoderConfig":
         return dataclasses.replace(self, **changes)
-
-
-def rope_inverse_frequencies(head_dim: int, theta: float, linear_factor: float | None = None,
-                             device=None) -> torch.Tensor:
-    """HF's default inverse frequencies ``1 / theta^(arange(0, hd, 2) / hd)`` in float32, divided by
-    ``linear_factor`` for linear scaling (HF ``rope_type="linear"``), computed as HF computes them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    return inv_freq / linear_factor if linear_factor is not None else inv_freq
 
 
 class Gemma3SelfAttention(nn.Module):
@@ -502,22 +492,14 @@ class Gemma3SelfAttention(nn.Module):
         q = self.query(inputs).view(b, length, c.num_heads, c.head_dim)
         k = self.key(inputs).view(b, length, c.num_kv_heads, c.head_dim)
         v = self.value(inputs).view(b, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        freqs = rope_inverse_frequencies(c.head_dim, self.rope_theta, self.rope_linear_factor, inputs.device)
+        freqs = rope_inverse_frequencies(c.head_dim, self.rope_theta, linear_factor=self.rope_linear_factor,
+                                         device=inputs.device)
         q, k, _ = qkv_norm_rope(q, k, None, self.query_norm.scale, self.key_norm.scale, positions[..., None],
                                 eps=c.rms_norm_eps, base_frequency=self.rope_theta, rope_dtype=inputs.dtype,
                                 norm="scale_plus_one", v_norm=False, rope_freqs=freqs)
-        if kv_cache is None:
-            cache = DecoderKVCache(k, v, positions, segment_ids, image_blocks)
-        else:
-            cache = kv_cache.extend(k, v, positions, segment_ids, image_blocks)
-        mask = decoder_attention_mask(positions, cache.positions, self.attention_type, window=c.sliding_window,
-                                      q_segments=segment_ids, k_segments=cache.segment_ids,
-                                      q_blocks=image_blocks, k_blocks=cache.image_blocks)
-        out = F.scaled_dot_product_attention(
-            q, cache.key, cache.value, attn_mask=mask,
-            dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
-            scale=c.query_pre_attn_scalar ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
-        out = out.transpose(1, 2).reshape(b, length, c.num_heads * c.head_dim)
+        out, cache = decoder_attend(q, k, v, positions, self.attention_type, kv_cache,
+                                    scale=c.query_pre_attn_scalar ** -0.5, dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
+                                    window=c.sliding_window, segment_ids=segment_ids, image_blocks=image_blocks)
         return self.out(out), cache
 
 
@@ -598,13 +580,6 @@ class Gemma3ScannableBlock(nn.Module):
                 decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
                 model_mode: str = "train", slot=None, page_state=None, previous_chunk=None,
                 bidirectional_mask: torch.Tensor | None = None, kv_cache: list | None = None):
-        if kv_cache is not None and len(kv_cache) != self.num_of_layers:
-            raise ValueError(f"Gemma3ScannableBlock: `kv_cache` must hold one cache per layer ({self.num_of_layers}), "
-                             f"got {len(kv_cache)}")
-        y, caches = inputs, []
-        for i in range(self.num_of_layers):
-            y, cache = getattr(self, f"layers_{i}")(
-                y, decoder_segment_ids, decoder_positions, deterministic, model_mode, previous_chunk, page_state, slot,
-                bidirectional_mask, None if kv_cache is None else kv_cache[i])
-            caches.append(cache)
-        return y if model_mode == "train" else (y, caches)
+        return run_decoder_layers(self, inputs, model_mode, kv_cache, lambda layer, y, cache: layer(
+            y, decoder_segment_ids, decoder_positions, deterministic, model_mode, previous_chunk, page_state, slot,
+            bidirectional_mask, cache))

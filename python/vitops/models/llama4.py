@@ -30,10 +30,13 @@ from ..layers import (
     GatedMlp,
     RMSNorm,
     broadcast_dropout,
+    check_attention_heads,
     check_decoder_call,
-    decoder_attention_mask,
+    decoder_attend,
     decoder_positions_for,
     rms_norm,
+    rope_inverse_frequencies,
+    run_decoder_layers,
 )
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
@@ -57,7 +60,6 @@ __all__ = [
     "Llama4VisionPixelShuffleMLP",
     "determine_is_moe_layer",
     "determine_is_nope_layer",
-    "llama3_inverse_frequencies",
     "pixel_shuffle",
     "vision_positions",
 ]
@@ -452,11 +454,7 @@ class Llama4DecoderConfig:
     attention_dropout: float = 0.0
 
     def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"Llama4DecoderConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
-                             f"{self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"Llama4DecoderConfig: head_dim must be even (RoPE pairs), got {self.head_dim}")
+        check_attention_heads("Llama4DecoderConfig", self.num_heads, self.num_kv_heads, self.head_dim)
         if self.attention_chunk_size < 1:
             raise ValueError(f"Llama4DecoderConfig: attention_chunk_size must be >= 1, got {self.attention_chunk_size}")
         if self.num_experts < 1:
@@ -464,27 +462,6 @@ class Llama4DecoderConfig:
 
     def replace(self, **changes) -> "Llama4DecoderConfig":
         return dataclasses.replace(self, **changes)
-
-
-def llama3_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
-    """RoPE inverse frequencies ``1 / theta^(2i / hd)`` in float32 with the llama3 rescaling when
-    ``scaling`` is given (HF ``rope_type="llama3"``): wavelengths longer than
-    ``original / low_freq_factor`` are divided by ``factor``, shorter than ``original /
-    high_freq_factor`` kept, and those between interpolated smoothly."""
-    import math
-
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original = scaling["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = original / low, original / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
 
 
 class Llama4TextAttention(nn.Module):
@@ -521,7 +498,8 @@ class Llama4TextAttention(nn.Module):
         k = self.key(inputs).view(b, length, c.num_kv_heads, c.head_dim)
         v = self.value(inputs).view(b, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
         if not self.is_nope_layer:
-            freqs = llama3_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, inputs.device)
+            freqs = rope_inverse_frequencies(c.head_dim, c.rope_theta, llama3_scaling=c.rope_scaling,
+                                             device=inputs.device)
             q, k, _ = qkv_norm_rope(q, k, None, None, None, positions[..., None], base_frequency=c.rope_theta,
                                     rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved",
                                     rope_freqs=freqs)
@@ -532,15 +510,9 @@ class Llama4TextAttention(nn.Module):
             if c.attn_temperature_tuning:
                 scale = torch.log1p(torch.floor((positions.float() + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
                 q = (q * scale[:, None, :, None]).to(q.dtype)
-        cache = (DecoderKVCache(k, v, positions, segment_ids) if kv_cache is None
-                 else kv_cache.extend(k, v, positions, segment_ids, None))
-        mask = decoder_attention_mask(positions, cache.positions, self.attention_type, chunk=c.attention_chunk_size,
-                                      q_segments=segment_ids, k_segments=cache.segment_ids)
-        out = F.scaled_dot_product_attention(
-            q, cache.key, cache.value, attn_mask=mask,
-            dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
-            scale=c.head_dim ** -0.5, enable_gqa=c.num_heads != c.num_kv_heads)
-        out = out.transpose(1, 2).reshape(b, length, c.num_heads * c.head_dim)
+        out, cache = decoder_attend(q, k, v, positions, self.attention_type, kv_cache, scale=c.head_dim ** -0.5,
+                                    dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
+                                    chunk=c.attention_chunk_size, segment_ids=segment_ids)
         return self.out(out), cache
 
 
@@ -684,13 +656,5 @@ class Llama4ScannableBlock(nn.Module):
     def forward(self, inputs: torch.Tensor, decoder_segment_ids: torch.Tensor | None = None,
                 decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
                 model_mode: str = "train", previous_chunk=None, slot=None, kv_cache: list | None = None):
-        if kv_cache is not None and len(kv_cache) != self.num_of_layers:
-            raise ValueError(f"Llama4ScannableBlock: `kv_cache` must hold one cache per layer ({self.num_of_layers}), "
-                             f"got {len(kv_cache)}")
-        y, caches = inputs, []
-        for j in range(self.num_of_layers):
-            y, cache = getattr(self, f"layers_{j}")(y, decoder_segment_ids, decoder_positions, deterministic,
-                                                    model_mode, previous_chunk, slot,
-                                                    None if kv_cache is None else kv_cache[j])
-            caches.append(cache)
-        return y if model_mode == "train" else (y, caches)
+        return run_decoder_layers(self, inputs, model_mode, kv_cache, lambda layer, y, cache: layer(
+            y, decoder_segment_ids, decoder_positions, deterministic, model_mode, previous_chunk, slot, cache))
