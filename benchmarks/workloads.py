@@ -563,6 +563,44 @@ def build_g3_qk_norm_rope(shape, device, dtype):
     return Setup((q, k, cos, sin, pos), hf, vit, [q, k, q_norm.weight, k_norm.weight], fwd, 2 * fwd)
 
 
+def build_l4_moe(shape, device, dtype):
+    """Llama 4's routed + shared MoE layer (HF Llama4TextMoe: every expert on every token, the
+    unselected ones on zeros) against vitops' Llama4MoEBlock (tokens bucketed by expert, two grouped
+    GEMMs over the routed tokens only). Widths reduced from Scout's (5120 / 8192) so that HF's
+    16-expert form fits this benchmark's time; the ratio is set by E (HF does E x the expert FLOPs)."""
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    hidden, inter, experts, tokens = shape["H"], shape["I"], shape["E"], shape["T"]
+    tc = Llama4TextConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
+                          num_experts_per_tok=1, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=hidden // 4)
+    hf_moe = Llama4TextMoe(tc).to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hf_moe.parameters():  # HF initialises the experts to zeros
+            p.copy_((torch.randn(p.shape, generator=g) * p.shape[-2] ** -0.5).to(dtype))
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+
+    def hf(x):
+        return hf_moe(x)[0]
+
+    def vit():
+        mod = require_module("vitops.models.llama4", "Llama4MoEBlock")
+        from vitops.hf.llama4 import decoder_config_from_hf
+
+        ours = mod(decoder_config_from_hf(tc)[0], device=device, dtype=dtype)
+        with torch.no_grad():
+            ours.gate.weight.copy_(hf_moe.router.weight)
+            ours.wi.copy_(hf_moe.experts.gate_up_proj)
+            ours.wo.copy_(hf_moe.experts.down_proj)
+            for a, b in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+                getattr(ours.shared_experts, a).weight.copy_(getattr(hf_moe.shared_expert, b).weight)
+        return ours
+
+    return Setup((x,), hf, vit, [x], None, None)
+
+
 def build_rms_norm(shape, device, dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -693,6 +731,9 @@ WORKLOADS: list[Workload] = [
     Workload("W7", "g3_qk_norm_rope", "Gemma 3 text q/k Gemma RMSNorm + rotate-half RoPE (4B heads)",
              [dict(Hq=8, Hkv=4, hd=256, S=s) for s in (1024, 4096, 16384)], [dict(Hq=2, Hkv=1, hd=16, S=8)],
              build_g3_qk_norm_rope),
+    Workload("W7", "l4_moe", "Llama 4 routed + shared MoE layer, top-1 of 16 experts (HF Llama4TextMoe)",
+             [dict(T=t, E=16, H=512, I=256) for t in (512, 2048, 8192)], [dict(T=8, E=4, H=16, I=8)],
+             build_l4_moe, backward=False),
     Workload("W7", "rms_norm", "Generic RMSNorm (LlamaRMSNorm), M=2048",
              [dict(M=2048, H=h) for h in (1152, 4096, 32768)], [dict(M=4, H=32)], build_rms_norm),
     Workload("W8", "g4_tower", "Gemma 4 vision tower end to end (SDPA)",

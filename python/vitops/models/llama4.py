@@ -525,9 +525,11 @@ class Llama4MoEBlock(nn.Module):
 
     Each token runs only its selected expert (tokens bucketed by expert with a stable sort): exact,
     because HF's unselected experts get an all-zero input and, with no bias and silu(0) * 0 = 0,
-    contribute exact zeros. The eager path reads the per-expert counts on the host (free on the CPU,
-    a synchronisation on CUDA until the routing op lands); under torch.compile every expert runs on
-    every token as HF does (the same result, E x the FLOPs) so the graph has no data-dependent shapes."""
+    contribute exact zeros. The eager path runs the experts as two grouped GEMMs over the bucketed
+    tokens (``torch.nn.functional.grouped_mm`` with the bucket ends as a device tensor: no host
+    synchronisation), or for float64 / unaligned widths one GEMM per expert with the counts read on the
+    host; under torch.compile every expert runs on every token as HF does (the same result, E x the
+    FLOPs) so the graph has no data-dependent shapes."""
 
     def __init__(self, config: Llama4DecoderConfig, *, device=None, dtype=None):
         super().__init__()
@@ -546,6 +548,30 @@ class Llama4MoEBlock(nn.Module):
         gate, up = (x @ self.wi[e]).chunk(2, dim=-1)
         return (up * ACTIVATIONS[self.activation](gate)) @ self.wo[e]
 
+    def _grouped_gemm_ok(self, x: torch.Tensor) -> bool:
+        # torch's grouped GEMM takes float32 / bf16 / fp16 with row strides a multiple of 16 bytes.
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not hasattr(F, "grouped_mm"):
+            return False
+        align = 16 // x.element_size()
+        return all(n % align == 0 for n in (self.wi.shape[1], self.wi.shape[2], self.wo.shape[1], self.wo.shape[2]))
+
+    def _routed_experts(self, sorted_in: torch.Tensor, expert_sorted: torch.Tensor) -> torch.Tensor:
+        """The experts over their own tokens only (rows of ``sorted_in`` grouped by expert, ascending)."""
+        if self._grouped_gemm_ok(sorted_in):
+            # One grouped GEMM per projection; the group ends are a device tensor, so no host sync.
+            counts = torch.bincount(expert_sorted, minlength=self.num_experts)
+            ends = torch.cumsum(counts, 0, dtype=torch.int32)
+            gate, up = F.grouped_mm(sorted_in, self.wi, offs=ends).chunk(2, dim=-1)
+            return F.grouped_mm((up * ACTIVATIONS[self.activation](gate)).contiguous(), self.wo, offs=ends)
+        # float64 or unaligned widths: one GEMM per expert, the counts read on the host.
+        counts = torch.bincount(expert_sorted, minlength=self.num_experts).tolist()
+        pieces, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                pieces.append(self._expert(sorted_in[start:start + n], e))
+            start += n
+        return torch.cat(pieces) if pieces else sorted_in.new_zeros(sorted_in.shape)
+
     def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -559,17 +585,12 @@ class Llama4MoEBlock(nn.Module):
             stacked = torch.stack([self._expert(routed_in * onehot[:, e:e + 1], e) for e in range(self.num_experts)])
             routed = stacked.sum(dim=0)
         else:
+            # Bucket tokens by expert with a stable sort (deterministic order), run each expert on its
+            # bucket, and scatter the rows back (a permutation: each token has one expert).
             order = torch.argsort(expert, stable=True)
-            counts = torch.bincount(expert, minlength=self.num_experts).tolist()
-            sorted_in = routed_in[order]
-            pieces, start = [], 0
-            for e, n in enumerate(counts):
-                if n:
-                    pieces.append(self._expert(sorted_in[start:start + n], e))
-                start += n
             routed = torch.empty_like(flat)
-            if pieces:
-                routed[order] = torch.cat(pieces)
+            if flat.shape[0]:
+                routed[order] = self._routed_experts(routed_in[order], expert[order])
         out = self.shared_experts(flat, deterministic) + routed
         return out.view(shape)
 
