@@ -521,7 +521,8 @@ def build_g3_qk_norm_rope(shape, device, dtype):
     """Gemma 3 text attention's q/k entry (4B: 8 q heads, 4 kv heads, head_dim 256) on the q_proj /
     k_proj outputs: HF's q_norm / k_norm (Gemma3RMSNorm, x * (1 + w)) then apply_rotary_pos_emb with
     cos/sin of the global layers' table (theta 1e6, linear factor 8) in the activation dtype; cos/sin
-    are given to HF precomputed (its model computes them once per forward for all layers)."""
+    are precomputed (HF's model computes them once per forward for all layers) and given to both sides:
+    the op reads them (``rope_cos`` / ``rope_sin``) instead of evaluating angles."""
     from transformers import Gemma3TextConfig
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, Gemma3RotaryEmbedding, apply_rotary_pos_emb
 
@@ -537,7 +538,6 @@ def build_g3_qk_norm_rope(shape, device, dtype):
     pos = torch.arange(seq, device=device).expand(bsz, seq)
     rotary = Gemma3RotaryEmbedding(cfg).to(device)
     cos, sin = rotary(q, pos, "full_attention")
-    params = cfg.rope_parameters["full_attention"]
 
     def hf(q, k, cos, sin, pos):
         qs = q_norm(q.view(bsz, seq, hq, hd).transpose(1, 2))
@@ -546,15 +546,13 @@ def build_g3_qk_norm_rope(shape, device, dtype):
 
     def vit():
         op = require_op("qkv_norm_rope", device)
-        from vitops.layers import rope_inverse_frequencies
-
-        freqs = rope_inverse_frequencies(hd, params["rope_theta"], linear_factor=params.get("factor"), device=device)
         positions = pos[..., None]
 
         def run(q, k, cos, sin, pos):
+            # the same precomputed cos/sin HF gets (HF's [B, S, hd] form, read through its first half)
             qo, ko, _ = op(q.view(bsz, seq, hq, hd), k.view(bsz, seq, hk, hd), None, q_norm.weight, k_norm.weight,
-                           positions, eps=cfg.rms_norm_eps, base_frequency=params["rope_theta"], rope_dtype=dtype,
-                           norm="scale_plus_one", v_norm=False, rope_freqs=freqs)
+                           positions, eps=cfg.rms_norm_eps, norm="scale_plus_one", v_norm=False, rope_cos=cos,
+                           rope_sin=sin)
             return qo, ko
 
         return run

@@ -234,7 +234,7 @@ def _qkv(rng, namespace):
     rope_dtype = rng.choice([None, None, torch.float32, dtype])
     case = dict(q=q, k=k, v=v, q_weight=qw, k_weight=kw, positions=pos, eps=rng.choice([1e-6, 1e-5, 0.0]),
                 base_frequency=rng.choice([100.0, 10000.0, 7.0]), rope_dtype=rope_dtype,
-                norm="scale", v_norm=True, pairing="half_split", rope_freqs=None)
+                norm="scale", v_norm=True, pairing="half_split", rope_freqs=None, rope_cos=None, rope_sin=None)
     if rng.random() < 0.5:  # the other families' options (drawn last: the Gemma 4 cases stay as they were)
         norm = rng.choice(["scale", "scale_plus_one", "rms", "none"])
         if norm in ("rms", "none"):
@@ -246,6 +246,10 @@ def _qkv(rng, namespace):
                     rope_freqs=freqs)
         if not case["v_norm"] and rng.random() < 0.4:
             case["v"] = None  # attention reads v's projection itself (Llama 4, Gemma 3)
+        if freqs is None and rng.random() < 0.3:  # precomputed cos/sin: batch 1 or B, any float dtype
+            tb = rng.choice([1, b])
+            case.update(rope_cos=_randn(rng, (tb, length, hd // 2), rng.choice([torch.float32, dtype]), 0.6),
+                        rope_sin=_randn(rng, (tb, length, hd // 2), rng.choice([torch.float32, wdt]), 0.6))
     return case
 
 
@@ -459,8 +463,18 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
             out.append(("q with a strided head dim", {**kw, "q": torch.zeros(*q.shape[:3], 2 * q.shape[3], dtype=q.dtype)[..., ::2]}, True))
         out.append(("k_weight wrong size", {**kw, "k_weight": torch.ones(q.shape[3] + 2)}, True))
         out.append(("v None with v_norm", {**kw, "v": None, "v_norm": True}, True))
+        out.append(("rope_cos without rope_sin", {**kw, "rope_cos": torch.zeros(q.shape[0], q.shape[1], q.shape[3] // 2),
+                                                  "rope_sin": None}, True))
+        out.append(("rope_cos of the wrong pair count", {**kw, "rope_cos": torch.zeros(1, q.shape[1], q.shape[3] // 2 + 1),
+                                                         "rope_sin": torch.zeros(1, q.shape[1], q.shape[3] // 2 + 1)},
+                    True))
+        out.append(("rope_sin of L + 1 rows", {**kw, "rope_cos": torch.zeros(1, q.shape[1], q.shape[3] // 2),
+                                               "rope_sin": torch.zeros(1, q.shape[1] + 1, q.shape[3] // 2)}, True))
+        out.append(("rope_freqs and rope_cos together", {
+            **kw, "rope_freqs": torch.ones(q.shape[3] // 2), "rope_cos": torch.zeros(1, q.shape[1], q.shape[3] // 2),
+            "rope_sin": torch.zeros(1, q.shape[1], q.shape[3] // 2)}, True))
         pos = kw["positions"]
-        if pos.numel() and q.numel():
+        if pos.numel() and q.numel() and kw["rope_cos"] is None:  # given cos/sin: positions are not read
             p2 = pos.clone().float()
             p2.view(-1)[rng.randrange(p2.numel())] = rng.choice([f, float("inf")])
             out.append(("non-finite position", {**kw, "positions": p2}, "value"))

@@ -669,3 +669,34 @@ def test_avg_pool_rms_norm(dtype, case):
         assert a.shape == c.shape and a.dtype == c.dtype
         scale = c.abs().max().item() + 1e-6 if c.numel() else 1.0
         torch.testing.assert_close(a.float(), c.float(), rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", QKV_OPTIONS, ids=lambda o: "-".join(map(str, o)))
+@pytest.mark.parametrize("shape", [(2, 7, 4, 2, 72), (2, 9, 2, 1, 8), (3, 5, 2, 2, 6)])
+def test_qkv_norm_rope_given_cos_sin(dtype, options, shape):
+    """Precomputed cos/sin (rope_cos, rope_sin) read by the emulated kernel: a batch-1 table in
+    pair-major storage and a bf16 table (rounded to rope_dtype = float32 unchanged); forward against
+    the reference, backward against the CPU kernel."""
+    norm, v_norm, pairing, _, ndim = options
+    b, length, h, kv, hd = shape
+    if 2 * (hd // 2 // ndim) == 0:
+        pytest.skip("no channels per axis")
+    q, k, v = _fused_qkv(*shape, dtype)
+    weights = (1 + 0.5 * torch.randn(hd), 1 + 0.5 * torch.randn(hd)) if norm in ("scale", "scale_plus_one") else (None, None)
+    pos = _qkv_positions(b, length, ndim=ndim)
+    for cos, sin in [(torch.rand(1, hd // 2, length).transpose(1, 2) * 2 - 1, torch.rand(1, length, hd // 2) * 2 - 1),
+                     ((torch.rand(b, length, hd // 2) * 2 - 1).bfloat16(), (torch.rand(b, length, hd // 2) * 2 - 1).bfloat16())]:
+        opts = dict(eps=1e-6, base_frequency=100.0, rope_dtype=torch.float32, norm=norm, v_norm=v_norm,
+                    pairing=pairing, rope_freqs=None, rope_cos=cos, rope_sin=sin)
+        ref = reference.qkv_norm_rope(q, k, v, *weights, pos, **opts)
+        args = (*weights, pos, *opts.values())
+        outs = emu("qkv_norm_rope", q, k, v, *args)
+        for o, r in zip(outs, ref):
+            torch.testing.assert_close(o.transpose(1, 2), r, **tol(dtype))
+        grads = [randn(*r.transpose(1, 2).shape, dtype=dtype) for r in ref]
+        got = emu("_qkv_norm_rope_backward", *grads, q, k, v, *args)
+        cpu = torch.ops.vitops._qkv_norm_rope_backward(*grads, q, k, v, *args)
+        for g, c in zip(got, cpu):
+            scale = c.abs().max().item() + 1e-6 if c.numel() else 1.0
+            torch.testing.assert_close(g, c, rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * scale)

@@ -728,3 +728,199 @@ def test_without_v_bad_input():
             bwd(t[0], t[1], t[1], t[2], t[3], None, None, None, t[5], 1e-6, 100.0, None, "none", False)
         with pytest.raises(RuntimeError, match=r"`grad_v` must be given when `v` is given"):
             bwd(t[0], t[1], None, t[2], t[3], t[4], None, None, t[5], 1e-6, 100.0, None, "none", False)
+
+
+# --------------------------------------------------------------------------------------------
+# precomputed cos/sin (rope_cos, rope_sin): a decoder computes them once per forward
+# --------------------------------------------------------------------------------------------
+def _angle_tables(b, length, hd, ndim, device, table_dtype=torch.float32, seed=0, layout="contiguous"):
+    """Random cos/sin-like tables [b, L, hd/2] (values in [-1, 1], not a real rotation: the op must
+    read exactly what it is given) in a storage layout the op has to handle through strides."""
+    g = torch.Generator().manual_seed(seed)
+    cos, sin = (torch.rand(b, length, hd // 2, generator=g) * 2 - 1 for _ in range(2))
+    if layout == "transposed":  # pair-major storage
+        cos, sin = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (cos, sin))
+    elif layout == "strided":  # every other pair of a wider table
+        cos, sin = (torch.stack([t, torch.full_like(t, 9.0)], -1)[..., 0] for t in (cos, sin))
+    return cos.to(device=device, dtype=table_dtype), sin.to(device=device, dtype=table_dtype)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("seed", range(4))
+def test_given_cos_sin_match_reference_forward_and_backward(device, dtype, seed):
+    """Seeded random shapes, pairings, norms, axes, table dtypes, batch-1 tables and strided storage."""
+    g = torch.Generator().manual_seed(100 + seed)
+    pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    ndim = pick(1, 2)
+    hd = 2 * ndim * int(torch.randint(1, 9, (1,), generator=g))
+    b, length, h, kv = pick(1, 2, 3), int(torch.randint(0, 12, (1,), generator=g)), pick(1, 2, 4), pick(1, 2)
+    norm, pairing = pick("scale", "scale_plus_one", "rms", "none"), pick("half_split", "interleaved")
+    table_dtype, layout = pick(torch.float32, torch.bfloat16, dtype), pick("contiguous", "transposed", "strided")
+    with_v = pick(True, False)
+    if dtype == torch.float64 or device == "cuda":
+        table_dtype = torch.float32 if table_dtype == torch.float64 and device == "cuda" else table_dtype
+    cos, sin = _angle_tables(pick(1, b), length, hd, ndim, device, table_dtype, seed, layout)
+    _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    weighted = norm in ("scale", "scale_plus_one")
+    qw, kw = (w.requires_grad_() for w in random_weights(hd, device, dtype)) if weighted else (None, None)
+    pos = random_positions(b, length, device, ndim=ndim)
+    kwargs = dict(norm=norm, v_norm=with_v, pairing=pairing, rope_cos=cos, rope_sin=sin)
+    vi = v if with_v else None
+    out = qkv_norm_rope(q, k, vi, qw, kw, pos, **kwargs)
+    ref = reference.qkv_norm_rope(q, k, vi, qw, kw, pos, **kwargs)
+    leaves = [t for t in (q, k, v if with_v else None, qw, kw) if t is not None]
+    for o, r in zip(out, ref):
+        if r is not None:
+            torch.testing.assert_close(o, r, **tol(dtype))
+    if not length * b:
+        return
+    grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=dtype) for o in out if o is not None]
+    got = torch.autograd.grad([o for o in out if o is not None], leaves, grads, allow_unused=True)
+    want = torch.autograd.grad([r for r in ref if r is not None], leaves, grads, allow_unused=True)
+    loose = dict(rtol=5e-2, atol=5e-2) if dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-4, atol=1e-4)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **loose)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pairing", ["half_split", "interleaved"])
+def test_given_cos_sin_of_the_angles_equal_evaluated_angles(device, pairing):
+    """Tables holding the op's cos/sin (the same float32 angles; torch's cos/sin vs the kernel's libm
+    differ in the last bit) give the evaluated path's result; sin negated in the backward (the
+    transposed rotation) included."""
+    b, length, h, kv, hd = 2, 11, 3, 1, 24
+    _, q, k, v = fused_qkv(b, length, h, kv, hd, device=device)
+    q, k = (t.detach().requires_grad_() for t in (q, k))
+    pos = random_positions(b, length, device, ndim=1).clamp_min(0)
+    freqs = torch.rand(hd // 2, device=device) + 0.05
+    angle = pos.float() * freqs
+    cos, sin = angle.cos(), angle.sin()
+    qw, kw = random_weights(hd, device)
+    a = qkv_norm_rope(q, k, None, qw, kw, pos, norm="scale_plus_one", v_norm=False, pairing=pairing, rope_freqs=freqs)
+    t = qkv_norm_rope(q, k, None, qw, kw, pos, norm="scale_plus_one", v_norm=False, pairing=pairing, rope_cos=cos,
+                      rope_sin=sin)
+    for x, y in zip(a[:2], t[:2]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(a[0].sum() + a[1].square().sum(), (q, k))
+    gt = torch.autograd.grad(t[0].sum() + t[1].square().sum(), (q, k))
+    for x, y in zip(ga, gt):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,dtype", [p for p in device_dtypes() if "float64" not in p.id])
+def test_given_hf_cos_sin_match_hf_gemma3_text(device, dtype):
+    """HF's Gemma 3 rotary output [B, L, hd] (both halves equal, in the activation dtype) given as it
+    comes: the op reads its first half."""
+    gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+    from transformers import Gemma3TextConfig
+
+    hd, h, kv, b, length = 32, 4, 2, 2, 9
+    cfg = Gemma3TextConfig(hidden_size=h * hd, num_attention_heads=h, num_key_value_heads=kv, head_dim=hd,
+                           num_hidden_layers=6)
+    q_norm, k_norm = gemma3.Gemma3RMSNorm(hd, eps=1e-6), gemma3.Gemma3RMSNorm(hd, eps=1e-6)
+    with torch.no_grad():
+        q_norm.weight.normal_(0, 0.5)
+        k_norm.weight.normal_(0, 0.5)
+    q_norm, k_norm = q_norm.to(device), k_norm.to(device)
+    _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
+    position_ids = torch.arange(5, 5 + length, device=device).repeat(b, 1)
+    cos, sin = gemma3.Gemma3RotaryEmbedding(cfg).to(device)(q, position_ids, "full_attention")
+    assert cos.shape == (b, length, hd) and cos.dtype == dtype
+    with torch.no_grad():
+        hq, hk = gemma3.apply_rotary_pos_emb(q_norm(q.transpose(1, 2)), k_norm(k.transpose(1, 2)), cos, sin)
+        ours = qkv_norm_rope(q, k, None, q_norm.weight, k_norm.weight, position_ids[..., None], eps=1e-6,
+                             norm="scale_plus_one", v_norm=False, rope_cos=cos, rope_sin=sin)
+    exact = dict(rtol=0, atol=2e-6) if dtype == torch.float32 else tol(dtype)
+    torch.testing.assert_close(ours[0], hq, **exact)
+    torch.testing.assert_close(ours[1], hk, **exact)
+
+
+def test_given_cos_sin_gradcheck_float64():
+    b, length, h, kv, hd = 2, 3, 2, 1, 8
+    buf = torch.randn(b, length, (h + 2 * kv) * hd, dtype=torch.float64, requires_grad=True)
+    pos = random_positions(b, length, ndim=1)
+    cos, sin = _angle_tables(1, length, hd, 1, "cpu", torch.float64)
+    weights = [(1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_() for _ in range(2)]
+    for pairing in ("half_split", "interleaved"):
+        def f(buf, qw, kw):
+            q = buf[..., : h * hd].unflatten(-1, (h, hd))
+            k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+            return qkv_norm_rope(q, k, None, qw, kw, pos, norm="scale_plus_one", v_norm=False, pairing=pairing,
+                                 rope_cos=cos, rope_sin=sin)[:2]
+
+        assert torch.autograd.gradcheck(f, (buf, *weights)), pairing
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_given_cos_sin_opcheck(device):
+    _, q, k, v = fused_qkv(2, 5, 4, 2, 12, device=device)
+    pos = random_positions(2, 5, device, ndim=2)
+    cos, sin = _angle_tables(1, 5, 12, 2, device, layout="transposed")
+    qw, kw = random_weights(12, device)
+    for args in ((q, k, None, qw, kw, pos, 1e-6, 10.0, None, "scale_plus_one", False, "half_split", None, cos, sin),
+                 (q, k, v, None, None, pos, 1e-6, 10.0, torch.bfloat16, "rms", True, "interleaved", None, cos, sin)):
+        leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  and i < 5 else t for i, t in enumerate(args)]
+        torch.library.opcheck(torch.ops.vitops.qkv_norm_rope.default, tuple(leaves))
+        grads = [randn(*t.shape, device=device) for t in args[:2]] + [None if args[2] is None else randn(
+            *args[2].shape, device=device)]
+        torch.library.opcheck(torch.ops.vitops._qkv_norm_rope_backward.default, (*grads, *args))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_given_cos_sin_compile_fullgraph(dynamic):
+    def f(q, k, pos, cos, sin):
+        return qkv_norm_rope(q, k, None, None, None, pos, norm="rms", v_norm=False, rope_cos=cos, rope_sin=sin)[:2]
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for length in (5, 8):
+        q, k = (randn(2, length, 2, 8, requires_grad=True) for _ in range(2))
+        pos = random_positions(2, length, ndim=1)
+        cos, sin = _angle_tables(2, length, 8, 1, "cpu")
+        out = compiled(q, k, pos, cos, sin)
+        ref = reference.qkv_norm_rope(q, k, None, None, None, pos, norm="rms", v_norm=False, rope_cos=cos,
+                                      rope_sin=sin)[:2]
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r)
+        got = torch.autograd.grad(sum(o.square().sum() for o in out), (q, k))
+        want = torch.autograd.grad(sum(r.square().sum() for r in ref), (q, k))
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(rope_cos=torch.ones(2, 3, 4)), r"`rope_cos` and `rope_sin` must be given together"),
+        (dict(rope_cos=torch.ones(2, 3, 4), rope_sin=torch.ones(2, 3, 4), rope_freqs=torch.ones(4)),
+         r"give either `rope_freqs` or the precomputed `rope_cos` / `rope_sin`, not both"),
+        (dict(rope_cos=torch.ones(2, 3, 3), rope_sin=torch.ones(2, 3, 3)),
+         r"`rope_cos` must have shape \[B or 1, L, hd / 2\] = \[2 or 1, 3, 4\]"),
+        (dict(rope_cos=torch.ones(2, 3, 4), rope_sin=torch.ones(3, 3, 4)),
+         r"`rope_sin` must have shape \[B or 1, L, hd / 2\]"),
+        (dict(rope_cos=torch.ones(2, 4, 4), rope_sin=torch.ones(2, 4, 4)), r"`rope_cos` must have shape"),
+        (dict(rope_cos=torch.ones(3, 4), rope_sin=torch.ones(3, 4)), r"`rope_cos` must have shape"),
+        (dict(rope_cos=torch.ones(2, 3, 4, dtype=torch.int32), rope_sin=torch.ones(2, 3, 4)),
+         r"`rope_cos` must be a float32"),
+        (dict(rope_cos=torch.ones(2, 3, 4), rope_sin=torch.ones(2, 3, 4, device="meta")),
+         r"`q` and `rope_sin` must be on the same device"),
+    ],
+)
+def test_bad_given_cos_sin(overrides, match):
+    args = _bad(norm="rms", q_weight=None, k_weight=None, **overrides)
+    args["positions"] = args["positions"][..., :1]
+    with pytest.raises(RuntimeError, match=match):
+        qkv_norm_rope(**args)
+    if "same device" in match:
+        return
+    meta = {n: t.to("meta") if isinstance(t, torch.Tensor) else t for n, t in args.items()}
+    with pytest.raises(RuntimeError, match=match):
+        qkv_norm_rope(**meta)
+
+
+def test_given_cos_sin_are_not_differentiated():
+    cos = torch.ones(2, 3, 4, requires_grad=True)
+    args = _bad(norm="rms", q_weight=None, k_weight=None, rope_cos=cos, rope_sin=torch.ones(2, 3, 4))
+    with pytest.raises(RuntimeError, match="`rope_cos` is not differentiated"):
+        qkv_norm_rope(**args)

@@ -107,12 +107,16 @@ def rope_inv_freq(width: int, base_frequency: float, dtype: torch.dtype = torch.
 
 def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float,
                 table_dtype: torch.dtype | None = None, pairing: str = "half_split",
-                inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+                inv_freq: torch.Tensor | None = None, cos_sin: tuple | None = None) -> torch.Tensor:
     """RoPE over the whole last dim of x[..., L, H, d]; pos is [..., L]. Pairs (i, i + d/2) for
     "half_split" (HF's rotate_half) or (2i, 2i + 1) for "interleaved" (complex pairs); inv_freq
-    [d/2] defaults to HF's 1 / base^(2i/d)."""
+    [d/2] defaults to HF's 1 / base^(2i/d); cos_sin: given (cos, sin) [..., L, d/2] instead of angles."""
     d = x.shape[-1]
     acc = _acc_dtype(x.dtype)
+    if cos_sin is not None:
+        table_dtype = x.dtype if table_dtype is None else table_dtype
+        cos, sin = (t.to(table_dtype).to(acc).unsqueeze(-2) for t in cos_sin)
+        return _rotate(x, cos, sin, pairing, acc)
     inv_freq = rope_inv_freq(d, base, acc, x.device) if inv_freq is None else inv_freq.to(acc)
     angle = (pos.to(acc).unsqueeze(-1) * inv_freq) * scale  # [..., L, d/2]
     if angle.numel() and not bool(torch.isfinite(angle).all()):
@@ -122,6 +126,11 @@ def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float,
     table_dtype = x.dtype if table_dtype is None else table_dtype
     cos = angle.cos().to(table_dtype).to(acc).unsqueeze(-2)
     sin = angle.sin().to(table_dtype).to(acc).unsqueeze(-2)
+    return _rotate(x, cos, sin, pairing, acc)
+
+
+def _rotate(x, cos, sin, pairing, acc):
+    d = x.shape[-1]
     xf = x.to(acc)
     if pairing == "interleaved":
         a, b = xf[..., 0::2], xf[..., 1::2]
@@ -249,21 +258,29 @@ def qkv_norm_rope(
     v_norm: bool = True,
     pairing: str = "half_split",
     rope_freqs: torch.Tensor | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """q [B, L, H, hd], k/v [B, L, KV, hd] -> (q_out [B, H, L, hd], k_out, v_out [B, KV, L, hd]):
     q_norm/k_norm (``vitops.layers.rms_norm`` of kind `norm`, or none) and v_norm (weightless, if `v_norm`) as HF,
     N-D RoPE of q and k by positions [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each
     rotated like _rope_chunk with `pairing`, cos/sin rounded to rope_dtype, default q's dtype, and
-    the chunk's slice of `rope_freqs` when given), then transpose(1, 2).contiguous(); v None: v_out
-    None."""
+    the chunk's slice of `rope_freqs` when given, or of the given `rope_cos` / `rope_sin` [B or 1, L,
+    hd/2] (HF's rotate-half [B, L, hd] read through its first half)), then
+    transpose(1, 2).contiguous(); v None: v_out None."""
     widths = rope_chunks(q.shape[-1], positions.shape[-1], None)
+    hd = q.shape[-1]
+    if rope_cos is not None and rope_cos.shape[-1] == hd and len(widths) == 1 and pairing == "half_split":
+        rope_cos, rope_sin = rope_cos[..., : hd // 2], rope_sin[..., : hd // 2]
 
     def rope(x):
         parts, start = [], 0
         for axis, w in enumerate(widths):
             freqs = None if rope_freqs is None else rope_freqs[start // 2 : (start + w) // 2]
+            tables = None if rope_cos is None else tuple(
+                t[..., start // 2 : (start + w) // 2] for t in (rope_cos, rope_sin))
             parts.append(_rope_chunk(x[..., start : start + w], positions[..., axis], base_frequency, 1.0, rope_dtype,
-                                     pairing, freqs))
+                                     pairing, freqs, tables))
             start += w
         return torch.cat(parts, dim=-1)
 

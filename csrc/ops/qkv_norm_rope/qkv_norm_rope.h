@@ -56,6 +56,11 @@ struct Geometry {
   bool has_freq_table = false;
   ValueKind freq_kind = ValueKind::Float32;
   int64_t freq_stride = 0;
+  // precomputed cos/sin (rope_cos, rope_sin) when given: [B or 1, L, hd / 2] of any floating dtype and
+  // strides, read instead of evaluating angles (a batch of 1 is read with batch stride 0)
+  bool has_angle_table = false;
+  ValueKind angle_kind[2] = {ValueKind::Float32, ValueKind::Float32};  // cos, sin
+  int64_t angle_strides[2][3] = {};
   int64_t rows() const { return batch * seq_len; }
   int64_t total_heads() const { return heads[0] + heads[1] + heads[2]; }
 };
@@ -78,6 +83,7 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
                              const Tensor& positions, double eps, double base_frequency,
                              std::optional<ScalarType> rope_dtype, const std::string& norm_name, bool v_norm,
                              const std::string& pairing_name, const std::optional<Tensor>& rope_freqs,
+                             const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin,
                              bool allow_double) {
   VITOPS_CHECK(q.dim() == 4, "vitops.", op, ": `q` must have shape [B, L, H, hd], got ", shape_str(q));
   VITOPS_CHECK(k.dim() == 4, "vitops.", op, ": `k` must have shape [B, L, KV, hd], got ", shape_str(k));
@@ -173,6 +179,30 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
     g.has_freq_table = true;
     value_kind_of(f.scalar_type(), &g.freq_kind);
     g.freq_stride = f.stride(0);
+  }
+
+  VITOPS_CHECK(rope_cos.has_value() == rope_sin.has_value(), "vitops.", op,
+               ": `rope_cos` and `rope_sin` must be given together (or both None)");
+  if (rope_cos.has_value()) {
+    VITOPS_CHECK(!rope_freqs.has_value(), "vitops.", op,
+                 ": give either `rope_freqs` or the precomputed `rope_cos` / `rope_sin`, not both");
+    const char* names[2] = {"rope_cos", "rope_sin"};
+    const Tensor* tables[2] = {&*rope_cos, &*rope_sin};
+    for (int t = 0; t < 2; ++t) {
+      const Tensor& c = *tables[t];
+      check_same_device(op, "q", q, names[t], c);
+      VITOPS_CHECK(c.dim() == 3 && (c.size(0) == g.batch || c.size(0) == 1) && c.size(1) == g.seq_len &&
+                       c.size(2) == g.layout.num_pairs(),
+                   "vitops.", op, ": `", names[t], "` must have shape [B or 1, L, hd / 2] = [", g.batch, " or 1, ",
+                   g.seq_len, ", ", g.layout.num_pairs(), "] (one value per row and rotated pair), got ",
+                   shape_str(c));
+      check_float_table(op, names[t], c, allow_double);
+      value_kind_of(c.scalar_type(), &g.angle_kind[t]);
+      g.angle_strides[t][0] = c.size(0) == 1 ? 0 : c.stride(0);
+      g.angle_strides[t][1] = c.stride(1);
+      g.angle_strides[t][2] = c.stride(2);
+    }
+    g.has_angle_table = true;
   }
   return g;
 }

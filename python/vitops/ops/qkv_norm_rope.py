@@ -42,6 +42,8 @@ def qkv_norm_rope(
     v_norm: bool = True,
     pairing: str = "half_split",
     rope_freqs: torch.Tensor | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """HF ``Gemma4VisionAttention``'s q_norm/k_norm/v_norm + ``apply_multidimensional_rope`` + transpose.
 
@@ -70,6 +72,13 @@ def qkv_norm_rope(
       rope_freqs: [hd / 2] inverse frequencies, one per rotated pair (pairs numbered through the
         chunks), replacing HF's formula (scaled RoPE variants); any float dtype, used in float32;
         not differentiated (a buffer, as HF's inv_freq).
+      rope_cos, rope_sin: precomputed cos/sin, given together, instead of evaluating the angles:
+        [B or 1, L, hd / 2], one value per row and rotated pair (pairs numbered through the chunks),
+        any float dtype and strides, rounded to ``rope_dtype`` like evaluated ones; not
+        differentiated. A decoder computes them once per forward for all its layers, as HF's model
+        does. HF's 1-D rotate-half form ``[B, L, hd]`` (both halves equal) is accepted as it comes and
+        read through a view of its first half. ``positions`` still gives the number of axes; its
+        values are not read. Exclusive with ``rope_freqs``.
 
     Returns:
       (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd] or None) in q's dtype: the shapes
@@ -79,13 +88,24 @@ def qkv_norm_rope(
       input dtype (as HF), then q and k are rotated with cos/sin rounded to ``rope_dtype``, in
       float32, rounded once.
     """
-    if rope_freqs is not None and rope_freqs.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("vitops.qkv_norm_rope: `rope_freqs` is not differentiated; pass a tensor that does not "
-                           "require grad (e.g. rope_freqs.detach())")
+    for name, t in (("rope_freqs", rope_freqs), ("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"vitops.qkv_norm_rope: `{name}` is not differentiated; pass a tensor that does not "
+                               f"require grad (e.g. {name}.detach())")
+    rope_cos, rope_sin = (_first_half_of_rotate_half_table(t, q, positions, pairing) for t in (rope_cos, rope_sin))
     q_rows, k_rows, v_rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency),
-                                 rope_dtype, norm, bool(v_norm), pairing, rope_freqs)
+                                 rope_dtype, norm, bool(v_norm), pairing, rope_freqs, rope_cos, rope_sin)
     # without v the op's third output is a placeholder with no heads ([B, L, 0, hd])
     return q_rows.transpose(1, 2), k_rows.transpose(1, 2), None if v is None else v_rows.transpose(1, 2)
+
+
+def _first_half_of_rotate_half_table(table, q, positions, pairing):
+    """HF's 1-D rotate-half cos/sin [B, L, hd] repeat their [..., :hd/2] half; the op reads that half
+    (a view). Any other shape is passed on for the op's own shape check."""
+    if (table is not None and pairing == "half_split" and table.dim() == 3 and positions.dim() == 3
+            and positions.shape[-1] == 1 and table.shape[-1] == q.shape[-1] and q.shape[-1] % 2 == 0):
+        return table[..., : q.shape[-1] // 2]
+    return table
 
 
 def _attention_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -104,7 +124,7 @@ _MAX_CUDA_HEAD_DIM = 512
 
 
 def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
-                  pairing, rope_freqs):
+                  pairing, rope_freqs, rope_cos=None, rope_sin=None):
     """csrc/ops/qkv_norm_rope/qkv_norm_rope.h check_inputs, in the same order."""
     fail_unless(q.dim() == 4, lambda: f"vitops.{op}: `q` must have shape [B, L, H, hd], got {shape_str(q)}")
     fail_unless(k.dim() == 4, lambda: f"vitops.{op}: `k` must have shape [B, L, KV, hd], got {shape_str(k)}")
@@ -181,6 +201,19 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
             f"vitops.{op}: `rope_freqs` must have shape [hd / 2] = [{hd // 2}] (one inverse frequency per rotated "
             f"pair), got {shape_str(rope_freqs)}"))
         check_float_table(op, "rope_freqs", rope_freqs, allow_double)
+    fail_unless((rope_cos is None) == (rope_sin is None), lambda: (
+        f"vitops.{op}: `rope_cos` and `rope_sin` must be given together (or both None)"))
+    if rope_cos is not None:
+        fail_unless(rope_freqs is None, lambda: (
+            f"vitops.{op}: give either `rope_freqs` or the precomputed `rope_cos` / `rope_sin`, not both"))
+        b, seq_len = q.shape[0], q.shape[1]
+        for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+            check_same_device(op, "q", q, name, t)
+            fail_unless(t.dim() == 3 and (t.shape[0] == b or t.shape[0] == 1) and t.shape[1] == seq_len
+                        and t.shape[2] == hd // 2, lambda: (
+                f"vitops.{op}: `{name}` must have shape [B or 1, L, hd / 2] = [{b} or 1, {seq_len}, {hd // 2}] "
+                f"(one value per row and rotated pair), got {shape_str(t)}"))
+            check_float_table(op, name, t, allow_double)
     if q.device.type == "cuda":
         fail_unless(hd <= _MAX_CUDA_HEAD_DIM, lambda: (
             f"vitops.{op}: the CUDA kernel supports head dims up to {_MAX_CUDA_HEAD_DIM}, got {hd} "
@@ -189,19 +222,20 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
 
 @torch.library.register_fake("vitops::qkv_norm_rope")
 def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype=None, norm="scale", v_norm=True,
-          pairing="half_split", rope_freqs=None):
+          pairing="half_split", rope_freqs=None, rope_cos=None, rope_sin=None):
     _check_inputs("qkv_norm_rope", q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm,
-                  v_norm, pairing, rope_freqs)
+                  v_norm, pairing, rope_freqs, rope_cos, rope_sin)
     v = _v_or_absent(q, v)
     return _attention_layout(q, q.dtype), _attention_layout(k, q.dtype), _attention_layout(v, q.dtype)
 
 
 @torch.library.register_fake("vitops::_qkv_norm_rope_backward")
 def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, positions, eps, base_frequency,
-                   rope_dtype=None, norm="scale", v_norm=True, pairing="half_split", rope_freqs=None):
+                   rope_dtype=None, norm="scale", v_norm=True, pairing="half_split", rope_freqs=None, rope_cos=None,
+                   rope_sin=None):
     op = "_qkv_norm_rope_backward"
     _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
-                  pairing, rope_freqs)
+                  pairing, rope_freqs, rope_cos, rope_sin)
     fail_unless((grad_v is None) == (v is None), lambda: (
         f"vitops.{op}: `grad_v` must be {'None' if v is None else 'given'} when `v` is "
         f"{'None' if v is None else 'given'}"))
@@ -230,13 +264,13 @@ def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, position
     )
 
 
-_NUM_INPUTS = 13  # the op's arguments, tensors first: q, k, v, q_weight, k_weight, then the rest
+_NUM_INPUTS = 15  # the op's arguments, tensors first: q, k, v, q_weight, k_weight, then the rest
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, q_weight, k_weight, positions, *args = inputs
     ctx.save_for_backward(q, k, v, q_weight, k_weight, positions)
-    ctx.args = tuple(args)  # eps, base_frequency, rope_dtype, norm, v_norm, pairing, rope_freqs
+    ctx.args = tuple(args)  # eps, base_frequency, rope_dtype, norm, v_norm, pairing, rope_freqs, rope_cos, rope_sin
 
 
 def _backward(ctx, grad_q, grad_k, grad_v):

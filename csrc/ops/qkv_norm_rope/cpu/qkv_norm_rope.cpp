@@ -25,11 +25,62 @@ struct HeadIO {
   HeadStrides strides[kNumHeadTensors];
 };
 
+// n values of a given cos/sin table row (element stride `stride`) widened to acc, with the dtype
+// switch outside the loop so the contiguous case vectorizes.
+template <typename acc>
+void load_table_row(const void* data, ValueKind kind, int64_t offset, int64_t stride, int64_t n, acc* dst) {
+  auto run = [&](const auto* base) {
+    const auto* src = base + offset;
+    if (stride == 1) {
+      for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<acc>(widen(src[k]));
+    } else {
+      for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<acc>(widen(src[k * stride]));
+    }
+  };
+  switch (kind) {
+    case ValueKind::Float32: run(static_cast<const float*>(data)); break;
+    case ValueKind::Float64: run(static_cast<const double*>(data)); break;
+    case ValueKind::BFloat16: run(static_cast<const torch::headeronly::BFloat16*>(data)); break;
+    case ValueKind::Float16: run(static_cast<const torch::headeronly::Half*>(data)); break;
+    default: break;  // never: check_inputs accepts floating tables only
+  }
+}
+
+// Whether a value stored as `stored` can change when rounded to `target` (else the rounding is skipped).
+inline bool rounding_changes(ValueKind stored, ValueKind target) {
+  if (stored == target || target == ValueKind::Float64) return false;
+  if (target == ValueKind::Float32) return stored == ValueKind::Float64;
+  return true;  // to bf16 / fp16 from another dtype
+}
+
 // Everything a row needs that does not depend on the row: weight factors, angles.
 template <typename acc>
 struct Tables {
   std::vector<acc> weights[kNumWeights];  // w, or 1 + w (norm::weight_factor); empty without weights
-  std::optional<rope::cpu::RowAngles<acc>> angles;
+  std::optional<rope::cpu::RowAngles<acc>> angles;  // evaluated angles, unless cos/sin are given
+  const void* given[2] = {nullptr, nullptr};  // rope_cos, rope_sin
+  bool round_given[2] = {false, false};
+  acc sin_sign = acc(1);
+
+  // A row's cos/sin in rope::cpu::rotate_row's table form: read from the given tables (rounded to
+  // rope_dtype like evaluated ones) or evaluated. `scratch`: hd values (interleaved pairs).
+  void fill(const Geometry& g, int64_t row, acc* cos, acc* sin, acc* scratch) const {
+    if (angles.has_value()) return angles->fill(row, cos, sin);
+    const int64_t b = row / g.seq_len, l = row % g.seq_len;
+    const int64_t pairs = g.layout.num_pairs();
+    const bool interleaved = g.layout.pairing == rope::Pairing::Interleaved;
+    acc* dst[2] = {interleaved ? scratch : cos, interleaved ? scratch + pairs : sin};
+    for (int t = 0; t < 2; ++t) {
+      load_table_row(given[t], g.angle_kind[t], b * g.angle_strides[t][0] + l * g.angle_strides[t][1],
+                     g.angle_strides[t][2], pairs, dst[t]);
+      if (round_given[t])
+        for (int64_t k = 0; k < pairs; ++k) dst[t][k] = round_as(g.rope_kind, dst[t][k]);
+    }
+    if (sin_sign != acc(1))
+      for (int64_t k = 0; k < pairs; ++k) dst[1][k] = sin_sign * dst[1][k];
+    if (interleaved)
+      for (int64_t k = 0; k < pairs; ++k) rope::cpu::put_pair(true, k, dst[0][k], dst[1][k], cos, sin);
+  }
 };
 
 template <typename acc>
@@ -46,8 +97,10 @@ std::vector<acc> inverse_frequencies(const Geometry& g, double base, const std::
 template <typename acc>
 Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<Tensor>& q_weight,
                         const std::optional<Tensor>& k_weight, const void* positions, double base,
-                        const std::optional<Tensor>& rope_freqs, acc sin_sign) {
+                        const std::optional<Tensor>& rope_freqs, const std::optional<Tensor>& rope_cos,
+                        const std::optional<Tensor>& rope_sin, acc sin_sign) {
   Tables<acc> t;
+  t.sin_sign = sin_sign;
   const int64_t hd = g.head_dim;
   const std::optional<Tensor>* weights[kNumWeights] = {&q_weight, &k_weight};
   for (int w = 0; w < kNumWeights; ++w) {
@@ -56,6 +109,12 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
     for (int64_t e = 0; e < hd; ++e)
       t.weights[w][e] = norm::weight_factor(
           g.options.norm, load_as<acc>((*weights[w])->const_data_ptr(), g.weight_kind[w], e * g.weight_stride[w]));
+  }
+  if (g.has_angle_table) {
+    t.given[0] = rope_cos->const_data_ptr();
+    t.given[1] = rope_sin->const_data_ptr();
+    for (int i = 0; i < 2; ++i) t.round_given[i] = rounding_changes(g.angle_kind[i], g.rope_kind);
+    return t;
   }
   rope::cpu::PositionView pos;
   pos.data = positions;
@@ -73,19 +132,21 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
 template <typename scalar_t>
 void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const out[kNumHeadTensors],
                   const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight, const void* positions,
-                  double eps, double base, const std::optional<Tensor>& rope_freqs) {
+                  double eps, double base, const std::optional<Tensor>& rope_freqs,
+                  const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin) {
   using acc = acc_t<scalar_t>;
-  const Tables<acc> t = make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs, acc(1));
+  const Tables<acc> t =
+      make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs, rope_cos, rope_sin, acc(1));
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   const norm::Kind kind = g.options.norm;
   const bool v_norm = g.options.v_norm;
   torch::stable::parallel_for(0, g.rows(), /*grain_size=*/4, [&](int64_t begin, int64_t end) {
     const int64_t table = rope::cpu::table_length(g.layout);
-    std::vector<acc> cos(table), sin(table), x(hd), n(hd), rotated(hd);
+    std::vector<acc> cos(table), sin(table), x(hd), n(hd), rotated(hd), scratch(hd + 2);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / L, l = row % L;
-      t.angles->fill(row, cos.data(), sin.data());
+      t.fill(g, row, cos.data(), sin.data(), scratch.data());
       for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
         const HeadStrides& s = in.strides[tensor];
         const int64_t heads = g.heads[tensor];
@@ -134,10 +195,12 @@ template <typename scalar_t>
 void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<scalar_t>& grad,
                    scalar_t* const grad_in[kNumHeadTensors], const std::optional<Tensor>& q_weight,
                    const std::optional<Tensor>& k_weight, const void* positions, double eps, double base,
-                   const std::optional<Tensor>& rope_freqs, Tensor grad_weight[kNumWeights]) {
+                   const std::optional<Tensor>& rope_freqs, const std::optional<Tensor>& rope_cos,
+                   const std::optional<Tensor>& rope_sin, Tensor grad_weight[kNumWeights]) {
   using acc = acc_t<scalar_t>;
   // the transposed rotation is the rotation with sin negated (rope::cpu::rotate_row)
-  const Tables<acc> t = make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs, acc(-1));
+  const Tables<acc> t =
+      make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs, rope_cos, rope_sin, acc(-1));
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   const norm::Kind kind = g.options.norm;
@@ -148,13 +211,13 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
   std::vector<acc> partial(weighted ? static_cast<size_t>(num_chunks) * kNumWeights * hd : 0, acc(0));
   torch::stable::parallel_for(0, num_chunks, /*grain_size=*/1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t table = rope::cpu::table_length(g.layout);
-    std::vector<acc> cos(table), sin(table), x(hd), gy(hd), u(hd), gu(hd);
+    std::vector<acc> cos(table), sin(table), x(hd), gy(hd), u(hd), gu(hd), scratch(hd + 2);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc* chunk_partial = weighted ? partial.data() + chunk * kNumWeights * hd : nullptr;
       const int64_t row_end = std::min(g.rows(), (chunk + 1) * kRowsPerChunk);
       for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
         const int64_t b = row / L, l = row % L;
-        t.angles->fill(row, cos.data(), sin.data());
+        t.fill(g, row, cos.data(), sin.data(), scratch.data());
         for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
           const HeadStrides& s = in.strides[tensor];
           const HeadStrides& gs = grad.strides[tensor];
@@ -211,10 +274,12 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
                                                      double eps, double base_frequency,
                                                      std::optional<ScalarType> rope_dtype, std::string norm_name,
                                                      bool v_norm, std::string pairing,
-                                                     const std::optional<Tensor>& rope_freqs) {
+                                                     const std::optional<Tensor>& rope_freqs,
+                                                     const std::optional<Tensor>& rope_cos,
+                                                     const std::optional<Tensor>& rope_sin) {
   const char* op = "qkv_norm_rope";
   Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                            norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/true);
+                            norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/true);
   const Tensor v = v_or_absent(q, v_arg);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor outs[kNumHeadTensors];
@@ -229,7 +294,7 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
         out_ptrs[t] = outs[t].mutable_data_ptr<scalar_t>();
       }
       forward_impl<scalar_t>(op, g, io, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps, base_frequency,
-                             rope_freqs);
+                             rope_freqs, rope_cos, rope_sin);
     });
   }
   return {outs[0], outs[1], outs[2]};
@@ -239,10 +304,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
     const Tensor& grad_q, const Tensor& grad_k, const std::optional<Tensor>& grad_v, const Tensor& q, const Tensor& k,
     const std::optional<Tensor>& v_arg, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
     const Tensor& positions, double eps, double base_frequency, std::optional<ScalarType> rope_dtype,
-    std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs) {
+    std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs,
+    const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin) {
   const char* op = "_qkv_norm_rope_backward";
   Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                            norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/true);
+                            norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/true);
   const Tensor v = v_or_absent(q, v_arg);
   BackwardBuffers buf =
       prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, v_arg.has_value(), q_weight, k_weight);
@@ -263,7 +329,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
         out_ptrs[t] = grad_in[t].mutable_data_ptr<scalar_t>();
       }
       backward_impl<scalar_t>(op, g, io, gio, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps,
-                              base_frequency, rope_freqs, grad_weight);
+                              base_frequency, rope_freqs, rope_cos, rope_sin, grad_weight);
     });
   }
   return {grad_in[0], grad_in[1], grad_in[2], grad_weight[0], grad_weight[1]};

@@ -61,6 +61,10 @@ struct Params {
   const void* freq_table;
   ValueKind freq_kind;
   int64_t freq_stride;
+  // precomputed cos/sin (rope_cos, rope_sin), read instead of evaluating angles; null when not given
+  const void* angle_table[2];
+  ValueKind angle_kind[2];
+  int64_t angle_strides[2][3];  // batch stride 0 for a [1, L, hd / 2] table
   float* weight_partials;  // backward: [gridDim.x, 2, hd]
 };
 
@@ -104,6 +108,15 @@ __device__ void fill_tile_tables(const Params& p, int64_t row0, const float* inv
     const int64_t row = row0 + r;
     if (row >= p.batch * p.seq_len) continue;
     const int64_t b = row / p.seq_len, l = row - b * p.seq_len;
+    if (p.angle_table[0] != nullptr) {  // given tables, rounded to rope_dtype like evaluated ones
+      cos_tab[idx] = round_as(p.rope_kind, load_as<float>(p.angle_table[0], p.angle_kind[0],
+                                                          b * p.angle_strides[0][0] + l * p.angle_strides[0][1] +
+                                                              k * p.angle_strides[0][2]));
+      sin_tab[idx] = round_as(p.rope_kind, load_as<float>(p.angle_table[1], p.angle_kind[1],
+                                                          b * p.angle_strides[1][0] + l * p.angle_strides[1][1] +
+                                                              k * p.angle_strides[1][2]));
+      continue;
+    }
     const int64_t axis = p.layout.chunk_of_pair(k);
     const float pos = load_as<float>(p.positions, p.position_kind,
                                      b * p.position_strides[0] + l * p.position_strides[1] + axis * p.position_strides[2]);
@@ -365,7 +378,8 @@ bool is_vectorizable(const void* ptr, const HeadStrides& s, int64_t hd, size_t e
 
 Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], const std::optional<Tensor>& q_weight,
                    const std::optional<Tensor>& k_weight, const Tensor& positions, double eps, double base,
-                   const std::optional<Tensor>& rope_freqs) {
+                   const std::optional<Tensor>& rope_freqs, const std::optional<Tensor>& rope_cos,
+                   const std::optional<Tensor>& rope_sin) {
   Params p{};
   for (int t = 0; t < kNumHeadTensors; ++t) {
     p.in[t] = inputs[t]->const_data_ptr();
@@ -395,6 +409,12 @@ Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], con
   p.freq_table = g.has_freq_table ? rope_freqs->const_data_ptr() : nullptr;
   p.freq_kind = g.freq_kind;
   p.freq_stride = g.freq_stride;
+  p.angle_table[0] = g.has_angle_table ? rope_cos->const_data_ptr() : nullptr;
+  p.angle_table[1] = g.has_angle_table ? rope_sin->const_data_ptr() : nullptr;
+  for (int t = 0; t < 2; ++t) {
+    p.angle_kind[t] = g.angle_kind[t];
+    for (int i = 0; i < 3; ++i) p.angle_strides[t][i] = g.angle_strides[t][i];
+  }
   return p;
 }
 
@@ -428,10 +448,12 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
                                                       double eps, double base_frequency,
                                                       std::optional<ScalarType> rope_dtype, std::string norm_name,
                                                       bool v_norm, std::string pairing,
-                                                      const std::optional<Tensor>& rope_freqs) {
+                                                      const std::optional<Tensor>& rope_freqs,
+                                                      const std::optional<Tensor>& rope_cos,
+                                                      const std::optional<Tensor>& rope_sin) {
   const char* op = "qkv_norm_rope";
   const Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                                  norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/false);
+                                  norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
   const Tensor v = v_or_absent(q, v_arg);
@@ -441,7 +463,8 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
     outs[t] = allocate_attention_output(q, g, t);
   if (g.rows() == 0 || g.total_heads() == 0)
     return {outs[0], outs[1], outs[2]};
-  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs);
+  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs, rope_cos,
+                         rope_sin);
   for (int t = 0; t < kNumHeadTensors; ++t) p.out[t] = outs[t].mutable_data_ptr();
   const int64_t tiles = ceil_div(g.rows(), kRowsPerTile);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, 0x7fffffffLL));
@@ -457,10 +480,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
     const Tensor& grad_q, const Tensor& grad_k, const std::optional<Tensor>& grad_v, const Tensor& q, const Tensor& k,
     const std::optional<Tensor>& v_arg, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
     const Tensor& positions, double eps, double base_frequency, std::optional<ScalarType> rope_dtype,
-    std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs) {
+    std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs,
+    const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin) {
   const char* op = "_qkv_norm_rope_backward";
   const Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                                  norm_name, v_norm, pairing, rope_freqs, /*allow_double=*/false);
+                                  norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
   const Tensor v = v_or_absent(q, v_arg);
@@ -476,7 +500,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
   const int64_t blocks = std::max<int64_t>(1, std::min(tiles, kMaxBackwardBlocks));
   // [blocks, 2, hd] float32 partials; every block writes its row (zeros when it had no tiles).
   Tensor partials = new_empty(q, {weighted ? blocks : 0, kNumWeights, g.head_dim}, ScalarType::Float);
-  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs);
+  Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs, rope_cos,
+                         rope_sin);
   for (int t = 0; t < kNumHeadTensors; ++t) {
     p.grad[t] = grads[t].const_data_ptr();
     p.grad_strides[t] = head_strides(grads[t]);
