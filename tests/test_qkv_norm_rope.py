@@ -566,16 +566,21 @@ def test_missing_output_gradients_and_weightless_weight_grads():
 # --------------------------------------------------------------------------------------------
 # the options express the other families' attention entries (parity with transformers)
 # --------------------------------------------------------------------------------------------
+def _hf_gemma3_qk_norms(gemma3, hd, device):
+    """HF's Gemma3RMSNorm q_norm / k_norm with random (not zero) weights."""
+    norms = gemma3.Gemma3RMSNorm(hd, eps=1e-6), gemma3.Gemma3RMSNorm(hd, eps=1e-6)
+    with torch.no_grad():
+        for n in norms:
+            n.weight.normal_(0, 0.5)
+    return tuple(n.to(device) for n in norms)
+
+
 @pytest.mark.parametrize("device,dtype", [p for p in device_dtypes() if "float64" not in p.id])
 def test_matches_hf_gemma3_text_norms_and_rope(device, dtype):
     """Gemma 3 text attention: q_norm/k_norm x * (1 + w), no v norm, 1-D half-split RoPE."""
     gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
     hd, h, kv, b, length = 32, 4, 2, 2, 9
-    q_norm, k_norm = gemma3.Gemma3RMSNorm(hd, eps=1e-6), gemma3.Gemma3RMSNorm(hd, eps=1e-6)
-    with torch.no_grad():
-        q_norm.weight.normal_(0, 0.5)
-        k_norm.weight.normal_(0, 0.5)
-    q_norm, k_norm = q_norm.to(device), k_norm.to(device)
+    q_norm, k_norm = _hf_gemma3_qk_norms(gemma3, hd, device)
     _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
     position_ids = torch.arange(3, 3 + length, device=device).repeat(b, 1)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
@@ -818,11 +823,7 @@ def test_given_hf_cos_sin_match_hf_gemma3_text(device, dtype):
     hd, h, kv, b, length = 32, 4, 2, 2, 9
     cfg = Gemma3TextConfig(hidden_size=h * hd, num_attention_heads=h, num_key_value_heads=kv, head_dim=hd,
                            num_hidden_layers=6)
-    q_norm, k_norm = gemma3.Gemma3RMSNorm(hd, eps=1e-6), gemma3.Gemma3RMSNorm(hd, eps=1e-6)
-    with torch.no_grad():
-        q_norm.weight.normal_(0, 0.5)
-        k_norm.weight.normal_(0, 0.5)
-    q_norm, k_norm = q_norm.to(device), k_norm.to(device)
+    q_norm, k_norm = _hf_gemma3_qk_norms(gemma3, hd, device)
     _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
     position_ids = torch.arange(5, 5 + length, device=device).repeat(b, 1)
     cos, sin = gemma3.Gemma3RotaryEmbedding(cfg).to(device)(q, position_ids, "full_attention")
