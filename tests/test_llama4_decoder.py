@@ -160,13 +160,13 @@ def test_moe_unaligned_widths_and_float64_use_the_per_expert_path():
     assert not Llama4MoEBlock(llama4_hf.decoder_config_from_hf(text_config())[0]).double()._grouped_gemm_ok(
         torch.empty(0, dtype=torch.float64))
     x = torch.randn(9, 66)
-    onehot_sum = ours(x)
+    got = ours(x)
     with torch.no_grad():
         ref = ours.shared_experts(x)
         top, e = ours.gate(x).topk(1, dim=-1)
         xs = x * torch.sigmoid(top)
         ref = ref + torch.stack([ours._expert(xs[i:i + 1], int(e[i])) for i in range(9)]).view(9, 66)
-    torch.testing.assert_close(onehot_sum.detach(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_temperature_tuning_uses_absolute_positions_past_floor():

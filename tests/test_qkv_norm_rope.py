@@ -762,8 +762,6 @@ def test_given_cos_sin_match_reference_forward_and_backward(device, dtype, seed)
     norm, pairing = pick("scale", "scale_plus_one", "rms", "none"), pick("half_split", "interleaved")
     table_dtype, layout = pick(torch.float32, torch.bfloat16, dtype), pick("contiguous", "transposed", "strided")
     with_v = pick(True, False)
-    if dtype == torch.float64 or device == "cuda":
-        table_dtype = torch.float32 if table_dtype == torch.float64 and device == "cuda" else table_dtype
     cos, sin = _angle_tables(pick(1, b), length, hd, ndim, device, table_dtype, seed, layout)
     _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))

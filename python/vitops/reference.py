@@ -113,17 +113,16 @@ def _rope_chunk(x: torch.Tensor, pos: torch.Tensor, base: float, scale: float,
     [d/2] defaults to HF's 1 / base^(2i/d); cos_sin: given (cos, sin) [..., L, d/2] instead of angles."""
     d = x.shape[-1]
     acc = _acc_dtype(x.dtype)
+    # cos/sin are computed in float32 and rounded to the activation dtype (or table_dtype), as HF
+    # does (HF: the dtype of the hidden states given to its rotary embedding); given ones likewise.
+    table_dtype = x.dtype if table_dtype is None else table_dtype
     if cos_sin is not None:
-        table_dtype = x.dtype if table_dtype is None else table_dtype
         cos, sin = (t.to(table_dtype).to(acc).unsqueeze(-2) for t in cos_sin)
         return _rotate(x, cos, sin, pairing, acc)
     inv_freq = rope_inv_freq(d, base, acc, x.device) if inv_freq is None else inv_freq.to(acc)
     angle = (pos.to(acc).unsqueeze(-1) * inv_freq) * scale  # [..., L, d/2]
     if angle.numel() and not bool(torch.isfinite(angle).all()):
         raise ValueError("apply_multidimensional_rope: positions must give finite rotation angles")
-    # cos/sin are computed in float32 and rounded to the activation dtype (or table_dtype), as HF
-    # does (HF: the dtype of the hidden states given to its rotary embedding).
-    table_dtype = x.dtype if table_dtype is None else table_dtype
     cos = angle.cos().to(table_dtype).to(acc).unsqueeze(-2)
     sin = angle.sin().to(table_dtype).to(acc).unsqueeze(-2)
     return _rotate(x, cos, sin, pairing, acc)
