@@ -234,7 +234,8 @@ def _qkv(rng, namespace):
     rope_dtype = rng.choice([None, None, torch.float32, dtype])
     case = dict(q=q, k=k, v=v, q_weight=qw, k_weight=kw, positions=pos, eps=rng.choice([1e-6, 1e-5, 0.0]),
                 base_frequency=rng.choice([100.0, 10000.0, 7.0]), rope_dtype=rope_dtype,
-                norm="scale", v_norm=True, pairing="half_split", rope_freqs=None, rope_cos=None, rope_sin=None)
+                norm="scale", v_norm=True, pairing="half_split", rope_freqs=None, rope_cos=None, rope_sin=None,
+                norm_after_rope=False, q_scale=None)
     if rng.random() < 0.5:  # the other families' options (drawn last: the Gemma 4 cases stay as they were)
         norm = rng.choice(["scale", "scale_plus_one", "rms", "none"])
         if norm in ("rms", "none"):
@@ -250,6 +251,13 @@ def _qkv(rng, namespace):
             tb = rng.choice([1, b])
             case.update(rope_cos=_randn(rng, (tb, length, hd // 2), rng.choice([torch.float32, dtype]), 0.6),
                         rope_sin=_randn(rng, (tb, length, hd // 2), rng.choice([torch.float32, wdt]), 0.6))
+        # Llama 4's orders: the norm after the rotation, NoPE (no rotation), q scaled per row
+        case["norm_after_rope"] = rng.random() < 0.4
+        if rng.random() < 0.25:
+            case.update(pairing="none", rope_freqs=None, rope_cos=None, rope_sin=None)
+        if rng.random() < 0.35:
+            case["q_scale"] = (_randn(rng, (rng.choice([1, b]), length), torch.float32, 0.3) + 1).to(
+                rng.choice([torch.float32, wdt]))
     return case
 
 
@@ -473,8 +481,15 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
         out.append(("rope_freqs and rope_cos together", {
             **kw, "rope_freqs": torch.ones(q.shape[3] // 2), "rope_cos": torch.zeros(1, q.shape[1], q.shape[3] // 2),
             "rope_sin": torch.zeros(1, q.shape[1], q.shape[3] // 2)}, True))
+        out.append(("q_scale of L + 1 rows", {**kw, "q_scale": torch.ones(1, q.shape[1] + 1)}, True))
+        out.append(("q_scale of int64", {**kw, "q_scale": torch.ones(q.shape[0], q.shape[1], dtype=torch.int64)}, True))
+        out.append(("q_scale on meta", {**kw, "q_scale": torch.ones(q.shape[0], q.shape[1], device="meta")}, True))
+        out.append(("pairing none with rope_freqs", {**kw, "pairing": "none", "rope_freqs": torch.ones(q.shape[3] // 2),
+                                                     "rope_cos": None, "rope_sin": None}, True))
+        out.append(("pairing rotate_half", {**kw, "pairing": "rotate_half"}, True))
         pos = kw["positions"]
-        if pos.numel() and q.numel() and kw["rope_cos"] is None:  # given cos/sin: positions are not read
+        # given cos/sin or no rotation: positions are not read
+        if pos.numel() and q.numel() and kw["rope_cos"] is None and kw.get("pairing") != "none":
             p2 = pos.clone().float()
             p2.view(-1)[rng.randrange(p2.numel())] = rng.choice([f, float("inf")])
             out.append(("non-finite position", {**kw, "positions": p2}, "value"))

@@ -700,3 +700,47 @@ def test_qkv_norm_rope_given_cos_sin(dtype, options, shape):
         for g, c in zip(got, cpu):
             scale = c.abs().max().item() + 1e-6 if c.numel() else 1.0
             torch.testing.assert_close(g, c, rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * scale)
+
+
+# Llama 4's orders: (norm, pairing, norm_after_rope, q_scale rows (0 = none), ndim)
+QKV_LLAMA4_ORDERS = [
+    ("rms", "interleaved", True, 0, 1),  # Llama 4 Scout RoPE layers
+    ("none", "none", False, 1, 1),  # Llama 4 NoPE layers with the attention temperature
+    ("scale", "half_split", True, 2, 2),
+    ("scale_plus_one", "none", True, 2, 1),
+    ("rms", "interleaved", False, 1, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", QKV_LLAMA4_ORDERS, ids=lambda o: "-".join(map(str, o)))
+@pytest.mark.parametrize("shape", [(2, 7, 4, 2, 72), (2, 9, 2, 1, 8), (1, 3, 2, 2, 6), (2, 5, 2, 1, 512)])
+def test_qkv_norm_rope_llama4_orders(dtype, options, shape):
+    """The norm after the rotation (staged in registers, up to the 512-wide head dim), no rotation,
+    q_scale of batch 1 or B: forward against the reference (also from unaligned views), backward
+    against the CPU kernel."""
+    norm, pairing, after, scale_rows, ndim = options
+    b, length, h, kv, hd = shape
+    if pairing != "none" and 2 * (hd // 2 // ndim) == 0:
+        pytest.skip("no channels per axis")
+    q, k, v = _fused_qkv(*shape, dtype)
+    weights = (1 + 0.5 * torch.randn(hd), (1 + 0.5 * torch.randn(hd)).to(torch.bfloat16))
+    if norm in ("rms", "none"):
+        weights = (None, None)
+    scale = (0.5 + torch.rand(b if scale_rows == 2 else 1, length)).to(dtype) if scale_rows else None
+    pos = _qkv_positions(b, length, ndim=ndim)
+    opts = dict(eps=1e-6, base_frequency=100.0, rope_dtype=None, norm=norm, v_norm=True, pairing=pairing,
+                rope_freqs=None, rope_cos=None, rope_sin=None, norm_after_rope=after, q_scale=scale)
+    ref = reference.qkv_norm_rope(q, k, v, *weights, pos, **opts)
+    args = (*weights, pos, *opts.values())
+    for qv, kv_, vv in [(q, k, v), tuple(offset_by_one(t) for t in (q, k, v))]:
+        outs = emu("qkv_norm_rope", qv, kv_, vv, *args)
+        for o, r in zip(outs, ref):
+            torch.testing.assert_close(o.transpose(1, 2), r, **tol(dtype))
+    grads = [randn(*r.transpose(1, 2).shape, dtype=dtype) for r in ref]
+    got = emu("_qkv_norm_rope_backward", *grads, q, k, v, *args)
+    cpu = torch.ops.vitops._qkv_norm_rope_backward(*grads, q, k, v, *args)
+    for g, c in zip(got, cpu):
+        assert g.shape == c.shape and g.dtype == c.dtype
+        scale_ = c.abs().max().item() + 1e-6 if c.numel() else 1.0
+        torch.testing.assert_close(g, c, rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * scale_)

@@ -408,3 +408,41 @@ def test_stack_on_each_device(device):
             assert rel(normed.cpu(), want.cpu()) < 1e-4
         else:
             assert rel(normed.cpu(), ref[-1]) <= 1.1 * rel(want.cpu(), ref[-1]) + 1e-3
+
+
+def test_block_computes_rope_tables_once_and_equals_layer_by_layer():
+    """A scannable block computes the cos/sin once per RoPE setting (local and global) for all its
+    layers; the result equals running its layers one by one, each computing its own tables; the
+    tables equal HF's Gemma3RotaryEmbedding output (its first half) bit for bit."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    from vitops.layers import RopeTables
+
+    hf, cfg = multimodal_hf()
+    ours = ours_from(hf, cfg)
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(2, 11).expand(2, 9)
+    calls = []
+    original = RopeTables.get
+
+    def counting_get(self, *args, **kwargs):
+        calls.append((id(self), args, tuple(sorted(kwargs.items()))))
+        return original(self, *args, **kwargs)
+
+    with torch.no_grad():
+        RopeTables.get = counting_get
+        try:
+            block_out = ours(x, decoder_positions=positions)
+        finally:
+            RopeTables.get = original
+        y = x
+        for i in range(ours.num_of_layers):
+            y, _ = getattr(ours, f"layers_{i}")(y, decoder_positions=positions)
+    assert len({c[0] for c in calls}) == 1 and len(calls) == ours.num_of_layers  # one RopeTables, shared
+    assert torch.equal(block_out, y)
+    tables = RopeTables(positions)
+    rotary = Gemma3RotaryEmbedding(cfg.text_config)
+    for layer_type, theta, factor in (("sliding_attention", 10000.0, None), ("full_attention", 1e6, 8.0)):
+        hf_cos, hf_sin = rotary(x, positions, layer_type)
+        cos, sin = tables.get(24, theta, linear_factor=factor)
+        assert torch.equal(cos, hf_cos[..., :12]) and torch.equal(sin, hf_sin[..., :12]), layer_type

@@ -384,3 +384,38 @@ def test_released_scout_width_layers_short_sequence():
         for i in (0, 1):
             got, _ = getattr(ours, f"layers_{i}")(hs[i])
             assert rel(got, hs[i + 1]) < 1e-5, i
+
+
+def test_block_shares_rope_tables_and_equals_layer_by_layer():
+    """The block's layers read one RopeTables (computed once per forward); the result equals its
+    layers run one by one (each computing its own); the tables equal HF's freqs_cis (llama3 scaling)."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+    from vitops.layers import RopeTables
+
+    hf, tc, ours = build()
+    x = torch.randn(2, 11, 64, generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(3, 14).expand(2, 11)
+    seen = []
+    original = RopeTables.get
+
+    def recording_get(self, *args, **kwargs):
+        seen.append(id(self))
+        return original(self, *args, **kwargs)
+
+    with torch.no_grad():
+        RopeTables.get = recording_get
+        try:
+            block_out = ours(x, decoder_positions=positions)
+        finally:
+            RopeTables.get = original
+        y = x
+        for i in range(ours.num_of_layers):
+            y, _ = getattr(ours, f"layers_{i}")(y, decoder_positions=positions)
+    rope_layers = sum(not getattr(ours, f"layers_{i}").is_nope_layer for i in range(ours.num_of_layers))
+    assert len(seen) == rope_layers and len(set(seen)) == 1
+    assert torch.equal(block_out, y)
+    freqs_cis = Llama4TextRotaryEmbedding(tc)(x, positions)
+    cos, sin = RopeTables(positions).get(24, 500000.0, llama3_scaling=ours.config.rope_scaling)
+    torch.testing.assert_close(cos, freqs_cis.real, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, freqs_cis.imag, rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from vitops import reference
+from vitops.layers import rms_norm
 from vitops.ops import apply_multidimensional_rope, qkv_norm_rope
 
 from _utils import DEVICES, device_dtypes, randn, tol
@@ -521,7 +522,7 @@ def test_options_compile_fullgraph(dynamic):
     "overrides,match",
     [
         (dict(norm="layer"), r'`norm` must be "scale" \(x \* w\), "scale_plus_one"'),
-        (dict(pairing="complex"), r'`pairing` must be "half_split" or "interleaved", got "complex"'),
+        (dict(pairing="complex"), r'`pairing` must be "half_split", "interleaved" or "none" \(no rotation\), got "complex"'),
         (dict(norm="rms"), r'`q_weight` must be None with norm="rms"'),
         (dict(norm="scale_plus_one", k_weight=None), r'`k_weight` must be given with norm="scale_plus_one"'),
         (dict(rope_freqs=torch.ones(3)), r"`rope_freqs` must have shape \[hd / 2\] = \[4\]"),
@@ -923,3 +924,216 @@ def test_given_cos_sin_are_not_differentiated():
     args = _bad(norm="rms", q_weight=None, k_weight=None, rope_cos=cos, rope_sin=torch.ones(2, 3, 4))
     with pytest.raises(RuntimeError, match="`rope_cos` is not differentiated"):
         qkv_norm_rope(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# Llama 4's orders: the norm after the rotation (norm_after_rope), NoPE layers (pairing "none"),
+# the attention temperature scaling q's rows (q_scale)
+# --------------------------------------------------------------------------------------------
+def _q_scale(rows, length, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + torch.rand(rows, length, generator=g)).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes())
+@pytest.mark.parametrize("seed", range(6))
+def test_llama4_orders_match_reference_forward_and_backward(device, dtype, seed):
+    """Seeded random shapes, norms, pairings (with "none"), norm before/after the rotation, q_scale of
+    batch 1 or B in any float dtype, with and without v, evaluated or given angles."""
+    g = torch.Generator().manual_seed(300 + seed)
+    pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    pairing = pick("half_split", "interleaved", "none")
+    ndim = 1 if pairing == "none" else pick(1, 2)
+    hd = 2 * ndim * int(torch.randint(1, 9, (1,), generator=g)) + (pick(0, 1) if pairing == "none" else 0)
+    b, length, h, kv = pick(1, 2, 3), int(torch.randint(0, 12, (1,), generator=g)), pick(1, 2, 4), pick(1, 2)
+    norm = pick("scale", "scale_plus_one", "rms", "none")
+    with_v, after, scaled = pick(True, False), pick(True, False), pick(True, False)
+    _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    weighted = norm in ("scale", "scale_plus_one")
+    qw, kw = (w.requires_grad_() for w in random_weights(hd, device, dtype)) if weighted else (None, None)
+    pos = random_positions(b, length, device, ndim=ndim)
+    kwargs = dict(norm=norm, v_norm=with_v, pairing=pairing, norm_after_rope=after)
+    if scaled:
+        kwargs["q_scale"] = _q_scale(pick(1, b), length, device, pick(torch.float32, torch.bfloat16, dtype), seed)
+    if pairing != "none" and pick(True, False):
+        kwargs["rope_freqs"] = torch.rand(hd // 2, generator=g).to(device) + 0.05
+    vi = v if with_v else None
+    out = qkv_norm_rope(q, k, vi, qw, kw, pos, **kwargs)
+    ref = reference.qkv_norm_rope(q, k, vi, qw, kw, pos, **kwargs)
+    for o, r in zip(out, ref):
+        if r is not None:
+            torch.testing.assert_close(o, r, **tol(dtype))
+    if not length * b:
+        return
+    leaves = [t for t in (q, k, v if with_v else None, qw, kw) if t is not None]
+    grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=dtype) for o in out if o is not None]
+    got = torch.autograd.grad([o for o in out if o is not None], leaves, grads, allow_unused=True)
+    want = torch.autograd.grad([r for r in ref if r is not None], leaves, grads, allow_unused=True)
+    loose = dict(rtol=5e-2, atol=5e-2) if dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-4, atol=1e-4)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **loose)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pairing_none_and_unit_scale_are_exact(device):
+    """No rotation and no norm: q and k pass through bit for bit; a q_scale of ones changes nothing;
+    the norm without a rotation is the norm alone (either order)."""
+    _, q, k, v = fused_qkv(2, 6, 3, 2, 10, dtype=torch.bfloat16, device=device)
+    pos = random_positions(2, 6, device, ndim=1)
+    ones = torch.ones(1, 6, device=device)
+    qo, ko, _ = qkv_norm_rope(q, k, None, None, None, pos, norm="none", v_norm=False, pairing="none", q_scale=ones)
+    assert torch.equal(qo, q.transpose(1, 2)) and torch.equal(ko, k.transpose(1, 2))
+    for after in (False, True):
+        qn, kn, _ = qkv_norm_rope(q, k, None, None, None, pos, norm="rms", v_norm=False, pairing="none",
+                                  norm_after_rope=after)
+        assert torch.equal(qn, rms_norm(q, None, 1e-6, "rms").transpose(1, 2))
+        assert torch.equal(kn, rms_norm(k, None, 1e-6, "rms").transpose(1, 2))
+
+
+@pytest.mark.parametrize("device,dtype", [p for p in device_dtypes() if "float64" not in p.id])
+def test_llama4_text_attention_entry_matches_hf(device, dtype):
+    """HF Llama 4: apply_rotary_emb (float32 complex pairs, type_as) then Llama4TextL2Norm, from its
+    own rotary embedding (as inverse frequencies, and as freqs_cis given as cos/sin); NoPE layers'
+    (q * attn_scales).to(q.dtype) with HF's float32 temperature."""
+    llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+    from transformers import Llama4TextConfig
+
+    hd, h, kv, b, length = 32, 4, 2, 2, 13
+    cfg = Llama4TextConfig(hidden_size=h * hd, num_attention_heads=h, num_key_value_heads=kv, head_dim=hd,
+                           num_hidden_layers=2, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                  high_freq_factor=4.0,
+                                                                  original_max_position_embeddings=16))
+    _, q, k, v = fused_qkv(b, length, h, kv, hd, dtype=dtype, device=device)
+    position_ids = torch.arange(3, 3 + length, device=device).repeat(b, 1)
+    rotary = llama4.Llama4TextRotaryEmbedding(cfg).to(device)
+    freqs_cis = rotary(q, position_ids)
+    l2 = llama4.Llama4TextL2Norm(cfg.rms_norm_eps)
+    with torch.no_grad():
+        hq, hk = (l2(t).transpose(1, 2) for t in llama4.apply_rotary_emb(q, k, freqs_cis))
+        by_freqs = qkv_norm_rope(q, k, None, None, None, position_ids[..., None], eps=cfg.rms_norm_eps,
+                                 rope_dtype=torch.float32, norm="rms", v_norm=False, pairing="interleaved",
+                                 rope_freqs=rotary.inv_freq, norm_after_rope=True)
+        by_tables = qkv_norm_rope(q, k, None, None, None, position_ids[..., None], eps=cfg.rms_norm_eps,
+                                  rope_dtype=torch.float32, norm="rms", v_norm=False, pairing="interleaved",
+                                  rope_cos=freqs_cis.real, rope_sin=freqs_cis.imag, norm_after_rope=True)
+    close = dict(rtol=0, atol=2e-6) if dtype == torch.float32 else tol(dtype)
+    for ours in (by_freqs, by_tables):
+        torch.testing.assert_close(ours[0], hq, **close)
+        torch.testing.assert_close(ours[1], hk, **close)
+    # NoPE: HF's temperature on absolute positions, in float32
+    positions = torch.arange(length, device=device) + 8190
+    floor_scale, attn_scale = 8192.0, 0.1
+    scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    hq = (q * scales.view(1, length, 1, 1)).to(q.dtype).transpose(1, 2)
+    with torch.no_grad():
+        qo, ko, _ = qkv_norm_rope(q, k, None, None, None, positions.expand(b, length)[..., None], norm="none",
+                                  v_norm=False, pairing="none", q_scale=scales[None])
+    assert torch.equal(qo, hq) and torch.equal(ko, k.transpose(1, 2))
+
+
+def test_llama4_orders_gradcheck_float64():
+    b, length, h, kv, hd = 2, 3, 2, 1, 8
+    buf = torch.randn(b, length, (h + 2 * kv) * hd, dtype=torch.float64, requires_grad=True)
+    pos = random_positions(b, length, ndim=1)
+    scale = _q_scale(1, length, "cpu", torch.float64)
+    weights = [(1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_() for _ in range(2)]
+    for norm, pairing, q_scale in (("rms", "interleaved", None), ("scale", "half_split", scale),
+                                   ("scale_plus_one", "none", scale), ("none", "none", scale)):
+        weighted = norm.startswith("scale")
+
+        def f(buf, qw, kw):
+            q = buf[..., : h * hd].unflatten(-1, (h, hd))
+            k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+            v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+            return qkv_norm_rope(q, k, v, qw if weighted else None, kw if weighted else None, pos, norm=norm,
+                                 pairing=pairing, norm_after_rope=True, q_scale=q_scale)
+
+        assert torch.autograd.gradcheck(f, (buf, *weights)), (norm, pairing)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_llama4_orders_opcheck(device):
+    _, q, k, v = fused_qkv(2, 5, 4, 2, 12, device=device)
+    pos = random_positions(2, 5, device, ndim=1)
+    qw, kw = random_weights(12, device)
+    scale = _q_scale(2, 5, device, torch.bfloat16)
+    for args in ((q, k, None, None, None, pos, 1e-5, 10.0, torch.float32, "rms", False, "interleaved", None, None,
+                  None, True, None),
+                 (q, k, v, qw, kw, pos, 1e-6, 10.0, None, "scale", True, "half_split", None, None, None, True, scale),
+                 (q, k, None, None, None, pos, 1e-6, 10.0, None, "none", False, "none", None, None, None, False,
+                  scale[:1])):
+        leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  and i < 5 else t for i, t in enumerate(args)]
+        torch.library.opcheck(torch.ops.vitops.qkv_norm_rope.default, tuple(leaves))
+        grads = [randn(*t.shape, device=device) for t in args[:2]] + [None if args[2] is None else randn(
+            *args[2].shape, device=device)]
+        torch.library.opcheck(torch.ops.vitops._qkv_norm_rope_backward.default, (*grads, *args))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_llama4_orders_compile_fullgraph(dynamic):
+    def f(q, k, pos, scale):
+        rope = qkv_norm_rope(q, k, None, None, None, pos, norm="rms", v_norm=False, pairing="interleaved",
+                             norm_after_rope=True)[:2]
+        nope = qkv_norm_rope(q, k, None, None, None, pos, norm="none", v_norm=False, pairing="none", q_scale=scale)[:2]
+        return rope + nope
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for length in (5, 8):
+        q, k = (randn(2, length, 2, 8, requires_grad=True) for _ in range(2))
+        pos = random_positions(2, length, ndim=1)
+        scale = _q_scale(1, length, "cpu")
+        out = compiled(q, k, pos, scale)
+        ref = (reference.qkv_norm_rope(q, k, None, None, None, pos, norm="rms", v_norm=False, pairing="interleaved",
+                                       norm_after_rope=True)[:2]
+               + reference.qkv_norm_rope(q, k, None, None, None, pos, norm="none", v_norm=False, pairing="none",
+                                         q_scale=scale)[:2])
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r)
+        got = torch.autograd.grad(sum(o.square().sum() for o in out), (q, k))
+        want = torch.autograd.grad(sum(r.square().sum() for r in ref), (q, k))
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(q_scale=torch.ones(2, 4)), r"`q_scale` must have shape \[B or 1, L\] = \[2 or 1, 3\]"),
+        (dict(q_scale=torch.ones(3, 3)), r"`q_scale` must have shape \[B or 1, L\]"),
+        (dict(q_scale=torch.ones(2, 3, 1)), r"`q_scale` must have shape \[B or 1, L\]"),
+        (dict(q_scale=torch.ones(2, 3, dtype=torch.int64)), r"`q_scale` must be a float32"),
+        (dict(q_scale=torch.ones(2, 3, device="meta")), r"`q` and `q_scale` must be on the same device"),
+        (dict(pairing="none", rope_freqs=torch.ones(4)), r'must be None with pairing="none"'),
+        (dict(pairing="none", rope_cos=torch.ones(2, 3, 4), rope_sin=torch.ones(2, 3, 4)),
+         r'must be None with pairing="none"'),
+        (dict(pairing="rotate_half"), r'`pairing` must be "half_split", "interleaved" or "none"'),
+    ],
+)
+def test_bad_llama4_options(overrides, match):
+    args = _bad(norm="rms", q_weight=None, k_weight=None, norm_after_rope=True, **overrides)
+    args["positions"] = args["positions"][..., :1]
+    with pytest.raises(RuntimeError, match=match):
+        qkv_norm_rope(**args)
+    if "same device" in match:
+        return
+    meta = {n: t.to("meta") if isinstance(t, torch.Tensor) else t for n, t in args.items()}
+    with pytest.raises(RuntimeError, match=match):
+        qkv_norm_rope(**meta)
+
+
+def test_q_scale_is_not_differentiated():
+    args = _bad(norm="rms", q_weight=None, k_weight=None, q_scale=torch.ones(2, 3, requires_grad=True))
+    with pytest.raises(RuntimeError, match="`q_scale` is not differentiated"):
+        qkv_norm_rope(**args)
+
+
+def test_pairing_none_takes_any_head_dim():
+    """Without a rotation nothing needs pairs: odd head dims and more axes than channels are fine."""
+    _, q, k, v = fused_qkv(2, 4, 2, 1, 3)
+    pos = random_positions(2, 4, ndim=5)
+    out = qkv_norm_rope(q, k, v, None, None, pos, norm="rms", pairing="none")
+    ref = reference.qkv_norm_rope(q, k, v, None, None, pos, norm="rms", pairing="none")
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)

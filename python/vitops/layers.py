@@ -413,14 +413,44 @@ def decoder_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
 
 
 def run_decoder_layers(block: nn.Module, inputs: torch.Tensor, model_mode: str, kv_cache: list | None,
-                       call: Callable[[nn.Module, torch.Tensor, "DecoderKVCache | None"], tuple]):
-    """A scannable block's loop over ``layers_{i}``: ``call(layer, y, cache_i)`` returns ``(y, cache)``;
-    the block returns ``y`` for ``model_mode="train"``, else ``(y, [per-layer caches])``."""
+                       decoder_positions: torch.Tensor | None,
+                       call: Callable[[nn.Module, torch.Tensor, "DecoderKVCache | None", torch.Tensor, "RopeTables"],
+                                      tuple]):
+    """A scannable block's loop over ``layers_{i}``: ``call(layer, y, cache_i, positions, rope_tables)``
+    returns ``(y, cache)``; the positions (``decoder_positions``, or following the caches) and their
+    cos/sin tables are computed once for all layers. The block returns ``y`` for
+    ``model_mode="train"``, else ``(y, [per-layer caches])``."""
     n = block.num_of_layers
     if kv_cache is not None and len(kv_cache) != n:
         raise ValueError(f"{type(block).__name__}: `kv_cache` must hold one cache per layer ({n}), got {len(kv_cache)}")
+    positions = decoder_positions_for(inputs, decoder_positions, None if not kv_cache else kv_cache[0])
+    tables = RopeTables(positions)
     y, caches = inputs, []
     for i in range(n):
-        y, cache = call(getattr(block, f"layers_{i}"), y, None if kv_cache is None else kv_cache[i])
+        y, cache = call(getattr(block, f"layers_{i}"), y, None if kv_cache is None else kv_cache[i], positions, tables)
         caches.append(cache)
     return y if model_mode == "train" else (y, caches)
+
+
+class RopeTables:
+    """The RoPE cos/sin of one decoder forward's positions ``[B, L]``, computed once per RoPE setting
+    (head dim, theta, scaling) and shared by every layer with that setting, as HF's text models
+    compute ``position_embeddings`` once per forward. Each table is float32 ``[B, L, hd / 2]``, one
+    value per rotated pair: angles ``positions * inv_freq`` in float32 (HF's rotary embeddings'
+    product) and torch's cos/sin; ``qkv_norm_rope`` reads them (``rope_cos`` / ``rope_sin``) and rounds
+    them to its ``rope_dtype`` (Gemma 3: the activation dtype, as HF's ``cos.to(x.dtype)``)."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+        self._tables: dict = {}
+
+    def get(self, head_dim: int, theta: float, *, linear_factor: float | None = None,
+            llama3_scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (head_dim, float(theta), linear_factor,
+               None if llama3_scaling is None else tuple(sorted(llama3_scaling.items())))
+        if key not in self._tables:
+            freqs = rope_inverse_frequencies(head_dim, theta, linear_factor=linear_factor,
+                                             llama3_scaling=llama3_scaling, device=self.positions.device)
+            angle = self.positions.float()[..., None] * freqs
+            self._tables[key] = (angle.cos(), angle.sin())
+        return self._tables[key]

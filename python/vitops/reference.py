@@ -259,20 +259,27 @@ def qkv_norm_rope(
     rope_freqs: torch.Tensor | None = None,
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
+    norm_after_rope: bool = False,
+    q_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """q [B, L, H, hd], k/v [B, L, KV, hd] -> (q_out [B, H, L, hd], k_out, v_out [B, KV, L, hd]):
     q_norm/k_norm (``vitops.layers.rms_norm`` of kind `norm`, or none) and v_norm (weightless, if `v_norm`) as HF,
     N-D RoPE of q and k by positions [B, L, ndim] (chunks of rope_chunks(hd, ndim, None), each
     rotated like _rope_chunk with `pairing`, cos/sin rounded to rope_dtype, default q's dtype, and
     the chunk's slice of `rope_freqs` when given, or of the given `rope_cos` / `rope_sin` [B or 1, L,
-    hd/2] (HF's rotate-half [B, L, hd] read through its first half)), then
-    transpose(1, 2).contiguous(); v None: v_out None."""
-    widths = rope_chunks(q.shape[-1], positions.shape[-1], None)
+    hd/2] (HF's rotate-half [B, L, hd] read through its first half)); pairing "none": no rotation;
+    norm_after_rope: the q/k norm applied to the rotated row instead (Llama 4's apply_rotary_emb then
+    Llama4TextL2Norm); q_scale [B or 1, L]: q rows times it in float32 (float64 for float64 q),
+    rounded (HF's ``(q * attn_scales).to(q.dtype)``); then transpose(1, 2).contiguous(); v None:
+    v_out None."""
+    widths = rope_chunks(q.shape[-1], positions.shape[-1], None) if pairing != "none" else []
     hd = q.shape[-1]
     if rope_cos is not None and rope_cos.shape[-1] == hd and len(widths) == 1 and pairing == "half_split":
         rope_cos, rope_sin = rope_cos[..., : hd // 2], rope_sin[..., : hd // 2]
 
     def rope(x):
+        if pairing == "none":
+            return x
         parts, start = [], 0
         for axis, w in enumerate(widths):
             freqs = None if rope_freqs is None else rope_freqs[start // 2 : (start + w) // 2]
@@ -286,8 +293,13 @@ def qkv_norm_rope(
     def qk_norm(x, weight):
         return x if norm == "none" else rms_norm(x, weight, eps, norm)
 
-    q_out = rope(qk_norm(q, q_weight))
-    k_out = rope(qk_norm(k, k_weight))
+    def qk(x, weight):
+        return qk_norm(rope(x), weight) if norm_after_rope else rope(qk_norm(x, weight))
+
+    q_out, k_out = qk(q, q_weight), qk(k, k_weight)
+    if q_scale is not None:
+        acc = _acc_dtype(q.dtype)
+        q_out = (q_out.to(acc) * q_scale.to(acc)[:, :, None, None]).to(q.dtype)
     if v is None:
         return q_out.transpose(1, 2).contiguous(), k_out.transpose(1, 2).contiguous(), None
     v_out = rms_norm(v, None, eps, "rms") if v_norm else v

@@ -4,7 +4,10 @@
 // (kernels/norm/norm.h: `scale` x*w for Gemma 4, `scale_plus_one` x*(1+w) for Gemma 3, `rms` without
 // a weight, `none`), optionally v's weightless RMS norm (Gemma 4), then the RoPE of q and k
 // (kernels/rope/rope.h: half-split chunks or interleaved pairs, one chunk per position axis, HF's
-// frequencies or a given table), written in the layout attention wants.
+// frequencies or a given table), written in the layout attention wants. Llama 4's text attention
+// moves the norm after the rotation (norm_after_rope: its weightless L2 norm follows the RoPE), and
+// its NoPE layers skip the rotation (pairing "none") and scale q per row (q_scale: the attention
+// temperature), so one op covers every family's entry.
 //
 // Three "head tensors" flow through the op, indexed 0 = q, 1 = k, 2 = v. Inputs are [B, L, N, hd]
 // views with any strides but a contiguous head dim (slices of one fused QKV projection output are
@@ -39,7 +42,18 @@ struct Options {
   norm::Kind norm = norm::Kind::Scale;
   bool v_norm = true;
   rope::Pairing pairing = rope::Pairing::HalfSplit;
+  bool rotate = true;            // pairing "none": q and k are not rotated (NoPE layers)
+  bool norm_after_rope = false;  // q/k norm of the rotated (and rounded) row instead of the input
 };
+
+// The pairing argument: rope::parse_pairing's two pairings, or "none" (no rotation).
+inline bool parse_rotation(const char* op, const std::string& name, rope::Pairing* pairing) {
+  if (name == "none") return false;
+  VITOPS_CHECK(name == "half_split" || name == "interleaved", "vitops.", op,
+               ": `pairing` must be \"half_split\", \"interleaved\" or \"none\" (no rotation), got \"", name, "\"");
+  *pairing = rope::parse_pairing(op, name);
+  return true;
+}
 
 struct Geometry {
   int64_t batch, seq_len, head_dim;
@@ -61,6 +75,11 @@ struct Geometry {
   bool has_angle_table = false;
   ValueKind angle_kind[2] = {ValueKind::Float32, ValueKind::Float32};  // cos, sin
   int64_t angle_strides[2][3] = {};
+  // q_scale when given: [B or 1, L] of any floating dtype and strides, one factor per q row applied
+  // after the norm and rotation (batch stride 0 for a batch of 1)
+  bool has_q_scale = false;
+  ValueKind q_scale_kind = ValueKind::Float32;
+  int64_t q_scale_strides[2] = {};
   int64_t rows() const { return batch * seq_len; }
   int64_t total_heads() const { return heads[0] + heads[1] + heads[2]; }
 };
@@ -84,7 +103,7 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
                              std::optional<ScalarType> rope_dtype, const std::string& norm_name, bool v_norm,
                              const std::string& pairing_name, const std::optional<Tensor>& rope_freqs,
                              const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin,
-                             bool allow_double) {
+                             bool norm_after_rope, const std::optional<Tensor>& q_scale, bool allow_double) {
   VITOPS_CHECK(q.dim() == 4, "vitops.", op, ": `q` must have shape [B, L, H, hd], got ", shape_str(q));
   VITOPS_CHECK(k.dim() == 4, "vitops.", op, ": `k` must have shape [B, L, KV, hd], got ", shape_str(k));
   if (v.has_value())
@@ -126,7 +145,8 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
   g.heads[2] = v.has_value() ? v->size(2) : 0;
   g.options.norm = norm::parse_kind(op, norm_name);
   g.options.v_norm = v_norm;
-  g.options.pairing = rope::parse_pairing(op, pairing_name);
+  g.options.rotate = parse_rotation(op, pairing_name, &g.options.pairing);
+  g.options.norm_after_rope = norm_after_rope;
 
   const char* weight_names[kNumWeights] = {"q_weight", "k_weight"};
   const std::optional<Tensor>* weights[kNumWeights] = {&q_weight, &k_weight};
@@ -164,11 +184,18 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
 
   const int64_t ndim = positions.size(2);
   VITOPS_CHECK(ndim >= 1, "vitops.", op, ": `positions` must have at least one axis in its last dim, got ", ndim);
-  VITOPS_CHECK(2 * (g.head_dim / 2 / ndim) > 0, "vitops.", op, ": head dim ", g.head_dim,
-               " of `q` leaves no channels to rotate for ", ndim, " position axes (need at least 2 per axis)");
-  VITOPS_CHECK(g.head_dim % 2 == 0, "vitops.", op, ": the head dim of `q` must be even for RoPE, got ", g.head_dim);
-  g.layout = rope::n_d_layout(op, g.head_dim, ndim, std::nullopt, g.options.pairing);
-
+  if (!g.options.rotate) {
+    // No rotation: no layout to check, and nothing may describe one.
+    VITOPS_CHECK(!rope_freqs.has_value() && !rope_cos.has_value() && !rope_sin.has_value(), "vitops.", op,
+                 ": `rope_freqs`, `rope_cos` and `rope_sin` must be None with pairing=\"none\" (no rotation)");
+    g.layout = rope::Layout{};  // nothing rotated (num_chunks 0)
+  } else {
+    VITOPS_CHECK(2 * (g.head_dim / 2 / ndim) > 0, "vitops.", op, ": head dim ", g.head_dim,
+                 " of `q` leaves no channels to rotate for ", ndim, " position axes (need at least 2 per axis)");
+    VITOPS_CHECK(g.head_dim % 2 == 0, "vitops.", op, ": the head dim of `q` must be even for RoPE, got ",
+                 g.head_dim);
+    g.layout = rope::n_d_layout(op, g.head_dim, ndim, std::nullopt, g.options.pairing);
+  }
   if (rope_freqs.has_value()) {
     const Tensor& f = *rope_freqs;
     check_same_device(op, "q", q, "rope_freqs", f);
@@ -203,6 +230,19 @@ inline Geometry check_inputs(const char* op, const Tensor& q, const Tensor& k, c
       g.angle_strides[t][2] = c.stride(2);
     }
     g.has_angle_table = true;
+  }
+
+  if (q_scale.has_value()) {
+    const Tensor& s = *q_scale;
+    check_same_device(op, "q", q, "q_scale", s);
+    VITOPS_CHECK(s.dim() == 2 && (s.size(0) == g.batch || s.size(0) == 1) && s.size(1) == g.seq_len, "vitops.", op,
+                 ": `q_scale` must have shape [B or 1, L] = [", g.batch, " or 1, ", g.seq_len,
+                 "] (one factor per q row), got ", shape_str(s));
+    check_float_table(op, "q_scale", s, allow_double);
+    value_kind_of(s.scalar_type(), &g.q_scale_kind);
+    g.q_scale_strides[0] = s.size(0) == 1 ? 0 : s.stride(0);
+    g.q_scale_strides[1] = s.stride(1);
+    g.has_q_scale = true;
   }
   return g;
 }

@@ -32,13 +32,13 @@ from ..layers import (
     DecoderKVCache,
     GatedMlp,
     RMSNorm,
+    RopeTables,
     broadcast_dropout,
     check_attention_heads,
     check_decoder_call,
     decoder_attend,
     decoder_positions_for,
     image_block_ids,
-    rope_inverse_frequencies,
     run_decoder_layers,
 )
 from ..layers import dropout as _dropout
@@ -484,19 +484,21 @@ class Gemma3SelfAttention(nn.Module):
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
                 image_blocks: torch.Tensor | None = None, kv_cache: DecoderKVCache | None = None,
-                deterministic: bool | None = None) -> tuple[torch.Tensor, DecoderKVCache]:
+                deterministic: bool | None = None, rope_tables: RopeTables | None = None
+                ) -> tuple[torch.Tensor, DecoderKVCache]:
         """``inputs [B, L, D]``, ``positions [B, L]`` absolute (int); returns ``(out [B, L, D], cache)``,
-        the cache holding every key so far (``kv_cache`` followed by these tokens)."""
+        the cache holding every key so far (``kv_cache`` followed by these tokens). ``rope_tables``:
+        the forward's shared cos/sin of ``positions`` (a block passes one to all its layers)."""
         c = self.config
         b, length, _ = inputs.shape
         q = self.query(inputs).view(b, length, c.num_heads, c.head_dim)
         k = self.key(inputs).view(b, length, c.num_kv_heads, c.head_dim)
         v = self.value(inputs).view(b, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        freqs = rope_inverse_frequencies(c.head_dim, self.rope_theta, linear_factor=self.rope_linear_factor,
-                                         device=inputs.device)
+        tables = rope_tables if rope_tables is not None else RopeTables(positions)
+        cos, sin = tables.get(c.head_dim, self.rope_theta, linear_factor=self.rope_linear_factor)
         q, k, _ = qkv_norm_rope(q, k, None, self.query_norm.scale, self.key_norm.scale, positions[..., None],
                                 eps=c.rms_norm_eps, base_frequency=self.rope_theta, rope_dtype=inputs.dtype,
-                                norm="scale_plus_one", v_norm=False, rope_freqs=freqs)
+                                norm="scale_plus_one", v_norm=False, rope_cos=cos, rope_sin=sin)
         out, cache = decoder_attend(q, k, v, positions, self.attention_type, kv_cache,
                                     scale=c.query_pre_attn_scalar ** -0.5, dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
                                     window=c.sliding_window, segment_ids=segment_ids, image_blocks=image_blocks)
@@ -542,7 +544,8 @@ class Gemma3DecoderLayer(nn.Module):
                 decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
                 model_mode: str = "train", previous_chunk=None, page_state=None, slot=None,
                 bidirectional_mask: torch.Tensor | None = None, kv_cache: DecoderKVCache | None = None,
-                attention_metadata=None) -> tuple[torch.Tensor, DecoderKVCache | None]:
+                attention_metadata=None, rope_tables: RopeTables | None = None
+                ) -> tuple[torch.Tensor, DecoderKVCache | None]:
         check_decoder_call("Gemma3DecoderLayer", inputs, model_mode, kv_cache, previous_chunk=previous_chunk,
                            page_state=page_state, slot=slot, attention_metadata=attention_metadata)
         positions = decoder_positions_for(inputs, decoder_positions, kv_cache)
@@ -553,7 +556,7 @@ class Gemma3DecoderLayer(nn.Module):
             blocks = torch.zeros_like(positions)  # text tokens after cached image blocks
         attn, cache = self.self_attention(self.pre_self_attention_norm(inputs), positions,
                                           segment_ids=decoder_segment_ids, image_blocks=blocks, kv_cache=kv_cache,
-                                          deterministic=deterministic)
+                                          deterministic=deterministic, rope_tables=rope_tables)
         h = inputs + self.post_self_attention_norm(attn)
         y = h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h), deterministic))
         y = broadcast_dropout(y, self.config.dropout_rate, _dropout_active(self, deterministic))
@@ -580,6 +583,7 @@ class Gemma3ScannableBlock(nn.Module):
                 decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
                 model_mode: str = "train", slot=None, page_state=None, previous_chunk=None,
                 bidirectional_mask: torch.Tensor | None = None, kv_cache: list | None = None):
-        return run_decoder_layers(self, inputs, model_mode, kv_cache, lambda layer, y, cache: layer(
-            y, decoder_segment_ids, decoder_positions, deterministic, model_mode, previous_chunk, page_state, slot,
-            bidirectional_mask, cache))
+        return run_decoder_layers(self, inputs, model_mode, kv_cache, decoder_positions,
+                                  lambda layer, y, cache, positions, tables: layer(
+            y, decoder_segment_ids, positions, deterministic, model_mode, previous_chunk, page_state, slot,
+            bidirectional_mask, cache, rope_tables=tables))

@@ -29,13 +29,13 @@ from ..layers import (
     DecoderKVCache,
     GatedMlp,
     RMSNorm,
+    RopeTables,
     broadcast_dropout,
     check_attention_heads,
     check_decoder_call,
     decoder_attend,
     decoder_positions_for,
     rms_norm,
-    rope_inverse_frequencies,
     run_decoder_layers,
 )
 from ..layers import dropout as _dropout
@@ -468,13 +468,15 @@ class Llama4TextAttention(nn.Module):
     """Llama 4 text self-attention (MaxText ``Attention`` of ``Llama4DecoderLayer``): bias-free
     ``query``/``key``/``value``/``out``, GQA, logit scale ``head_dim ** -0.5``.
 
-    * RoPE layers: interleaved complex-pair RoPE of q and k in float32 (one ``qkv_norm_rope`` call,
-      ``pairing="interleaved"``, llama3-scaled frequencies), then (``use_qk_norm``) the weightless L2
-      norm of q and k after it (HF order; it does not commute bitwise); chunked causal attention.
+    * RoPE layers: interleaved complex-pair RoPE of q and k in float32 with llama3-scaled
+      frequencies, then (``use_qk_norm``) the weightless L2 norm of the rotated rows (HF order; it
+      does not commute bitwise): one ``qkv_norm_rope`` call (``pairing="interleaved"``,
+      ``norm_after_rope=True``) reading the forward's shared cos/sin (:class:`RopeTables`); chunked
+      causal attention.
     * NoPE layers: no RoPE, no q/k norm; with ``attn_temperature_tuning`` q is scaled by
       ``log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`` in float32 on the absolute positions
-      (MaxText's ``decoder_positions``; HF's cache positions, equal without left padding); full causal
-      attention."""
+      (MaxText's ``decoder_positions``; HF's cache positions, equal without left padding), the op's
+      ``q_scale`` with ``pairing="none"``; full causal attention."""
 
     def __init__(self, config: Llama4DecoderConfig, is_nope_layer: bool = False, *, device=None, dtype=None):
         super().__init__()
@@ -490,26 +492,28 @@ class Llama4TextAttention(nn.Module):
         self.out = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
-                kv_cache: DecoderKVCache | None = None, deterministic: bool | None = None
-                ) -> tuple[torch.Tensor, DecoderKVCache]:
+                kv_cache: DecoderKVCache | None = None, deterministic: bool | None = None,
+                rope_tables: RopeTables | None = None) -> tuple[torch.Tensor, DecoderKVCache]:
         c = self.config
         b, length, _ = inputs.shape
         q = self.query(inputs).view(b, length, c.num_heads, c.head_dim)
         k = self.key(inputs).view(b, length, c.num_kv_heads, c.head_dim)
         v = self.value(inputs).view(b, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
         if not self.is_nope_layer:
-            freqs = rope_inverse_frequencies(c.head_dim, c.rope_theta, llama3_scaling=c.rope_scaling,
-                                             device=inputs.device)
-            q, k, _ = qkv_norm_rope(q, k, None, None, None, positions[..., None], base_frequency=c.rope_theta,
-                                    rope_dtype=torch.float32, norm="none", v_norm=False, pairing="interleaved",
-                                    rope_freqs=freqs)
-            if self.use_qk_norm:  # HF's Llama4TextL2Norm after the rotation
-                q, k = rms_norm(q, None, c.rms_norm_eps, "rms"), rms_norm(k, None, c.rms_norm_eps, "rms")
+            # interleaved RoPE in float32 (HF's complex product), then the weightless L2 norm of the
+            # rotated rows (HF's Llama4TextL2Norm after apply_rotary_emb), in one op
+            tables = rope_tables if rope_tables is not None else RopeTables(positions)
+            cos, sin = tables.get(c.head_dim, c.rope_theta, llama3_scaling=c.rope_scaling)
+            q, k, _ = qkv_norm_rope(q, k, None, None, None, positions[..., None], eps=c.rms_norm_eps,
+                                    base_frequency=c.rope_theta, rope_dtype=torch.float32,
+                                    norm="rms" if self.use_qk_norm else "none", v_norm=False, pairing="interleaved",
+                                    rope_cos=cos, rope_sin=sin, norm_after_rope=True)
         else:
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            if c.attn_temperature_tuning:
+            scale = None
+            if c.attn_temperature_tuning:  # HF's float32 temperature of the absolute positions
                 scale = torch.log1p(torch.floor((positions.float() + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
-                q = (q * scale[:, None, :, None]).to(q.dtype)
+            q, k, _ = qkv_norm_rope(q, k, None, None, None, positions[..., None], norm="none", v_norm=False,
+                                    pairing="none", q_scale=scale)
         out, cache = decoder_attend(q, k, v, positions, self.attention_type, kv_cache, scale=c.head_dim ** -0.5,
                                     dropout_p=c.attention_dropout if _dropout_active(self, deterministic) else 0.0,
                                     chunk=c.attention_chunk_size, segment_ids=segment_ids)
@@ -634,13 +638,14 @@ class Llama4DecoderLayer(nn.Module):
     def forward(self, inputs: torch.Tensor, decoder_segment_ids: torch.Tensor | None = None,
                 decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
                 model_mode: str = "train", previous_chunk=None, slot=None, kv_cache: DecoderKVCache | None = None,
-                attention_metadata=None) -> tuple[torch.Tensor, DecoderKVCache | None]:
+                attention_metadata=None, rope_tables: RopeTables | None = None
+                ) -> tuple[torch.Tensor, DecoderKVCache | None]:
         check_decoder_call("Llama4DecoderLayer", inputs, model_mode, kv_cache, previous_chunk=previous_chunk, slot=slot,
                            attention_metadata=attention_metadata)
         positions = decoder_positions_for(inputs, decoder_positions, kv_cache)
         attn, cache = self.self_attention(self._norm(self.pre_self_attention_layer_norm, inputs), positions,
                                           segment_ids=decoder_segment_ids, kv_cache=kv_cache,
-                                          deterministic=deterministic)
+                                          deterministic=deterministic, rope_tables=rope_tables)
         h = inputs + attn
         ffn = self.Llama4MoEBlock_0 if self.is_moe_layer else self.mlp
         y = h + ffn(self._norm(self.post_self_attention_layer_norm, h), deterministic)
@@ -677,5 +682,7 @@ class Llama4ScannableBlock(nn.Module):
     def forward(self, inputs: torch.Tensor, decoder_segment_ids: torch.Tensor | None = None,
                 decoder_positions: torch.Tensor | None = None, deterministic: bool | None = None,
                 model_mode: str = "train", previous_chunk=None, slot=None, kv_cache: list | None = None):
-        return run_decoder_layers(self, inputs, model_mode, kv_cache, lambda layer, y, cache: layer(
-            y, decoder_segment_ids, decoder_positions, deterministic, model_mode, previous_chunk, slot, cache))
+        return run_decoder_layers(self, inputs, model_mode, kv_cache, decoder_positions,
+                                  lambda layer, y, cache, positions, tables: layer(
+            y, decoder_segment_ids, positions, deterministic, model_mode, previous_chunk, slot, cache,
+            rope_tables=tables))

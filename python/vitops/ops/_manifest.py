@@ -139,7 +139,7 @@ def _qkv_sample(device, dtype, empty):
     return dict(q=qkv[:, :, 0], k=qkv[:, :, 1], v=qkv[:, :, 2], q_weight=_rand(g, device, dtype, 72),
                 k_weight=_rand(g, device, dtype, 72), positions=_positions(device, b), eps=1e-6,
                 base_frequency=100.0, rope_dtype=None, norm="scale", v_norm=True, pairing="half_split",
-                rope_freqs=None, rope_cos=None, rope_sin=None)
+                rope_freqs=None, rope_cos=None, rope_sin=None, norm_after_rope=False, q_scale=None)
 
 
 def _image_hw(images, channels_first):
@@ -158,7 +158,7 @@ def _qkv_rows(outs, q):
 
 
 _QKV_OPTIONS = ("eps", "base_frequency", "rope_dtype", "norm", "v_norm", "pairing", "rope_freqs", "rope_cos",
-                "rope_sin")
+                "rope_sin", "norm_after_rope", "q_scale")
 
 MANIFEST: tuple[OpEntry, ...] = (
     OpEntry(

@@ -23,7 +23,7 @@ _op = torch.ops.vitops.qkv_norm_rope.default
 _backward_op = torch.ops.vitops._qkv_norm_rope_backward.default
 
 NORM_KINDS = ("scale", "scale_plus_one", "rms", "none")
-PAIRINGS = ("half_split", "interleaved")
+PAIRINGS = ("half_split", "interleaved", "none")
 _WEIGHTED_NORMS = ("scale", "scale_plus_one")
 
 
@@ -44,6 +44,8 @@ def qkv_norm_rope(
     rope_freqs: torch.Tensor | None = None,
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
+    norm_after_rope: bool = False,
+    q_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """HF ``Gemma4VisionAttention``'s q_norm/k_norm/v_norm + ``apply_multidimensional_rope`` + transpose.
 
@@ -68,7 +70,9 @@ def qkv_norm_rope(
         ``"rms"`` x * r (a weightless L2 norm), ``"none"`` (q and k rotated as given).
       v_norm: normalise v with the weightless RMS norm (Gemma 4); False passes v through.
       pairing: the channels each rotation pairs within a chunk: ``"half_split"`` (i, i + w/2),
-        HF's rotate_half; ``"interleaved"`` (2i, 2i + 1), complex pairs (Llama 4).
+        HF's rotate_half; ``"interleaved"`` (2i, 2i + 1), complex pairs (Llama 4); ``"none"``: no
+        rotation (Llama 4's NoPE layers; ``positions`` is then only shape-checked, and ``rope_freqs`` /
+        ``rope_cos`` / ``rope_sin`` must be None).
       rope_freqs: [hd / 2] inverse frequencies, one per rotated pair (pairs numbered through the
         chunks), replacing HF's formula (scaled RoPE variants); any float dtype, used in float32;
         not differentiated (a buffer, as HF's inv_freq).
@@ -79,6 +83,12 @@ def qkv_norm_rope(
         does. HF's 1-D rotate-half form ``[B, L, hd]`` (both halves equal) is accepted as it comes and
         read through a view of its first half. ``positions`` still gives the number of axes; its
         values are not read. Exclusive with ``rope_freqs``.
+      norm_after_rope: apply the q/k norm to the rotated row (rounded to q's dtype first, as
+        apply_rotary_emb's ``type_as``) instead of the input: Llama 4's weightless L2 norm
+        (``norm="rms"``) follows its RoPE, and the two do not commute bitwise.
+      q_scale: [B or 1, L] factors of q's rows (any float dtype and strides, used in float32, float64
+        for float64 q), applied last as HF's ``(q * attn_scales).to(q.dtype)``: Llama 4's attention
+        temperature on NoPE layers; not differentiated (a function of the positions).
 
     Returns:
       (q_out [B, H, L, hd], k_out [B, KV, L, hd], v_out [B, KV, L, hd] or None) in q's dtype: the shapes
@@ -88,13 +98,15 @@ def qkv_norm_rope(
       input dtype (as HF), then q and k are rotated with cos/sin rounded to ``rope_dtype``, in
       float32, rounded once.
     """
-    for name, t in (("rope_freqs", rope_freqs), ("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+    for name, t in (("rope_freqs", rope_freqs), ("rope_cos", rope_cos), ("rope_sin", rope_sin),
+                    ("q_scale", q_scale)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"vitops.qkv_norm_rope: `{name}` is not differentiated; pass a tensor that does not "
                                f"require grad (e.g. {name}.detach())")
     rope_cos, rope_sin = (_first_half_of_rotate_half_table(t, q, positions, pairing) for t in (rope_cos, rope_sin))
     q_rows, k_rows, v_rows = _op(q, k, v, q_weight, k_weight, positions, float(eps), float(base_frequency),
-                                 rope_dtype, norm, bool(v_norm), pairing, rope_freqs, rope_cos, rope_sin)
+                                 rope_dtype, norm, bool(v_norm), pairing, rope_freqs, rope_cos, rope_sin,
+                                 bool(norm_after_rope), q_scale)
     # without v the op's third output is a placeholder with no heads ([B, L, 0, hd])
     return q_rows.transpose(1, 2), k_rows.transpose(1, 2), None if v is None else v_rows.transpose(1, 2)
 
@@ -124,7 +136,7 @@ _MAX_CUDA_HEAD_DIM = 512
 
 
 def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
-                  pairing, rope_freqs, rope_cos=None, rope_sin=None):
+                  pairing, rope_freqs, rope_cos=None, rope_sin=None, q_scale=None):
     """csrc/ops/qkv_norm_rope/qkv_norm_rope.h check_inputs, in the same order."""
     fail_unless(q.dim() == 4, lambda: f"vitops.{op}: `q` must have shape [B, L, H, hd], got {shape_str(q)}")
     fail_unless(k.dim() == 4, lambda: f"vitops.{op}: `k` must have shape [B, L, KV, hd], got {shape_str(k)}")
@@ -162,7 +174,7 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
         f'vitops.{op}: `norm` must be "scale" (x * w), "scale_plus_one" (x * (1 + w)), "rms" (no weight) or '
         f'"none", got "{norm}"'))
     fail_unless(pairing in PAIRINGS, lambda: (
-        f'vitops.{op}: `pairing` must be "half_split" or "interleaved", got "{pairing}"'))
+        f'vitops.{op}: `pairing` must be "half_split", "interleaved" or "none" (no rotation), got "{pairing}"'))
     allow_double = allows_double(q)
     hd = q.shape[3]
     weighted = norm in _WEIGHTED_NORMS
@@ -189,7 +201,11 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
     ndim = positions.shape[2]
     fail_unless(ndim >= 1, lambda: (
         f"vitops.{op}: `positions` must have at least one axis in its last dim, got {ndim}"))
-    if is_concrete(hd, ndim):
+    rotate = pairing != "none"
+    if not rotate:
+        fail_unless(rope_freqs is None and rope_cos is None and rope_sin is None, lambda: (
+            f'vitops.{op}: `rope_freqs`, `rope_cos` and `rope_sin` must be None with pairing="none" (no rotation)'))
+    if rotate and is_concrete(hd, ndim):
         fail_unless(2 * (hd // 2 // ndim) > 0, lambda: (
             f"vitops.{op}: head dim {hd} of `q` leaves no channels to rotate for {ndim} position axes "
             "(need at least 2 per axis)"))
@@ -214,6 +230,14 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
                 f"vitops.{op}: `{name}` must have shape [B or 1, L, hd / 2] = [{b} or 1, {seq_len}, {hd // 2}] "
                 f"(one value per row and rotated pair), got {shape_str(t)}"))
             check_float_table(op, name, t, allow_double)
+    if q_scale is not None:
+        check_same_device(op, "q", q, "q_scale", q_scale)
+        b, seq_len = q.shape[0], q.shape[1]
+        fail_unless(q_scale.dim() == 2 and (q_scale.shape[0] == b or q_scale.shape[0] == 1)
+                    and q_scale.shape[1] == seq_len, lambda: (
+            f"vitops.{op}: `q_scale` must have shape [B or 1, L] = [{b} or 1, {seq_len}] (one factor per q row), "
+            f"got {shape_str(q_scale)}"))
+        check_float_table(op, "q_scale", q_scale, allow_double)
     if q.device.type == "cuda":
         fail_unless(hd <= _MAX_CUDA_HEAD_DIM, lambda: (
             f"vitops.{op}: the CUDA kernel supports head dims up to {_MAX_CUDA_HEAD_DIM}, got {hd} "
@@ -222,9 +246,9 @@ def _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequenc
 
 @torch.library.register_fake("vitops::qkv_norm_rope")
 def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype=None, norm="scale", v_norm=True,
-          pairing="half_split", rope_freqs=None, rope_cos=None, rope_sin=None):
+          pairing="half_split", rope_freqs=None, rope_cos=None, rope_sin=None, norm_after_rope=False, q_scale=None):
     _check_inputs("qkv_norm_rope", q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm,
-                  v_norm, pairing, rope_freqs, rope_cos, rope_sin)
+                  v_norm, pairing, rope_freqs, rope_cos, rope_sin, q_scale)
     v = _v_or_absent(q, v)
     return _attention_layout(q, q.dtype), _attention_layout(k, q.dtype), _attention_layout(v, q.dtype)
 
@@ -232,10 +256,10 @@ def _fake(q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtyp
 @torch.library.register_fake("vitops::_qkv_norm_rope_backward")
 def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, positions, eps, base_frequency,
                    rope_dtype=None, norm="scale", v_norm=True, pairing="half_split", rope_freqs=None, rope_cos=None,
-                   rope_sin=None):
+                   rope_sin=None, norm_after_rope=False, q_scale=None):
     op = "_qkv_norm_rope_backward"
     _check_inputs(op, q, k, v, q_weight, k_weight, positions, eps, base_frequency, rope_dtype, norm, v_norm,
-                  pairing, rope_freqs, rope_cos, rope_sin)
+                  pairing, rope_freqs, rope_cos, rope_sin, q_scale)
     fail_unless((grad_v is None) == (v is None), lambda: (
         f"vitops.{op}: `grad_v` must be {'None' if v is None else 'given'} when `v` is "
         f"{'None' if v is None else 'given'}"))
@@ -264,13 +288,15 @@ def _backward_fake(grad_q, grad_k, grad_v, q, k, v, q_weight, k_weight, position
     )
 
 
-_NUM_INPUTS = 15  # the op's arguments, tensors first: q, k, v, q_weight, k_weight, then the rest
+_NUM_INPUTS = 17  # the op's arguments, tensors first: q, k, v, q_weight, k_weight, then the rest
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, q_weight, k_weight, positions, *args = inputs
     ctx.save_for_backward(q, k, v, q_weight, k_weight, positions)
-    ctx.args = tuple(args)  # eps, base_frequency, rope_dtype, norm, v_norm, pairing, rope_freqs, rope_cos, rope_sin
+    # eps, base_frequency, rope_dtype, norm, v_norm, pairing, rope_freqs, rope_cos, rope_sin, norm_after_rope,
+    # q_scale
+    ctx.args = tuple(args)
 
 
 def _backward(ctx, grad_q, grad_k, grad_v):

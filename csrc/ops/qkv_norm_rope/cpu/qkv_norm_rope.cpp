@@ -1,7 +1,8 @@
 // qkv_norm_rope on the CPU: parallel over (b, l) rows. A row's cos/sin per pair (kernels/rope/cpu.h)
 // is computed once and shared by all of its q and k heads; every head row is normalised
 // (kernels/norm/norm.h), rounded to the input dtype (HF casts the RMSNorm output) and rotated (q, k)
-// straight into the contiguous [B, L, N, hd] output.
+// straight into the contiguous [B, L, N, hd] output. Llama 4's orders (the norm after the rotation,
+// no rotation, q scaled per row) run a staged path that rounds after every stage as HF does.
 // Weight gradients are reduced deterministically: fixed-size row chunks write partial sums, which
 // are added in chunk order, so results do not depend on the thread count.
 #include <algorithm>
@@ -110,6 +111,7 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
       t.weights[w][e] = norm::weight_factor(
           g.options.norm, load_as<acc>((*weights[w])->const_data_ptr(), g.weight_kind[w], e * g.weight_stride[w]));
   }
+  if (!g.options.rotate) return t;  // pairing "none": no angles (fill is never called)
   if (g.has_angle_table) {
     t.given[0] = rope_cos->const_data_ptr();
     t.given[1] = rope_sin->const_data_ptr();
@@ -159,14 +161,57 @@ inline void norm_rotate_half_split_1d(const acc* x, acc r, const acc* w, const a
   }
 }
 
+// q_scale's factor of row (b, l), widened to acc (1 when there is no q_scale).
+template <typename acc>
+inline acc q_scale_of(const Geometry& g, const void* q_scale, int64_t b, int64_t l) {
+  if (!g.has_q_scale) return acc(1);
+  return load_as<acc>(q_scale, g.q_scale_kind, b * g.q_scale_strides[0] + l * g.q_scale_strides[1]);
+}
+
+// Normalises a staged row in place and rounds it to scalar_t (HF casts the norm output): the same
+// expressions as the fast paths, so the same bits.
+template <typename scalar_t, typename acc>
+inline void normalise_staged(norm::Kind kind, const acc* w, acc eps, int64_t hd, acc* x) {
+  const acc r = norm::inverse_rms(norm::sum_of_squares(x, hd), hd, eps);
+  if (norm::has_weight(kind)) {
+    for (int64_t e = 0; e < hd; ++e) x[e] = widen(narrow<scalar_t>((x[e] * r) * w[e]));
+  } else {
+    for (int64_t e = 0; e < hd; ++e) x[e] = widen(narrow<scalar_t>(x[e] * r));
+  }
+}
+
+// The staged forward of a q/k head row for the orders the fast paths do not take (the norm after
+// the rotation, no rotation, a q scale): each stage rounds to scalar_t as HF's module chain does
+// (the norm's cast, apply_rotary_emb's type_as, (q * scale).to(dtype)). x: the widened input row;
+// tmp: hd values.
+template <typename scalar_t, typename acc>
+inline void forward_staged(const Geometry& g, norm::Kind kind, const acc* w, acc eps, const acc* cos, const acc* sin,
+                           acc scale, bool scaled, acc* x, acc* tmp, scalar_t* dst) {
+  const int64_t hd = g.head_dim;
+  const bool normalized = norm::normalizes(kind);
+  if (normalized && !g.options.norm_after_rope) normalise_staged<scalar_t>(kind, w, eps, hd, x);
+  if (g.options.rotate) {
+    rope::cpu::rotate_row(g.layout, x, tmp, cos, sin);
+    for (int64_t e = 0; e < hd; ++e) x[e] = widen(narrow<scalar_t>(tmp[e]));
+  }
+  if (normalized && g.options.norm_after_rope) normalise_staged<scalar_t>(kind, w, eps, hd, x);
+  if (scaled)
+    for (int64_t e = 0; e < hd; ++e) x[e] = x[e] * scale;
+  for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(x[e]);
+}
+
 template <typename scalar_t>
 void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in, scalar_t* const out[kNumHeadTensors],
                   const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight, const void* positions,
                   double eps, double base, const std::optional<Tensor>& rope_freqs,
-                  const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin) {
+                  const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin,
+                  const std::optional<Tensor>& q_scale) {
   using acc = acc_t<scalar_t>;
   const Tables<acc> t =
       make_tables<acc>(op, g, q_weight, k_weight, positions, base, rope_freqs, rope_cos, rope_sin, acc(1));
+  const void* q_scale_data = g.has_q_scale ? q_scale->const_data_ptr() : nullptr;
+  // norm then rotation (the fast paths below), unless Llama 4's orders ask for the staged path
+  const bool norm_then_rotate = g.options.rotate && !g.options.norm_after_rope;
   const int64_t hd = g.head_dim, L = g.seq_len;
   const acc eps_acc = static_cast<acc>(eps);
   const norm::Kind kind = g.options.norm;
@@ -179,13 +224,21 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
     std::vector<acc> cos(table), sin(table), x(hd), n(hd), rotated(hd), scratch(hd + 2);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / L, l = row % L;
-      t.fill(g, row, cos.data(), sin.data(), scratch.data());
+      if (g.options.rotate) t.fill(g, row, cos.data(), sin.data(), scratch.data());
+      const acc q_row_scale = q_scale_of<acc>(g, q_scale_data, b, l);
       for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
         const HeadStrides& s = in.strides[tensor];
         const int64_t heads = g.heads[tensor];
+        const bool scaled = tensor == 0 && g.has_q_scale;
         for (int64_t h = 0; h < heads; ++h) {
           const scalar_t* src = in.data[tensor] + b * s.batch + l * s.seq + h * s.head;
           scalar_t* dst = out[tensor] + ((b * L + l) * heads + h) * hd;
+          if (tensor < 2 && (!norm_then_rotate || scaled)) {
+            for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
+            forward_staged<scalar_t>(g, kind, norm::has_weight(kind) ? t.weights[tensor].data() : nullptr, eps_acc,
+                                     cos.data(), sin.data(), q_row_scale, scaled, x.data(), rotated.data(), dst);
+            continue;
+          }
           if (tensor == 2) {  // v: normalised (no weight) or passed through; never rotated
             if (!v_norm) {
               std::copy(src, src + hd, dst);
@@ -238,7 +291,8 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
                    scalar_t* const grad_in[kNumHeadTensors], const std::optional<Tensor>& q_weight,
                    const std::optional<Tensor>& k_weight, const void* positions, double eps, double base,
                    const std::optional<Tensor>& rope_freqs, const std::optional<Tensor>& rope_cos,
-                   const std::optional<Tensor>& rope_sin, Tensor grad_weight[kNumWeights]) {
+                   const std::optional<Tensor>& rope_sin, const std::optional<Tensor>& q_scale,
+                   Tensor grad_weight[kNumWeights]) {
   using acc = acc_t<scalar_t>;
   // the transposed rotation is the rotation with sin negated (rope::cpu::rotate_row)
   const Tables<acc> t =
@@ -251,24 +305,70 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
   const int64_t num_chunks = (g.rows() + kRowsPerChunk - 1) / kRowsPerChunk;
   // partial[chunk][w][e]: weight-gradient sum over the chunk's rows
   std::vector<acc> partial(weighted ? static_cast<size_t>(num_chunks) * kNumWeights * hd : 0, acc(0));
+  const void* q_scale_data = g.has_q_scale ? q_scale->const_data_ptr() : nullptr;
+  const bool norm_then_rotate = g.options.rotate && !g.options.norm_after_rope;
+  const bool rotate = g.options.rotate;
   torch::stable::parallel_for(0, num_chunks, /*grain_size=*/1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t table = rope::cpu::table_length(g.layout);
-    std::vector<acc> cos(table), sin(table), x(hd), gy(hd), u(hd), gu(hd), scratch(hd + 2);
+    std::vector<acc> cos(table), sin(table), sin_forward(table), x(hd), gy(hd), u(hd), gu(hd), scratch(hd + 2);
+    // The norm's backward for a head row whose norm input is xin: grad (d loss / d norm output) in,
+    // d loss / d norm input out; adds the row's weight-gradient terms to the chunk partial.
+    // v's norm (tensor 2) has no weight.
+    auto norm_backward = [&](const acc* xin, acc* grad_row, int tensor, acc* chunk_partial) {
+      const acc r = norm::inverse_rms(norm::sum_of_squares(xin, hd), hd, eps_acc);
+      for (int64_t e = 0; e < hd; ++e) {
+        u[e] = xin[e] * r;
+        if (tensor < 2 && weighted) {
+          chunk_partial[tensor * hd + e] += grad_row[e] * u[e];
+          grad_row[e] = grad_row[e] * t.weights[tensor][e];
+        }
+      }
+      const acc mean_dot = norm::lane_dot(grad_row, u.data(), hd) / static_cast<acc>(hd);
+      for (int64_t e = 0; e < hd; ++e) grad_row[e] = r * (grad_row[e] - u[e] * mean_dot);
+    };
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc* chunk_partial = weighted ? partial.data() + chunk * kNumWeights * hd : nullptr;
       const int64_t row_end = std::min(g.rows(), (chunk + 1) * kRowsPerChunk);
       for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
         const int64_t b = row / L, l = row % L;
-        t.fill(g, row, cos.data(), sin.data(), scratch.data());
+        if (rotate) t.fill(g, row, cos.data(), sin.data(), scratch.data());
+        if (rotate && g.options.norm_after_rope)  // the forward rotation, to recompute the norm's input
+          for (int64_t k = 0; k < table; ++k) sin_forward[k] = -sin[k];
+        const acc q_row_scale = q_scale_of<acc>(g, q_scale_data, b, l);
         for (int tensor = 0; tensor < kNumHeadTensors; ++tensor) {
           const HeadStrides& s = in.strides[tensor];
           const HeadStrides& gs = grad.strides[tensor];
           const int64_t heads = g.heads[tensor];
           const bool normalized = tensor == 2 ? v_norm : norm::normalizes(kind);
+          const bool scaled = tensor == 0 && g.has_q_scale;
           for (int64_t h = 0; h < heads; ++h) {
             const scalar_t* src = in.data[tensor] + b * s.batch + l * s.seq + h * s.head;
             const scalar_t* gsrc = grad.data[tensor] + b * gs.batch + l * gs.seq + h * gs.head;
             scalar_t* dst = grad_in[tensor] + ((b * L + l) * heads + h) * hd;
+            if (tensor < 2 && (!norm_then_rotate || scaled)) {  // forward_staged's stages in reverse
+              for (int64_t e = 0; e < hd; ++e) gy[e] = scaled ? widen(gsrc[e]) * q_row_scale : widen(gsrc[e]);
+              for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
+              acc* result = gy.data();
+              if (normalized && g.options.norm_after_rope) {
+                if (rotate) {  // the norm's input: the rotated row, rounded as the forward rounded it
+                  rope::cpu::rotate_row(g.layout, x.data(), gu.data(), cos.data(), sin_forward.data());
+                  for (int64_t e = 0; e < hd; ++e) x[e] = widen(narrow<scalar_t>(gu[e]));
+                }
+                norm_backward(x.data(), gy.data(), tensor, chunk_partial);
+                if (rotate) {
+                  rope::cpu::rotate_row(g.layout, gy.data(), gu.data(), cos.data(), sin.data());
+                  result = gu.data();
+                }
+              } else {
+                if (rotate) {
+                  rope::cpu::rotate_row(g.layout, gy.data(), gu.data(), cos.data(), sin.data());
+                  result = gu.data();
+                }
+                if (normalized) norm_backward(x.data(), result, tensor, chunk_partial);
+              }
+              for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(result[e]);
+              continue;
+            }
             if (!normalized) {  // the gradient is the transposed rotation (q, k) or itself (v)
               if (tensor < 2)
                 rope::cpu::rotate_row(g.layout, gsrc, dst, cos.data(), sin.data());
@@ -283,17 +383,8 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
             else
               std::copy(gy.begin(), gy.end(), gu.begin());
             for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
-            const acc r = norm::inverse_rms(norm::sum_of_squares(x.data(), hd), hd, eps_acc);
-            for (int64_t e = 0; e < hd; ++e) {
-              u[e] = x[e] * r;
-              if (tensor < 2 && weighted) {
-                chunk_partial[tensor * hd + e] += gu[e] * u[e];
-                gu[e] = gu[e] * t.weights[tensor][e];
-              }
-            }
-            // sum(gu * u): the normalisation's projection term
-            const acc mean_dot = norm::lane_dot(gu.data(), u.data(), hd) / static_cast<acc>(hd);
-            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(r * (gu[e] - u[e] * mean_dot));
+            norm_backward(x.data(), gu.data(), tensor, chunk_partial);
+            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(gu[e]);
           }
         }
       }
@@ -318,10 +409,12 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
                                                      bool v_norm, std::string pairing,
                                                      const std::optional<Tensor>& rope_freqs,
                                                      const std::optional<Tensor>& rope_cos,
-                                                     const std::optional<Tensor>& rope_sin) {
+                                                     const std::optional<Tensor>& rope_sin, bool norm_after_rope,
+                                                     const std::optional<Tensor>& q_scale) {
   const char* op = "qkv_norm_rope";
   Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                            norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/true);
+                            norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, norm_after_rope, q_scale,
+                            /*allow_double=*/true);
   const Tensor v = v_or_absent(q, v_arg);
   const Tensor* inputs[kNumHeadTensors] = {&q, &k, &v};
   Tensor outs[kNumHeadTensors];
@@ -336,7 +429,7 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cpu(const Tensor& q, const Tens
         out_ptrs[t] = outs[t].mutable_data_ptr<scalar_t>();
       }
       forward_impl<scalar_t>(op, g, io, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps, base_frequency,
-                             rope_freqs, rope_cos, rope_sin);
+                             rope_freqs, rope_cos, rope_sin, q_scale);
     });
   }
   return {outs[0], outs[1], outs[2]};
@@ -347,10 +440,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
     const std::optional<Tensor>& v_arg, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
     const Tensor& positions, double eps, double base_frequency, std::optional<ScalarType> rope_dtype,
     std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs,
-    const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin) {
+    const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin, bool norm_after_rope,
+    const std::optional<Tensor>& q_scale) {
   const char* op = "_qkv_norm_rope_backward";
   Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                            norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/true);
+                            norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, norm_after_rope, q_scale,
+                            /*allow_double=*/true);
   const Tensor v = v_or_absent(q, v_arg);
   BackwardBuffers buf =
       prepare_backward(op, g, grad_q, grad_k, grad_v, q, k, v, v_arg.has_value(), q_weight, k_weight);
@@ -371,7 +466,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cpu(
         out_ptrs[t] = grad_in[t].mutable_data_ptr<scalar_t>();
       }
       backward_impl<scalar_t>(op, g, io, gio, out_ptrs, q_weight, k_weight, positions.const_data_ptr(), eps,
-                              base_frequency, rope_freqs, rope_cos, rope_sin, grad_weight);
+                              base_frequency, rope_freqs, rope_cos, rope_sin, q_scale, grad_weight);
     });
   }
   return {grad_in[0], grad_in[1], grad_in[2], grad_weight[0], grad_weight[1]};

@@ -7,6 +7,10 @@
 // shared-memory scratch row, and writes the rotated row into contiguous [B, L, N, hd] memory (the
 // Python wrapper returns [B, N, L, hd] transpose views of it).
 //
+// Llama 4's orders (the norm after the rotation, no rotation, q scaled per row) are stages of the
+// same item body: the rotated row is staged in registers (at most kMaxHeadDim / 32 values per lane)
+// and written back over the scratch row, so they need no extra shared memory.
+//
 // Backward: the same tiling for dq/dk/dv; weight gradients are accumulated per warp in shared
 // memory (each lane owns fixed channels, so no atomics), summed over warps in fixed order into a
 // [blocks, 2, hd] float32 buffer, and a second small kernel sums that buffer over blocks in fixed
@@ -46,6 +50,11 @@ struct Params {
   int64_t weight_stride[kNumWeights];
   norm::Kind norm_kind;
   bool v_norm;
+  bool rotate;           // pairing "none": no rotation, no cos/sin tables
+  bool norm_after_rope;  // q/k norm of the rotated (rounded) row
+  const void* q_scale;   // [B or 1, L] factors of q's rows, or null
+  ValueKind q_scale_kind;
+  int64_t q_scale_strides[2];
   const void* positions;
   ValueKind position_kind;
   int64_t position_strides[3];
@@ -194,7 +203,7 @@ __device__ __forceinline__ void for_each_head_row(const Params& p, const float* 
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRowsPerTile;
     __syncthreads();  // previous tile's tables are no longer read (and block constants are ready)
-    fill_tile_tables(p, row0, inverse_frequency, cos_tab, sin_tab);
+    if (p.rotate) fill_tile_tables(p, row0, inverse_frequency, cos_tab, sin_tab);
     __syncthreads();
     const int64_t tile_rows = rows - row0 < kRowsPerTile ? rows - row0 : kRowsPerTile;
     for (int64_t item = warp; item < tile_rows * total_heads; item += kWarps) {
@@ -204,6 +213,41 @@ __device__ __forceinline__ void for_each_head_row(const Params& p, const float* 
       body(HeadRow{r, b, row - b * p.seq_len, which.tensor, which.head, cos_tab + r * half, sin_tab + r * half});
     }
   }
+}
+
+constexpr int kMaxChannelsPerLane = kMaxHeadDim / kWarpSize;
+
+// q_scale's factor of row (b, l) (1 without q_scale).
+__device__ __forceinline__ float q_scale_of(const Params& p, int64_t b, int64_t l) {
+  if (p.q_scale == nullptr) return 1.f;
+  return load_as<float>(p.q_scale, p.q_scale_kind, b * p.q_scale_strides[0] + l * p.q_scale_strides[1]);
+}
+
+// Replaces a warp's row with value(e) for every channel, where value may read any channel of the
+// old row: the lane's values (channels lane, lane + 32, ...) are staged in registers, then written
+// back. Enter and leave converged.
+template <typename Value>
+__device__ __forceinline__ void restage_row(float* row, int64_t hd, int lane, Value&& value) {
+  float staged[kMaxChannelsPerLane];
+#pragma unroll
+  for (int j = 0; j < kMaxChannelsPerLane; ++j) {
+    const int64_t e = lane + j * kWarpSize;
+    if (e < hd) staged[j] = value(e);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < kMaxChannelsPerLane; ++j) {
+    const int64_t e = lane + j * kWarpSize;
+    if (e < hd) row[e] = staged[j];
+  }
+  __syncwarp();
+}
+
+// The inverse RMS of a warp's row in shared memory (lanes read channels lane, lane + 32, ...).
+__device__ __forceinline__ float row_inverse_rms(const float* row, int64_t hd, int lane, float eps) {
+  float sum_sq = 0.f;
+  for (int64_t e = lane; e < hd; e += kWarpSize) sum_sq += row[e] * row[e];
+  return norm::inverse_rms(warp_sum(sum_sq), hd, eps);
 }
 
 // Params (~1.4 KB) stays in the kernel parameter space: __grid_constant__ lets the lambdas below take
@@ -228,14 +272,22 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
     const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, row_buf, lane));
     const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
     // each lane rewrites exactly the channels it loaded, so no sync is needed before this pass
-    const bool rotate = tensor < 2;
+    const bool is_qk = tensor < 2;
+    const bool rotate = is_qk && p.rotate;
     // q/k: the op's norm; v: its weightless RMS norm, or nothing (then the row is copied)
-    const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
-    const float* w = weights + (rotate ? tensor : 0) * hd;
+    const norm::Kind kind = is_qk ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
+    const bool norm_after = is_qk && p.norm_after_rope && kind != norm::Kind::None;
+    const bool scaled = tensor == 0 && p.q_scale != nullptr;
+    const float* w = weights + (is_qk ? tensor : 0) * hd;
+    const float* cos_row = it.cos_row;
+    const float* sin_row = it.sin_row;
+    auto normalised = [&](float x, float r, int64_t e) -> float {
+      const float u = mul_rounded(x, r);
+      return norm::has_weight(kind) ? round_to<scalar_t>(mul_rounded(u, w[e])) : round_to<scalar_t>(u);
+    };
     auto normalise = [&](int64_t e) {
-      if (kind == norm::Kind::None) return;  // row_buf holds the input, exactly
-      const float u = mul_rounded(row_buf[e], inv_rms);
-      row_buf[e] = norm::has_weight(kind) ? round_to<scalar_t>(mul_rounded(u, w[e])) : round_to<scalar_t>(u);
+      if (kind == norm::Kind::None || norm_after) return;  // row_buf holds the input, exactly
+      row_buf[e] = normalised(row_buf[e], inv_rms, e);
     };
     if (p.in_vectorized[tensor]) {
       constexpr int kVec = Vec16<scalar_t>::kSize;
@@ -245,13 +297,23 @@ __global__ void forward_kernel(const __grid_constant__ Params p) {
       for (int64_t e = lane; e < hd; e += kWarpSize) normalise(e);
     }
     __syncwarp();
+    if (norm_after) {  // Llama 4: the rotated row, rounded (apply_rotary_emb's type_as), then its norm
+      if (rotate)
+        restage_row(row_buf, hd, lane, [&](int64_t e) {
+          return round_to<scalar_t>(rope::rotate_channel(row_buf, cos_row, sin_row, rope::channel_role(p.layout, e), e));
+        });
+      const float r = row_inverse_rms(row_buf, hd, lane, p.eps);
+      for (int64_t e = lane; e < hd; e += kWarpSize) row_buf[e] = normalised(row_buf[e], r, e);
+      __syncwarp();
+    }
+    const float row_scale = scaled ? q_scale_of(p, b, l) : 1.f;
     scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
-    const float* cos_row = it.cos_row;
-    const float* sin_row = it.sin_row;
     auto output = [&](int64_t e) -> scalar_t {
-      if (!rotate) return static_cast<scalar_t>(row_buf[e]);
-      const ChannelRole role = rope::channel_role(p.layout, e);
-      return static_cast<scalar_t>(rope::rotate_channel(row_buf, cos_row, sin_row, role, e));
+      float value = row_buf[e];
+      if (rotate && !norm_after) value = rope::rotate_channel(row_buf, cos_row, sin_row, rope::channel_role(p.layout, e), e);
+      // HF's (q * scale).to(dtype): the rounded row times the float32 factor, rounded once more
+      if (scaled) value = round_to<scalar_t>(value) * row_scale;
+      return static_cast<scalar_t>(value);
     };
     using V = Vec16<scalar_t>;
     if (hd % V::kSize == 0) {  // the output is a fresh contiguous tensor: aligned rows
@@ -295,19 +357,61 @@ __global__ void backward_kernel(const __grid_constant__ Params p) {
     const float sum_sq = warp_sum(load_row(src, p.in_vectorized[tensor], hd, x_row, lane));
     load_row(gsrc, p.grad_vectorized[tensor], hd, g_row, lane);
     __syncwarp();  // lanes read partners loaded by other lanes
-    const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
-    const bool rotate = tensor < 2;
-    const norm::Kind kind = rotate ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
-    const bool weighted = rotate && norm::has_weight(kind);
+    const bool is_qk = tensor < 2;
+    const bool rotate = is_qk && p.rotate;
+    const norm::Kind kind = is_qk ? p.norm_kind : (p.v_norm ? norm::Kind::Rms : norm::Kind::None);
+    const bool weighted = is_qk && norm::has_weight(kind);
     const float* cos_row = it.cos_row;
     const float* sin_row = it.sin_row;
+    if (tensor == 0 && p.q_scale != nullptr) {  // the q scale is the forward's last stage
+      const float row_scale = q_scale_of(p, b, l);
+      for (int64_t e = lane; e < hd; e += kWarpSize) g_row[e] *= row_scale;
+      __syncwarp();
+    }
+    scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
+    if (is_qk && p.norm_after_rope && kind != norm::Kind::None) {
+      // The norm's input: the rotated row as the forward rounded it.
+      if (rotate)
+        restage_row(x_row, hd, lane, [&](int64_t e) {
+          return round_to<scalar_t>(rope::rotate_channel(x_row, cos_row, sin_row, rope::channel_role(p.layout, e), e));
+        });
+      const float r = row_inverse_rms(x_row, hd, lane, p.eps);
+      float dot = 0.f;
+      for (int64_t e = lane; e < hd; e += kWarpSize) {
+        const float u = x_row[e] * r;
+        float gu = g_row[e];
+        if (weighted) {
+          my_weight_grads[tensor * hd + e] += gu * u;
+          gu = gu * weights[tensor * hd + e];
+        }
+        dot += gu * u;
+      }
+      const float mean_dot = warp_sum(dot) / static_cast<float>(hd);
+      // d(loss)/d(rotated row), then the transposed rotation
+      auto grad_rotated = [&](int64_t e) -> float {
+        const float u = x_row[e] * r;
+        const float gu = weighted ? g_row[e] * weights[tensor * hd + e] : g_row[e];
+        return r * (gu - mul_rounded(u, mean_dot));
+      };
+      if (!rotate) {
+        for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = static_cast<scalar_t>(grad_rotated(e));
+        __syncwarp();
+        return;
+      }
+      restage_row(g_row, hd, lane, grad_rotated);
+      for (int64_t e = lane; e < hd; e += kWarpSize)
+        dst[e] = static_cast<scalar_t>(rope::rotate_channel_backward(g_row, cos_row, sin_row,
+                                                                     rope::channel_role(p.layout, e), e));
+      __syncwarp();
+      return;
+    }
+    const float inv_rms = norm::inverse_rms(sum_sq, hd, p.eps);
     // d(loss)/d(normalised, weighted row) at channel e
     auto grad_normed = [&](int64_t e) -> float {
       if (!rotate) return g_row[e];
       const ChannelRole role = rope::channel_role(p.layout, e);
       return rope::rotate_channel_backward(g_row, cos_row, sin_row, role, e);
     };
-    scalar_t* dst = static_cast<scalar_t*>(p.out[tensor]) + ((b * p.seq_len + l) * p.heads[tensor] + head) * hd;
     if (kind == norm::Kind::None) {  // no normalisation: the (transposed) rotation alone
       for (int64_t e = lane; e < hd; e += kWarpSize) dst[e] = static_cast<scalar_t>(grad_normed(e));
       __syncwarp();
@@ -379,7 +483,7 @@ bool is_vectorizable(const void* ptr, const HeadStrides& s, int64_t hd, size_t e
 Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], const std::optional<Tensor>& q_weight,
                    const std::optional<Tensor>& k_weight, const Tensor& positions, double eps, double base,
                    const std::optional<Tensor>& rope_freqs, const std::optional<Tensor>& rope_cos,
-                   const std::optional<Tensor>& rope_sin) {
+                   const std::optional<Tensor>& rope_sin, const std::optional<Tensor>& q_scale) {
   Params p{};
   for (int t = 0; t < kNumHeadTensors; ++t) {
     p.in[t] = inputs[t]->const_data_ptr();
@@ -395,6 +499,11 @@ Params make_params(const Geometry& g, const Tensor* inputs[kNumHeadTensors], con
   }
   p.norm_kind = g.options.norm;
   p.v_norm = g.options.v_norm;
+  p.rotate = g.options.rotate;
+  p.norm_after_rope = g.options.norm_after_rope;
+  p.q_scale = g.has_q_scale ? q_scale->const_data_ptr() : nullptr;
+  p.q_scale_kind = g.q_scale_kind;
+  for (int i = 0; i < 2; ++i) p.q_scale_strides[i] = g.q_scale_strides[i];
   p.positions = positions.const_data_ptr();
   p.position_kind = g.position_kind;
   for (int i = 0; i < 3; ++i) p.position_strides[i] = g.position_strides[i];
@@ -450,10 +559,12 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
                                                       bool v_norm, std::string pairing,
                                                       const std::optional<Tensor>& rope_freqs,
                                                       const std::optional<Tensor>& rope_cos,
-                                                      const std::optional<Tensor>& rope_sin) {
+                                                      const std::optional<Tensor>& rope_sin, bool norm_after_rope,
+                                                      const std::optional<Tensor>& q_scale) {
   const char* op = "qkv_norm_rope";
   const Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                                  norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/false);
+                                  norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, norm_after_rope, q_scale,
+                                  /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
   const Tensor v = v_or_absent(q, v_arg);
@@ -464,7 +575,7 @@ std::tuple<Tensor, Tensor, Tensor> qkv_norm_rope_cuda(const Tensor& q, const Ten
   if (g.rows() == 0 || g.total_heads() == 0)
     return {outs[0], outs[1], outs[2]};
   Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs, rope_cos,
-                         rope_sin);
+                         rope_sin, q_scale);
   for (int t = 0; t < kNumHeadTensors; ++t) p.out[t] = outs[t].mutable_data_ptr();
   const int64_t tiles = ceil_div(g.rows(), kRowsPerTile);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, 0x7fffffffLL));
@@ -481,10 +592,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
     const std::optional<Tensor>& v_arg, const std::optional<Tensor>& q_weight, const std::optional<Tensor>& k_weight,
     const Tensor& positions, double eps, double base_frequency, std::optional<ScalarType> rope_dtype,
     std::string norm_name, bool v_norm, std::string pairing, const std::optional<Tensor>& rope_freqs,
-    const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin) {
+    const std::optional<Tensor>& rope_cos, const std::optional<Tensor>& rope_sin, bool norm_after_rope,
+    const std::optional<Tensor>& q_scale) {
   const char* op = "_qkv_norm_rope_backward";
   const Geometry g = check_inputs(op, q, k, v_arg, q_weight, k_weight, positions, eps, base_frequency, rope_dtype,
-                                  norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, /*allow_double=*/false);
+                                  norm_name, v_norm, pairing, rope_freqs, rope_cos, rope_sin, norm_after_rope, q_scale,
+                                  /*allow_double=*/false);
   check_head_dim_fits(op, g.head_dim);
   CudaDeviceGuard guard(q.get_device());
   const Tensor v = v_or_absent(q, v_arg);
@@ -501,7 +614,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> qkv_norm_rope_backward_cuda(
   // [blocks, 2, hd] float32 partials; every block writes its row (zeros when it had no tiles).
   Tensor partials = new_empty(q, {weighted ? blocks : 0, kNumWeights, g.head_dim}, ScalarType::Float);
   Params p = make_params(g, inputs, q_weight, k_weight, positions, eps, base_frequency, rope_freqs, rope_cos,
-                         rope_sin);
+                         rope_sin, q_scale);
   for (int t = 0; t < kNumHeadTensors; ++t) {
     p.grad[t] = grads[t].const_data_ptr();
     p.grad_strides[t] = head_strides(grads[t]);
