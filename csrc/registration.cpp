@@ -64,4 +64,16 @@ VITOPS_STABLE_TORCH_LIBRARY(VITOPS_OPS_NAMESPACE, m) {
   // optional standardize (y - std_bias) * std_scale in float32 -> (output[B, length, D], mask[B, length]).
   m.def("avg_pool_scale_standardize(Tensor x, Tensor positions_xy, SymInt length, float scale, Tensor? std_bias=None, Tensor? std_scale=None) -> (Tensor output, Tensor mask)");
   m.def("_avg_pool_scale_standardize_backward(Tensor grad_output, Tensor positions_xy, SymInt length, SymInt seq_len, float scale, Tensor? std_scale) -> Tensor");
+
+  // Llama 4's top-1 MoE routing (ops/moe_route): x[N, H], router_logits[N, E] -> rows of x scaled
+  // by their score, bucketed by expert (stable: experts ascending, tokens in order), the scores [N]
+  // (float32 sigmoid of the top logit, rounded to x's dtype), token_order [N] (token of each bucketed
+  // row), token_slot [N] (row of each token) and expert_ends [E] int32 (grouped_mm's offs). Ties:
+  // the first maximal logit (torch.argmax). The backward reaches x and the selected logits only.
+  m.def("moe_route(Tensor x, Tensor router_logits) -> (Tensor routed, Tensor scores, Tensor token_order, Tensor token_slot, Tensor expert_ends)");
+  m.def("_moe_route_backward(Tensor grad_routed, Tensor? grad_scores, Tensor x, Tensor router_logits, Tensor token_slot) -> (Tensor grad_x, Tensor grad_router_logits)");
+  // The inverse scatter: out[t] = shared[t] + expert_out[token_slot[t]] (one rounding); the
+  // backward gathers grad_output by token_order (the gradient of `shared` is grad_output itself).
+  m.def("moe_combine(Tensor shared, Tensor expert_out, Tensor token_slot, Tensor token_order) -> Tensor");
+  m.def("_moe_combine_backward(Tensor grad_output, Tensor token_order) -> Tensor");
 }

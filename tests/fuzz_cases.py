@@ -64,8 +64,10 @@ def _tol(dtype: torch.dtype) -> dict:
 
 def _output_tol(op: str, dtype: torch.dtype) -> dict:
     """_tol of an op's output dtype; posemb_sincos_2d computes in float32 whatever its output dtype (as
-    MaxText), so its float64 tables carry float32's last-bit differences of libm's sin/cos/pow."""
-    return _tol(torch.float32 if op == "posemb_sincos_2d" and dtype == torch.float64 else dtype)
+    MaxText), so its float64 tables carry float32's last-bit differences of libm's sin/cos/pow; so
+    does moe_route's score of float32 logits (HF's float32 sigmoid) scaling float64 rows."""
+    float32_math = op in ("posemb_sincos_2d", "moe_route")
+    return _tol(torch.float32 if float32_math and dtype == torch.float64 else dtype)
 
 
 def _dtypes(namespace: str):
@@ -272,7 +274,40 @@ def _sincos(rng, namespace):
                 temperature=rng.choice([10000.0, 100.0, 1.0, 0.5, 1e30]), dtype=out if given else None)
 
 
+def _moe_route(rng, namespace):
+    # token counts across the CUDA counting-sort chunks (256), widths 0 and odd, expert counts past a
+    # warp (33, 130), logits of another dtype, tied logits (rounded) and the odd NaN logit
+    dtype = rng.choice(_dtypes(namespace))
+    n = rng.choice([0, 1, 2, 17, 255, 256, 257, 600, rng.randint(0, 900)])
+    h, experts = rng.choice([0, 1, 7, 16, 40]), rng.choice([1, 2, 5, 16, 33, 130])
+    logits = _randn(rng, (n, experts), torch.float32, 2.0)
+    if rng.random() < 0.3:  # ties: the first maximum wins
+        logits = logits.round()
+    if n and rng.random() < 0.1:
+        logits.view(-1)[rng.randrange(logits.numel())] = float("nan")
+    logit_dtype = rng.choice([dtype, torch.float32] + ([torch.float64] if dtype == torch.float64 else []))
+    return dict(x=_strided(rng, _randn(rng, (n, h), dtype, 2.0)), router_logits=_strided(rng, logits.to(logit_dtype)))
+
+
+def _permutation_pair(rng, n):
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    order = torch.randperm(n, generator=g)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(n)
+    return slot, order
+
+
+def _moe_combine(rng, namespace):
+    dtype = rng.choice(_dtypes(namespace))
+    n, h = rng.choice([0, 1, 3, 64, 257, rng.randint(0, 600)]), rng.choice([0, 1, 5, 40])
+    slot, order = _permutation_pair(rng, n)
+    return dict(shared=_strided(rng, _randn(rng, (n, h), dtype, 2.0)),
+                expert_out=_strided(rng, _randn(rng, (n, h), dtype, 2.0)), token_slot=slot, token_order=order)
+
+
 GENERATORS = {
+    "moe_route": _moe_route,
+    "moe_combine": _moe_combine,
     "patchify": _patchify,
     "pixel_shuffle": _pixel_shuffle,
     "factorized_posemb": _posemb,
@@ -498,6 +533,31 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
             p3.view(-1)[rng.randrange(p3.numel())] = rng.choice([INT64_MAX, INT64_MIN, -4, 0])
             # angles stay finite in float32: valid, must match the reference (no overflowing table)
             out.append(("int64-limit positions (valid)", {**kw, "positions": p3}, "value"))
+    if op == "moe_route":
+        x, logits = kw["x"], kw["router_logits"]
+        out.append(("router_logits without experts", {**kw, "router_logits": torch.zeros(x.shape[0], 0)}, True))
+        out.append(("router_logits of N + 1 rows", {**kw, "router_logits": torch.zeros(x.shape[0] + 1, 3)}, True))
+        out.append(("x of int64", {**kw, "x": torch.zeros(x.shape, dtype=torch.int64)}, True))
+        out.append(("2^31 tokens", {"x": _huge_expanded((2**31, 4), x.dtype),
+                                    "router_logits": _huge_expanded((2**31, 2), logits.dtype)}, True))
+    elif op == "moe_combine":
+        n = kw["shared"].shape[0]
+        # bad permutations: the CPU kernel raises (a value check: the fake kernel cannot see it); the
+        # CUDA kernel cannot check without a host sync and must not crash (NaN rows out of range)
+        flag = "raise_real" if namespace == "vitops" else "value"
+        if n:
+            slot = kw["token_slot"].clone()
+            slot[rng.randrange(n)] = rng.choice([n, -1, INT64_MAX, INT64_MIN])
+            out.append(("token_slot out of range", {**kw, "token_slot": slot}, flag))
+        if n > 1:
+            slot = kw["token_slot"].clone()
+            slot[0] = slot[1]
+            out.append(("token_slot with a duplicate", {**kw, "token_slot": slot}, flag))
+            out.append(("token_order not the inverse", {**kw, "token_order": kw["token_order"].roll(1)}, flag))
+        out.append(("token_slot of int32", {**kw, "token_slot": kw["token_slot"].int()}, True))
+        out.append(("token_order of N + 1", {**kw, "token_order": torch.arange(n + 1)}, True))
+        out.append(("expert_out of H + 1", {**kw, "expert_out": torch.zeros(n, kw["shared"].shape[1] + 1,
+                                                                            dtype=kw["shared"].dtype)}, True))
     return out
 
 
@@ -554,6 +614,30 @@ def _backward_mutations(op: str, kw: dict, rng: random.Random):
         bad = list(args)
         bad[0] = torch.zeros(gq.shape[0], gq.shape[1] + 1, gq.shape[2], gq.shape[3], dtype=q.dtype)
         out.append(("_qkv_norm_rope_backward(grad_q wrong L)", "_qkv_norm_rope_backward", bad, True))
+    elif op == "moe_route":
+        x, logits = kw["x"], kw["router_logits"]
+        n = x.shape[0]
+        slot = reference.moe_route(x, logits)[3]
+        grad = torch.zeros(x.shape, dtype=x.dtype)
+        if n > 1:
+            dup = slot.clone()
+            dup[0] = dup[1]
+            out.append(("_moe_route_backward(token_slot with a duplicate)", "_moe_route_backward",
+                        [grad, None, x, logits, dup], "raise_real"))
+        out.append(("_moe_route_backward(grad_scores of N + 1)", "_moe_route_backward",
+                    [grad, torch.zeros(n + 1, dtype=x.dtype), x, logits, slot], True))
+        out.append(("_moe_route_backward(grad_routed of H + 1)", "_moe_route_backward",
+                    [torch.zeros(n, x.shape[1] + 1, dtype=x.dtype), None, x, logits, slot], True))
+    elif op == "moe_combine":
+        n = kw["shared"].shape[0]
+        grad = torch.zeros(kw["shared"].shape, dtype=kw["shared"].dtype)
+        if n:
+            bad = kw["token_order"].clone()
+            bad[0] = n
+            out.append(("_moe_combine_backward(token_order out of range)", "_moe_combine_backward", [grad, bad],
+                        "raise_real"))
+        out.append(("_moe_combine_backward(token_order of N + 1)", "_moe_combine_backward",
+                    [grad, torch.arange(n + 1)], True))
     return out
 
 
@@ -582,6 +666,8 @@ def invalid_case(op: str, seed: int, namespace: str = "vitops") -> Case:
                     tolerance=tolerance, meta_invalid=True, describe=name)
     if flag == "returns":
         return Case(op=op, args=args, expect="returns", describe=name)
+    if flag == "raise_real":  # bad index values: the real kernel raises, the fake kernel cannot tell
+        return Case(op=op, args=args, expect="raise", meta_invalid=False, describe=name)
     if flag == "value":  # bad tensor values: the reference decides (CUDA rules: no crash)
         if namespace == "vitops_emu":
             return Case(op=op, args=args, expect="no_crash", describe=name)
@@ -754,7 +840,7 @@ def check_backward(op: str, kw: dict, namespace: str = "vitops") -> str | None:
             return f"grad of {n}: one side is None"
         if g is None:
             continue
-        err = _compare(o, g, _tol(g.dtype))
+        err = _compare(o, g, _output_tol(op, g.dtype))
         if err:
             return f"grad of {n}: {err}"
     return None

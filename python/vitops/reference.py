@@ -367,3 +367,32 @@ def posemb_sincos_2d(like: torch.Tensor, h: int, w: int, width: int, temperature
     xs = x.reshape(-1, 1).float() * omega[None]
     table = torch.cat([torch.sin(xs), torch.cos(xs), torch.sin(ys), torch.cos(ys)], dim=1)
     return table[None].to(like.dtype if dtype is None else dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# moe_route / moe_combine (Llama 4's top-1 routing)
+# --------------------------------------------------------------------------------------------
+def moe_route(x: torch.Tensor, router_logits: torch.Tensor):
+    """HF Llama4TextMoe's router with the tokens bucketed: expert = argmax (first maximum, NaN as the
+    maximum), scores = sigmoid(top logit in float32 (float64 for float64 logits)).to(x.dtype), rows
+    x * score in float32 (float64 for float64 x) rounded, ordered by a stable sort on the expert.
+    Returns (routed, scores, token_order, token_slot, expert_ends int32)."""
+    n, e = router_logits.shape
+    expert = router_logits.argmax(-1) if n else router_logits.new_zeros((0,), dtype=torch.int64)
+    top = router_logits.gather(-1, expert[:, None])[:, 0]
+    sig_dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    scores = torch.sigmoid(top.to(sig_dtype)).to(x.dtype)
+    acc = _acc_dtype(x.dtype)
+    order = torch.argsort(expert, stable=True)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(n, device=x.device)
+    ends = torch.cumsum(torch.bincount(expert, minlength=e), 0).to(torch.int32)
+    routed = (x.to(acc) * scores.to(acc)[:, None]).to(x.dtype)[order]
+    return routed, scores, order, slot, ends
+
+
+def moe_combine(shared: torch.Tensor, expert_out: torch.Tensor, token_slot: torch.Tensor,
+                token_order: torch.Tensor) -> torch.Tensor:
+    """shared + expert_out[token_slot] in float32 (float64 for float64), rounded once."""
+    acc = _acc_dtype(shared.dtype)
+    return (shared.to(acc) + expert_out.to(acc)[token_slot]).to(shared.dtype)

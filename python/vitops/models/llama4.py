@@ -41,7 +41,7 @@ from ..layers import (
 from ..layers import dropout as _dropout
 from ..layers import dropout_active as _dropout_active
 from ._hf_config import config_getter, square_side
-from ..ops import patchify, pixel_shuffle, qkv_norm_rope  # pixel_shuffle: MaxText's function, the kernel itself
+from ..ops import moe_combine, moe_route, patchify, pixel_shuffle, qkv_norm_rope  # pixel_shuffle: MaxText's function
 
 __all__ = [
     "Llama4DecoderConfig",
@@ -527,13 +527,14 @@ class Llama4MoEBlock(nn.Module):
     then up: HF's ``gate_up_proj``) and ``wo [E, I, H]`` used as ``x @ W``, SwiGLU ``up * silu(gate)``,
     plus ``shared_experts`` (a SwiGLU MLP) on every token.
 
-    Each token runs only its selected expert (tokens bucketed by expert with a stable sort): exact,
-    because HF's unselected experts get an all-zero input and, with no bias and silu(0) * 0 = 0,
-    contribute exact zeros. The eager path runs the experts as two grouped GEMMs over the bucketed
-    tokens (``torch.nn.functional.grouped_mm`` with the bucket ends as a device tensor: no host
-    synchronisation), or for float64 / unaligned widths one GEMM per expert with the counts read on the
-    host; under torch.compile every expert runs on every token as HF does (the same result, E x the
-    FLOPs) so the graph has no data-dependent shapes."""
+    Each token runs only its selected expert: exact, because HF's unselected experts get an all-zero
+    input and, with no bias and silu(0) * 0 = 0, contribute exact zeros. ``vitops.moe_route`` picks the
+    experts, scales the rows and buckets them by expert (a stable counting sort, no host sync); the
+    experts run as two grouped GEMMs over the buckets (``torch.nn.functional.grouped_mm`` with the
+    bucket ends as a device tensor), or for float64 / unaligned widths one GEMM per expert (bucket
+    ends read on the host); under torch.compile every expert runs on every bucketed row, each row
+    keeping its own expert's result (E x the FLOPs, as HF, but no data-dependent shapes); ``vitops.moe_combine`` scatters the rows back onto the shared expert's output. Ties
+    between router logits go to the lowest expert index (HF's ``topk`` leaves them unspecified)."""
 
     def __init__(self, config: Llama4DecoderConfig, *, device=None, dtype=None):
         super().__init__()
@@ -559,43 +560,39 @@ class Llama4MoEBlock(nn.Module):
         align = 16 // x.element_size()
         return all(n % align == 0 for n in (self.wi.shape[1], self.wi.shape[2], self.wo.shape[1], self.wo.shape[2]))
 
-    def _routed_experts(self, sorted_in: torch.Tensor, expert_sorted: torch.Tensor) -> torch.Tensor:
-        """The experts over their own tokens only (rows of ``sorted_in`` grouped by expert, ascending)."""
-        if self._grouped_gemm_ok(sorted_in):
+    def _routed_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
+        """The experts over their own tokens only (``routed``'s rows bucketed by expert, ascending;
+        ``expert_ends`` the int32 bucket ends)."""
+        if self._grouped_gemm_ok(routed):
             # One grouped GEMM per projection; the group ends are a device tensor, so no host sync.
-            counts = torch.bincount(expert_sorted, minlength=self.num_experts)
-            ends = torch.cumsum(counts, 0, dtype=torch.int32)
-            gate, up = F.grouped_mm(sorted_in, self.wi, offs=ends).chunk(2, dim=-1)
-            return F.grouped_mm((up * ACTIVATIONS[self.activation](gate)).contiguous(), self.wo, offs=ends)
-        # float64 or unaligned widths: one GEMM per expert, the counts read on the host.
-        counts = torch.bincount(expert_sorted, minlength=self.num_experts).tolist()
+            gate, up = F.grouped_mm(routed, self.wi, offs=expert_ends).chunk(2, dim=-1)
+            return F.grouped_mm((up * ACTIVATIONS[self.activation](gate)).contiguous(), self.wo, offs=expert_ends)
+        # float64 or unaligned widths: one GEMM per expert, the bucket ends read on the host.
         pieces, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                pieces.append(self._expert(sorted_in[start:start + n], e))
-            start += n
-        return torch.cat(pieces) if pieces else sorted_in.new_zeros(sorted_in.shape)
+        for e, end in enumerate(expert_ends.tolist()):
+            if end > start:
+                pieces.append(self._expert(routed[start:end], e))
+            start = end
+        return torch.cat(pieces) if pieces else routed.new_zeros(routed.shape)
 
     def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits = self.gate(flat)
-        top_logit, expert = logits.topk(1, dim=-1)
-        score = torch.sigmoid(top_logit.float()).to(flat.dtype)  # [N, 1]
-        routed_in = flat * score
-        expert = expert[:, 0]
+        # top-1 expert, sigmoid score scaling the expert input, tokens bucketed by expert (stable)
+        routed, _, token_order, token_slot, expert_ends = moe_route(flat, self.gate(flat))
         if torch.compiler.is_compiling():
-            onehot = F.one_hot(expert, self.num_experts).to(flat.dtype)  # [N, E]: HF's all-experts form
-            stacked = torch.stack([self._expert(routed_in * onehot[:, e:e + 1], e) for e in range(self.num_experts)])
-            routed = stacked.sum(dim=0)
+            # torch.compile traces neither the host-read bucket ends nor (on the CPU, float32)
+            # grouped_mm: every expert runs on every bucketed row instead, each row keeping its own
+            # expert's result (the same values: rows are independent; E x the FLOPs, as HF)
+            rows = torch.arange(routed.shape[0], device=routed.device)
+            expert_of_row = torch.bucketize(rows, expert_ends.long(), right=True)
+            expert_out = torch.zeros_like(routed)
+            for e in range(self.num_experts):
+                expert_out = torch.where((expert_of_row == e)[:, None], self._expert(routed, e), expert_out)
         else:
-            # Bucket tokens by expert with a stable sort (deterministic order), run each expert on its
-            # bucket, and scatter the rows back (a permutation: each token has one expert).
-            order = torch.argsort(expert, stable=True)
-            routed = torch.empty_like(flat)
-            if flat.shape[0]:
-                routed[order] = self._routed_experts(routed_in[order], expert[order])
-        out = self.shared_experts(flat, deterministic) + routed
+            expert_out = self._routed_experts(routed, expert_ends)
+        # the inverse scatter, added to the shared expert's output (HF's out.add_(routed_out))
+        out = moe_combine(self.shared_experts(flat, deterministic), expert_out, token_slot, token_order)
         return out.view(shape)
 
 

@@ -9,6 +9,8 @@ from .avg_pool_by_positions import avg_pool_by_positions
 from .avg_pool_rms_norm import avg_pool_rms_norm
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
+from .moe_combine import moe_combine
+from .moe_route import moe_route
 from .patchify import patchify
 from .pixel_shuffle import pixel_shuffle
 from .posemb_sincos_2d import posemb_sincos_2d
@@ -20,6 +22,8 @@ __all__ = [
     "avg_pool_rms_norm",
     "avg_pool_scale_standardize",
     "factorized_posemb",
+    "moe_combine",
+    "moe_route",
     "patchify",
     "pixel_shuffle",
     "posemb_sincos_2d",

@@ -24,6 +24,8 @@ from .avg_pool_by_positions import avg_pool_by_positions
 from .avg_pool_rms_norm import avg_pool_rms_norm
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
+from .moe_combine import moe_combine
+from .moe_route import moe_route
 from .patchify import patchify
 from .pixel_shuffle import pixel_shuffle
 from .posemb_sincos_2d import posemb_sincos_2d
@@ -142,6 +144,26 @@ def _qkv_sample(device, dtype, empty):
                 rope_freqs=None, rope_cos=None, rope_sin=None, norm_after_rope=False, q_scale=None)
 
 
+def _moe_route_sample(device, dtype, empty):
+    # 600 tokens (three counting-sort chunks of 256 on CUDA, the last partial) over 6 experts, one of
+    # them unused (its bucket is empty)
+    g = _generator()
+    n = 0 if empty else 600
+    logits = _rand(g, device, torch.float32, n, 6)
+    logits[:, 4] = -1e4  # expert 4 never wins
+    return dict(x=_rand(g, device, dtype, n, 40), router_logits=logits.to(dtype))
+
+
+def _moe_combine_sample(device, dtype, empty):
+    g = _generator()
+    n = 0 if empty else 300
+    order = torch.randperm(n, generator=g)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(n)
+    return dict(shared=_rand(g, device, dtype, n, 40), expert_out=_rand(g, device, dtype, n, 40),
+                token_slot=slot.to(device), token_order=order.to(device))
+
+
 def _image_hw(images, channels_first):
     return tuple(images.shape[-2:]) if channels_first else tuple(images.shape[-3:-1])
 
@@ -244,6 +266,27 @@ MANIFEST: tuple[OpEntry, ...] = (
         backward_args=None,
         # float32 angles up to (h - 1) x f_0 = 7 rad: libm's and torch's sin/cos/pow agree to an ulp or two
         tolerances={**DEFAULT_TOLERANCES, torch.float32: (1e-6, 1e-6), torch.float64: (1e-6, 1e-6)},
+    ),
+    OpEntry(
+        name="moe_route",
+        args=("x", "router_logits"),
+        differentiable=("x", "router_logits"),
+        wrapper=lambda x, router_logits: moe_route(x, router_logits),
+        reference=lambda x, router_logits: reference.moe_route(x, router_logits),
+        sample=_moe_route_sample,
+        # the gradients of routed and scores, the forward's inputs, and the forward's token_slot
+        backward_args=lambda kw, g: [g[0], g[1], kw["x"], kw["router_logits"],
+                                     reference.moe_route(kw["x"], kw["router_logits"])[3]],
+    ),
+    OpEntry(
+        name="moe_combine",
+        args=("shared", "expert_out", "token_slot", "token_order"),
+        differentiable=("shared", "expert_out"),
+        wrapper=lambda **kw: moe_combine(**kw),
+        reference=lambda **kw: reference.moe_combine(**kw),
+        sample=_moe_combine_sample,
+        # the output gradient and token_order; returns the gradient of expert_out
+        backward_args=lambda kw, g: [g[0], kw["token_order"]],
     ),
     OpEntry(
         name="qkv_norm_rope",
