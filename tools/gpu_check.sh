@@ -80,6 +80,10 @@ tests/test_pixel_shuffle.py::test_leading_dims_strided_and_backward[cuda]
 tests/test_pixel_shuffle.py::test_views_read_in_place_or_copied[cuda]
 tests/test_avg_pool_rms_norm.py::test_device_forward_backward[cuda]
 tests/test_posemb_sincos_2d.py::test_device_table[cuda]
+tests/test_qkv_norm_rope.py::test_llama4_orders_match_reference_forward_and_backward[0-cuda-bfloat16]
+tests/test_moe_route.py::test_forward_and_backward_match_reference[True-cuda-bfloat16]
+tests/test_moe_route.py::test_combine_is_the_inverse_scatter[cuda-float32]
+tests/test_moe_route.py::test_cuda_out_of_range_indices_give_nan_rows[cuda]
 "
 # memcheck only (racecheck would also report on cuBLAS / SDPA kernels that are not ours)
 MEMCHECK_EXTRA_TESTS="tests/test_gemma4_modules.py::test_cuda_padded_forward_does_not_sync"
