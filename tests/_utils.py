@@ -51,3 +51,27 @@ HUGE_POSITIONS = {  # name: (positions, length, indices of the patches no slot c
     "wide_image": ([(2**33 - 1, 0), (0, 2**31), (0, 0), (1, 0)], 4, [0, 1]),
     "int64_max_x": ([(2**63 - 1, 0), (0, 0), (1, 0), (2, 0)], 4, [0]),
 }
+
+
+def block_and_layer_by_layer(block, x, positions):
+    """A scannable block's output, the same layers run one by one, and the ids of the RopeTables
+    each RopeTables.get call of the block's forward was made on (the block shares one)."""
+    from vitops.layers import RopeTables
+
+    seen = []
+    original = RopeTables.get
+
+    def recording_get(self, *args, **kwargs):
+        seen.append(id(self))
+        return original(self, *args, **kwargs)
+
+    with torch.no_grad():
+        RopeTables.get = recording_get
+        try:
+            block_out = block(x, decoder_positions=positions)
+        finally:
+            RopeTables.get = original
+        y = x
+        for i in range(block.num_of_layers):
+            y, _ = getattr(block, f"layers_{i}")(y, decoder_positions=positions)
+    return block_out, y, seen

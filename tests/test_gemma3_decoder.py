@@ -11,7 +11,7 @@ from vitops.hf import gemma3 as gemma3_hf
 from vitops.layers import AttentionType, image_block_ids
 from vitops.models.gemma3 import Gemma3DecoderConfig, Gemma3DecoderLayer, Gemma3ScannableBlock
 
-from _utils import DEVICES
+from _utils import DEVICES, block_and_layer_by_layer
 
 transformers = pytest.importorskip("transformers")
 from transformers import Gemma3Config, Gemma3TextConfig  # noqa: E402
@@ -422,23 +422,8 @@ def test_block_computes_rope_tables_once_and_equals_layer_by_layer():
     ours = ours_from(hf, cfg)
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(3))
     positions = torch.arange(2, 11).expand(2, 9)
-    calls = []
-    original = RopeTables.get
-
-    def counting_get(self, *args, **kwargs):
-        calls.append((id(self), args, tuple(sorted(kwargs.items()))))
-        return original(self, *args, **kwargs)
-
-    with torch.no_grad():
-        RopeTables.get = counting_get
-        try:
-            block_out = ours(x, decoder_positions=positions)
-        finally:
-            RopeTables.get = original
-        y = x
-        for i in range(ours.num_of_layers):
-            y, _ = getattr(ours, f"layers_{i}")(y, decoder_positions=positions)
-    assert len({c[0] for c in calls}) == 1 and len(calls) == ours.num_of_layers  # one RopeTables, shared
+    block_out, y, seen = block_and_layer_by_layer(ours, x, positions)
+    assert len(set(seen)) == 1 and len(seen) == ours.num_of_layers  # one RopeTables, shared
     assert torch.equal(block_out, y)
     tables = RopeTables(positions)
     rotary = Gemma3RotaryEmbedding(cfg.text_config)

@@ -12,7 +12,7 @@ from vitops.hf import CheckpointMismatchError
 from vitops.hf import llama4 as llama4_hf
 from vitops.models.llama4 import Llama4DecoderConfig, Llama4DecoderLayer, Llama4MoEBlock, Llama4ScannableBlock
 
-from _utils import DEVICES
+from _utils import DEVICES, block_and_layer_by_layer
 
 transformers = pytest.importorskip("transformers")
 from transformers import Llama4TextConfig  # noqa: E402
@@ -396,22 +396,7 @@ def test_block_shares_rope_tables_and_equals_layer_by_layer():
     hf, tc, ours = build()
     x = torch.randn(2, 11, 64, generator=torch.Generator().manual_seed(5))
     positions = torch.arange(3, 14).expand(2, 11)
-    seen = []
-    original = RopeTables.get
-
-    def recording_get(self, *args, **kwargs):
-        seen.append(id(self))
-        return original(self, *args, **kwargs)
-
-    with torch.no_grad():
-        RopeTables.get = recording_get
-        try:
-            block_out = ours(x, decoder_positions=positions)
-        finally:
-            RopeTables.get = original
-        y = x
-        for i in range(ours.num_of_layers):
-            y, _ = getattr(ours, f"layers_{i}")(y, decoder_positions=positions)
+    block_out, y, seen = block_and_layer_by_layer(ours, x, positions)
     rope_layers = sum(not getattr(ours, f"layers_{i}").is_nope_layer for i in range(ours.num_of_layers))
     assert len(seen) == rope_layers and len(set(seen)) == 1
     assert torch.equal(block_out, y)

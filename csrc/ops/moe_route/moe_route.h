@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -85,6 +86,24 @@ inline RouteGeometry check_route(const char* op, const Tensor& x, const Tensor& 
   check_shape_fits(op, "the router-logit gradient", {g.tokens, g.experts});
   value_kind_of(router_logits.scalar_type(), &g.logit_kind);
   return g;
+}
+
+// The forward's outputs, fresh on x's device (the kernels fill every element).
+struct RouteOutputs {
+  Tensor routed, scores, token_order, token_slot, expert_ends;
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> as_tuple() const {
+    return {routed, scores, token_order, token_slot, expert_ends};
+  }
+};
+
+inline RouteOutputs allocate_route(const Tensor& x, const RouteGeometry& g) {
+  RouteOutputs o;
+  o.routed = new_empty(x, {g.tokens, g.hidden}, x.scalar_type());
+  o.scores = new_empty(x, {g.tokens}, x.scalar_type());
+  o.token_order = new_empty(x, {g.tokens}, ScalarType::Long);
+  o.token_slot = new_empty(x, {g.tokens}, ScalarType::Long);
+  o.expert_ends = new_empty(x, {g.experts}, ScalarType::Int);
+  return o;
 }
 
 // token_slot / token_order: [N] int64 on x's device.

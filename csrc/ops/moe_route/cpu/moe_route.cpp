@@ -39,11 +39,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_route_cpu(const Tensor& x
   const RouteGeometry g = check_route(op, x_arg, logits_arg, /*allow_double=*/true);
   const Tensor x = as_contiguous(x_arg), logits = as_contiguous(logits_arg);
   const int64_t n = g.tokens, h = g.hidden, e_count = g.experts;
-  Tensor routed = new_empty(x, {n, h}, x.scalar_type());
-  Tensor scores = new_empty(x, {n}, x.scalar_type());
-  Tensor order_t = new_empty(x, {n}, ScalarType::Long);
-  Tensor slot_t = new_empty(x, {n}, ScalarType::Long);
-  Tensor ends_t = new_empty(x, {e_count}, ScalarType::Int);
+  const RouteOutputs out = allocate_route(x, g);
+  const Tensor &routed = out.routed, &scores = out.scores, &order_t = out.token_order, &slot_t = out.token_slot;
+  const Tensor& ends_t = out.expert_ends;
   std::vector<int64_t> expert = scratch_vector<int64_t>(op, "the expert choices", n);
   std::vector<int64_t> next = scratch_vector<int64_t>(op, "the bucket starts", e_count, 0);
   const void* lp = logits.const_data_ptr();
@@ -85,7 +83,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_route_cpu(const Tensor& x
       }
     });
   });
-  return {routed, scores, order_t, slot_t, ends_t};
+  return out.as_tuple();
 }
 
 std::tuple<Tensor, Tensor> moe_route_backward_cpu(const Tensor& grad_routed_arg,

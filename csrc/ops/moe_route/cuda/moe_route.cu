@@ -198,11 +198,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_route_cuda(const Tensor& 
   CudaDeviceGuard guard(x_arg.get_device());
   const Tensor x = as_contiguous(x_arg), logits = as_contiguous(logits_arg);
   const int64_t n = g.tokens, h = g.hidden, e_count = g.experts;
-  Tensor routed = new_empty(x, {n, h}, x.scalar_type());
-  Tensor scores = new_empty(x, {n}, x.scalar_type());
-  Tensor order = new_empty(x, {n}, ScalarType::Long);
-  Tensor slot = new_empty(x, {n}, ScalarType::Long);
-  Tensor ends = new_empty(x, {e_count}, ScalarType::Int);
+  RouteOutputs out = allocate_route(x, g);
+  Tensor &routed = out.routed, &scores = out.scores, &order = out.token_order, &slot = out.token_slot;
+  Tensor& ends = out.expert_ends;
   const int64_t chunks = ceil_div(n, kTokensPerChunk);
   Tensor expert = new_empty(x, {n}, ScalarType::Int);
   Tensor counts = new_empty(x, {checked_mul(op, "the chunk counts", chunks, e_count)}, ScalarType::Long);
@@ -221,7 +219,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_route_cuda(const Tensor& 
                                                                    chunks, totals.mutable_data_ptr<int64_t>(),
                                                                    ends.mutable_data_ptr<int32_t>());
   VITOPS_CUDA_CHECK_LAUNCH();
-  if (n == 0) return {routed, scores, order, slot, ends};
+  if (n == 0) return out.as_tuple();
   VITOPS_LAUNCH(grid_for(chunks, kChunkThreads), kChunkThreads, 0, stream, assign_rows_kernel)(
       expert.const_data_ptr<int32_t>(), n, e_count, chunks, counts.mutable_data_ptr<int64_t>(),
       order.mutable_data_ptr<int64_t>(), slot.mutable_data_ptr<int64_t>());
@@ -231,7 +229,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_route_cuda(const Tensor& 
                                   [&] { launch_scaled_rows<scalar_t>(x, scores, order, g, routed, stream); });
     VITOPS_CUDA_CHECK_LAUNCH();
   }
-  return {routed, scores, order, slot, ends};
+  return out.as_tuple();
 }
 
 std::tuple<Tensor, Tensor> moe_route_backward_cuda(const Tensor& grad_arg, const std::optional<Tensor>& grad_scores_arg,
