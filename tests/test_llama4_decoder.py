@@ -153,6 +153,57 @@ def test_moe_grouped_gemm_path_equals_per_expert_gemms_and_hf_with_gradients(see
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_moe_cpu_bf16_padded_batched_path_equals_the_grouped_path_and_hf(seed):
+    """CPU bf16: the buckets padded to the largest and run as batched GEMMs, against the grouped
+    GEMMs and HF (all in bf16; GEMM accumulation orders differ), forward and backward, on seeded
+    expert and token counts (empty experts, one token, no tokens)."""
+    g = torch.Generator().manual_seed(40 + seed)
+    experts = int(torch.randint(1, 17, (1,), generator=g))
+    tokens = [0, 1, 37, 300][seed]
+    tc = text_config(experts=experts)
+    torch.manual_seed(seed)
+    hf_moe = randomize(Llama4TextMoe(tc), seed).to(torch.bfloat16)
+    ours = Llama4MoEBlock(llama4_hf.decoder_config_from_hf(tc)[0]).to(torch.bfloat16)
+    _copy_moe_from_hf(ours, hf_moe)
+    x = torch.randn(tokens, 64, generator=g).to(torch.bfloat16)
+    calls = []
+    padded = ours._padded_batched_experts
+    ours._padded_batched_experts = lambda *a: calls.append(1) or padded(*a)
+    outs = {}
+    for name in ("padded", "grouped", "hf"):
+        xi = x.clone().requires_grad_(True)
+        if name == "grouped":
+            y = _grouped_only(ours, xi)
+        elif name == "hf":
+            y = hf_moe(xi)[0]
+        else:
+            y = ours(xi)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
+        outs[name] = (y.detach().float(), torch.autograd.grad(y, xi, gy)[0].float()) if tokens else (y.float(),)
+    assert calls or not tokens
+    for got, want in zip(outs["padded"], outs["grouped"]):  # the same routing, other GEMM orders
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    # against HF on tokens whose bf16 router logits have a single maximum (HF's topk orders ties
+    # its own way; moe_route takes the first)
+    with torch.no_grad():
+        logits = ours.gate(x)
+    untied = (logits == logits.max(-1, keepdim=True).values).sum(-1) == 1
+    for name in ("padded", "grouped"):
+        torch.testing.assert_close(outs[name][0][untied], outs["hf"][0][untied], rtol=3e-2, atol=3e-2)
+
+
+def _grouped_only(block, x):
+    """Llama4MoEBlock's forward with the grouped-GEMM path (the CPU bf16 padded path bypassed)."""
+    from vitops.ops import moe_combine, moe_route
+
+    routed, _, order, slot, ends = moe_route(x, block.gate(x))
+    gate, up = torch.nn.functional.grouped_mm(routed, block.wi, offs=ends).chunk(2, dim=-1)
+    expert_out = torch.nn.functional.grouped_mm((up * torch.nn.functional.silu(gate)).contiguous(), block.wo,
+                                                offs=ends)
+    return moe_combine(block.shared_experts(x), expert_out, slot, order)
+
+
 def test_moe_unaligned_widths_and_float64_use_the_per_expert_path():
     tc = text_config(experts=3, hidden_size=66, intermediate_size=30, head_dim=22)
     ours = Llama4MoEBlock(llama4_hf.decoder_config_from_hf(tc)[0])

@@ -563,6 +563,8 @@ class Llama4MoEBlock(nn.Module):
     def _routed_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
         """The experts over their own tokens only (``routed``'s rows bucketed by expert, ascending;
         ``expert_ends`` the int32 bucket ends)."""
+        if routed.device.type == "cpu" and routed.dtype in (torch.bfloat16, torch.float16) and routed.shape[0]:
+            return self._padded_batched_experts(routed, expert_ends)
         if self._grouped_gemm_ok(routed):
             # One grouped GEMM per projection; the group ends are a device tensor, so no host sync.
             gate, up = F.grouped_mm(routed, self.wi, offs=expert_ends).chunk(2, dim=-1)
@@ -574,6 +576,22 @@ class Llama4MoEBlock(nn.Module):
                 pieces.append(self._expert(routed[start:end], e))
             start = end
         return torch.cat(pieces) if pieces else routed.new_zeros(routed.shape)
+
+    def _padded_batched_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
+        """CPU bf16 / fp16: the buckets padded to the largest (its size read on the host, which costs
+        nothing on the CPU) and the experts run as two batched GEMMs. On CPUs with bf16 matrix units
+        a batched GEMM over [E, largest bucket, H] runs at the dense rate where grouped_mm's ~32-row
+        groups run at a third of it (benchmarks/NOTES.md entry 18); padded rows are zeros and stay
+        zeros (no bias, silu(0) * 0 = 0), and the rows are gathered back unchanged."""
+        ends = expert_ends.long()
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        rows = torch.arange(routed.shape[0], device=routed.device)
+        expert_of_row = torch.bucketize(rows, ends, right=True)
+        place = rows - (ends - counts)[expert_of_row]
+        padded = routed.new_zeros(self.num_experts, int(counts.max()), routed.shape[1])
+        padded[expert_of_row, place] = routed
+        gate, up = torch.bmm(padded, self.wi).chunk(2, dim=-1)
+        return torch.bmm(up * ACTIVATIONS[self.activation](gate), self.wo)[expert_of_row, place]
 
     def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
         shape = x.shape
