@@ -28,4 +28,24 @@ acc sum_of_squares(const acc* x, int64_t n) {
   return lane_dot(x, x, n);
 }
 
+// sum_of_squares of a row in its storage type, widened on the fly (the same lanes and order, so
+// the same bits as widening it first).
+template <typename acc, typename scalar_t>
+acc sum_of_squares_widened(const scalar_t* x, int64_t n) {
+  acc lanes[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc v = widen(x[e + j]);
+      lanes[j] += v * v;
+    }
+  for (int64_t j = 0; e < n; ++e, ++j) {
+    const acc v = widen(x[e]);
+    lanes[j] += v * v;
+  }
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
 }  // namespace vitops::norm

@@ -138,11 +138,11 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
 // row (W7 g3_qk_norm_rope bf16 forward 4.7 -> 3.4-4.0 ms at S 4096); for float32 the two-pass path
 // was measured faster (0.8 vs 1.7 ms at S 1024), so float32 keeps it.
 template <bool weighted, typename scalar_t, typename acc>
-inline void norm_rotate_half_split_1d(const acc* x, acc r, const acc* w, const acc* cos_table, const acc* sin_table,
-                                      int64_t hd, scalar_t* dst) {
+inline void norm_rotate_half_split_1d(const scalar_t* x, acc r, const acc* w, const acc* cos_table,
+                                      const acc* sin_table, int64_t hd, scalar_t* dst) {
   const int64_t half = hd / 2;
-  const acc* __restrict__ xa = x;
-  const acc* __restrict__ xb = x + half;
+  const scalar_t* __restrict__ xa = x;
+  const scalar_t* __restrict__ xb = x + half;
   const acc* __restrict__ c = cos_table;
   const acc* __restrict__ s = sin_table;
   scalar_t* __restrict__ out_a = dst;
@@ -150,11 +150,11 @@ inline void norm_rotate_half_split_1d(const acc* x, acc r, const acc* w, const a
   for (int64_t i = 0; i < half; ++i) {
     acc a, b;
     if constexpr (weighted) {
-      a = widen(narrow<scalar_t>((xa[i] * r) * w[i]));
-      b = widen(narrow<scalar_t>((xb[i] * r) * w[half + i]));
+      a = widen(narrow<scalar_t>((widen(xa[i]) * r) * w[i]));
+      b = widen(narrow<scalar_t>((widen(xb[i]) * r) * w[half + i]));
     } else {
-      a = widen(narrow<scalar_t>(xa[i] * r));
-      b = widen(narrow<scalar_t>(xb[i] * r));
+      a = widen(narrow<scalar_t>(widen(xa[i]) * r));
+      b = widen(narrow<scalar_t>(widen(xb[i]) * r));
     }
     out_a[i] = narrow<scalar_t>(a * c[i] - b * s[i]);
     out_b[i] = narrow<scalar_t>(b * c[i] + a * s[i]);
@@ -254,16 +254,16 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
             rope::cpu::rotate_row(g.layout, src, dst, cos.data(), sin.data());
             continue;
           }
-          for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
-          if (fused_1d) {
-            const acc r = norm::inverse_rms(norm::sum_of_squares(x.data(), hd), hd, eps_acc);
+          if (fused_1d) {  // read straight from the input row (no float staging)
+            const acc r = norm::inverse_rms(norm::sum_of_squares_widened<acc>(src, hd), hd, eps_acc);
             if (norm::has_weight(kind))
-              norm_rotate_half_split_1d<true>(x.data(), r, t.weights[tensor].data(), cos.data(), sin.data(), hd, dst);
+              norm_rotate_half_split_1d<true>(src, r, t.weights[tensor].data(), cos.data(), sin.data(), hd, dst);
             else
-              norm_rotate_half_split_1d<false>(x.data(), r, static_cast<const acc*>(nullptr), cos.data(), sin.data(),
-                                               hd, dst);
+              norm_rotate_half_split_1d<false>(src, r, static_cast<const acc*>(nullptr), cos.data(), sin.data(), hd,
+                                               dst);
             continue;
           }
+          for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
           if (norm::has_weight(kind)) {
             const acc r = norm::inverse_rms(norm::sum_of_squares(x.data(), hd), hd, eps_acc);
             const acc* w = t.weights[tensor].data();
