@@ -19,13 +19,19 @@ SHAPES = [
 ]
 
 
+def split_qkv(buf, h, kv, hd):
+    """q [.., H, hd], k and v [.., KV, hd]: strided views of one fused projection output [..., (H + 2 KV) * hd]."""
+    q = buf[..., : h * hd].unflatten(-1, (h, hd))
+    k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+    v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+    return q, k, v
+
+
 def fused_qkv(b, length, h, kv, hd, dtype=torch.float32, device="cpu", requires_grad=False):
     """q, k, v as strided views of one fused projection output [B, L, (H + 2 KV) * hd]."""
     buf = (3 * torch.randn(b, length, (h + 2 * kv) * hd, dtype=torch.float32, device=device)).to(dtype)
     buf.requires_grad_(requires_grad)
-    q = buf[..., : h * hd].unflatten(-1, (h, hd))
-    k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
-    v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+    q, k, v = split_qkv(buf, h, kv, hd)
     return buf, q, k, v
 
 
@@ -132,9 +138,7 @@ def test_gradcheck_float64():
     pos = random_positions(b, length)
 
     def f(buf, qw, kw):
-        q = buf[..., : h * hd].unflatten(-1, (h, hd))
-        k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
-        v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+        q, k, v = split_qkv(buf, h, kv, hd)
         return qkv_norm_rope(q, k, v, qw, kw, pos)
 
     assert torch.autograd.gradcheck(f, (buf, qw, kw))
@@ -162,16 +166,12 @@ def test_compile_fullgraph(device, dynamic):
     h, kv, hd = 4, 2, 16
 
     def f(buf, qw, kw, pos):
-        q = buf[..., : h * hd].unflatten(-1, (h, hd))
-        k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
-        v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+        q, k, v = split_qkv(buf, h, kv, hd)
         qo, ko, vo = qkv_norm_rope(q, k, v, qw, kw, pos)
         return torch.nn.functional.scaled_dot_product_attention(qo, ko, vo, enable_gqa=True, scale=1.0)
 
     def f_ref(buf, qw, kw, pos):  # the oracle: the reference op in place of vitops
-        q = buf[..., : h * hd].unflatten(-1, (h, hd))
-        k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
-        v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+        q, k, v = split_qkv(buf, h, kv, hd)
         qo, ko, vo = reference.qkv_norm_rope(q, k, v, qw, kw, pos)
         return torch.nn.functional.scaled_dot_product_attention(qo, ko, vo, enable_gqa=True, scale=1.0)
 
@@ -473,9 +473,7 @@ def test_options_gradcheck_float64():
             weights = [(1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_() for _ in range(2)]
 
             def f(buf, qw, kw):
-                q = buf[..., : h * hd].unflatten(-1, (h, hd))
-                k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
-                v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+                q, k, v = split_qkv(buf, h, kv, hd)
                 weighted = norm in ("scale", "scale_plus_one")
                 return qkv_norm_rope(q, k, v, qw if weighted else None, kw if weighted else None, pos, norm=norm,
                                      v_norm=v_norm, pairing=pairing, rope_freqs=rope_freqs)
@@ -844,8 +842,7 @@ def test_given_cos_sin_gradcheck_float64():
     weights = [(1 + 0.5 * torch.randn(hd, dtype=torch.float64)).requires_grad_() for _ in range(2)]
     for pairing in ("half_split", "interleaved"):
         def f(buf, qw, kw):
-            q = buf[..., : h * hd].unflatten(-1, (h, hd))
-            k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
+            q, k, _ = split_qkv(buf, h, kv, hd)
             return qkv_norm_rope(q, k, None, qw, kw, pos, norm="scale_plus_one", v_norm=False, pairing=pairing,
                                  rope_cos=cos, rope_sin=sin)[:2]
 
@@ -1049,9 +1046,7 @@ def test_llama4_orders_gradcheck_float64():
         weighted = norm.startswith("scale")
 
         def f(buf, qw, kw):
-            q = buf[..., : h * hd].unflatten(-1, (h, hd))
-            k = buf[..., h * hd : (h + kv) * hd].unflatten(-1, (kv, hd))
-            v = buf[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
+            q, k, v = split_qkv(buf, h, kv, hd)
             return qkv_norm_rope(q, k, v, qw if weighted else None, kw if weighted else None, pos, norm=norm,
                                  pairing=pairing, norm_after_rope=True, q_scale=q_scale)
 

@@ -378,7 +378,7 @@ def moe_route(x: torch.Tensor, router_logits: torch.Tensor):
     x * score in float32 (float64 for float64 x) rounded, ordered by a stable sort on the expert.
     Returns (routed, scores, token_order, token_slot, expert_ends int32)."""
     n, e = router_logits.shape
-    expert = router_logits.argmax(-1) if n else router_logits.new_zeros((0,), dtype=torch.int64)
+    expert = router_logits.argmax(-1)
     top = router_logits.gather(-1, expert[:, None])[:, 0]
     sig_dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     scores = torch.sigmoid(top.to(sig_dtype)).to(x.dtype)

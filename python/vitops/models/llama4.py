@@ -529,12 +529,14 @@ class Llama4MoEBlock(nn.Module):
 
     Each token runs only its selected expert: exact, because HF's unselected experts get an all-zero
     input and, with no bias and silu(0) * 0 = 0, contribute exact zeros. ``vitops.moe_route`` picks the
-    experts, scales the rows and buckets them by expert (a stable counting sort, no host sync); the
-    experts run as two grouped GEMMs over the buckets (``torch.nn.functional.grouped_mm`` with the
-    bucket ends as a device tensor), or for float64 / unaligned widths one GEMM per expert (bucket
-    ends read on the host); under torch.compile every expert runs on every bucketed row, each row
-    keeping its own expert's result (E x the FLOPs, as HF, but no data-dependent shapes); ``vitops.moe_combine`` scatters the rows back onto the shared expert's output. Ties
-    between router logits go to the lowest expert index (HF's ``topk`` leaves them unspecified)."""
+    experts, scales the rows and buckets them by expert (a stable counting sort, no host sync);
+    ``vitops.moe_combine`` scatters the experts' rows back onto the shared expert's output. The
+    experts run over their buckets as two grouped GEMMs (``torch.nn.functional.grouped_mm`` with the
+    bucket ends as a device tensor); on the CPU in bf16 / fp16 as two batched GEMMs over the buckets
+    padded to the largest; for float64 / unaligned widths as one GEMM per expert (bucket ends read on
+    the host); under torch.compile every expert runs on every bucketed row, each row keeping its own
+    expert's result (E x the FLOPs, as HF, but no data-dependent shapes). Ties between router logits
+    go to the lowest expert index (HF's ``topk`` leaves them unspecified)."""
 
     def __init__(self, config: Llama4DecoderConfig, *, device=None, dtype=None):
         super().__init__()
@@ -566,9 +568,7 @@ class Llama4MoEBlock(nn.Module):
         if routed.device.type == "cpu" and routed.dtype in (torch.bfloat16, torch.float16) and routed.shape[0]:
             return self._padded_batched_experts(routed, expert_ends)
         if self._grouped_gemm_ok(routed):
-            # One grouped GEMM per projection; the group ends are a device tensor, so no host sync.
-            gate, up = F.grouped_mm(routed, self.wi, offs=expert_ends).chunk(2, dim=-1)
-            return F.grouped_mm((up * ACTIVATIONS[self.activation](gate)).contiguous(), self.wo, offs=expert_ends)
+            return self._grouped_experts(routed, expert_ends)
         # float64 or unaligned widths: one GEMM per expert, the bucket ends read on the host.
         pieces, start = [], 0
         for e, end in enumerate(expert_ends.tolist()):
@@ -576,6 +576,16 @@ class Llama4MoEBlock(nn.Module):
                 pieces.append(self._expert(routed[start:end], e))
             start = end
         return torch.cat(pieces) if pieces else routed.new_zeros(routed.shape)
+
+    def _grouped_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
+        """One grouped GEMM per projection; the group ends are a device tensor, so no host sync."""
+        gate, up = F.grouped_mm(routed, self.wi, offs=expert_ends).chunk(2, dim=-1)
+        return F.grouped_mm((up * ACTIVATIONS[self.activation](gate)).contiguous(), self.wo, offs=expert_ends)
+
+    @staticmethod
+    def _expert_of_row(expert_ends: torch.Tensor, rows: int) -> torch.Tensor:
+        """The expert of each bucketed row, from the bucket ends."""
+        return torch.bucketize(torch.arange(rows, device=expert_ends.device), expert_ends.long(), right=True)
 
     def _padded_batched_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
         """CPU bf16 / fp16: the buckets padded to the largest (its size read on the host, which costs
@@ -585,9 +595,8 @@ class Llama4MoEBlock(nn.Module):
         zeros (no bias, silu(0) * 0 = 0), and the rows are gathered back unchanged."""
         ends = expert_ends.long()
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        rows = torch.arange(routed.shape[0], device=routed.device)
-        expert_of_row = torch.bucketize(rows, ends, right=True)
-        place = rows - (ends - counts)[expert_of_row]
+        expert_of_row = self._expert_of_row(expert_ends, routed.shape[0])
+        place = torch.arange(routed.shape[0], device=routed.device) - (ends - counts)[expert_of_row]
         padded = routed.new_zeros(self.num_experts, int(counts.max()), routed.shape[1])
         padded[expert_of_row, place] = routed
         gate, up = torch.bmm(padded, self.wi).chunk(2, dim=-1)
@@ -602,8 +611,7 @@ class Llama4MoEBlock(nn.Module):
             # torch.compile traces neither the host-read bucket ends nor (on the CPU, float32)
             # grouped_mm: every expert runs on every bucketed row instead, each row keeping its own
             # expert's result (the same values: rows are independent; E x the FLOPs, as HF)
-            rows = torch.arange(routed.shape[0], device=routed.device)
-            expert_of_row = torch.bucketize(rows, expert_ends.long(), right=True)
+            expert_of_row = self._expert_of_row(expert_ends, routed.shape[0])
             expert_out = torch.zeros_like(routed)
             for e in range(self.num_experts):
                 expert_out = torch.where((expert_of_row == e)[:, None], self._expert(routed, e), expert_out)
