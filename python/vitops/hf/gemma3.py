@@ -28,7 +28,10 @@ from typing import Any
 
 import torch
 
+import torch.nn.functional as F
+
 from ..models._hf_config import config_getter, square_side
+from ..ops import avg_pool_rms_norm, patchify
 from ..layers import AttentionType
 from ..models.gemma3 import (
     Gemma3DecoderConfig,
@@ -38,6 +41,7 @@ from ..models.gemma3 import (
     VisionEmbedder,
     get_attention_type,
 )
+from ._patch import Site, hf_originals
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -392,3 +396,73 @@ def decoder_from_hf(hf_config: Any, checkpoint=None, *, dtype: torch.dtype | Non
     if checkpoint is not None:
         load_hf_decoder_state_dict(block, checkpoint, strict=strict)
     return block
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in patch of HF's Gemma 3 vision classes (vitops.hf.patch; the mechanism is vitops.hf._patch)
+# ---------------------------------------------------------------------------------------------
+_HF_MODULE = "transformers.models.gemma3.modeling_gemma3"
+_SIGLIP_MODULE = "transformers.models.siglip.modeling_siglip"
+
+
+def _patched_projector_forward(self, vision_outputs: torch.Tensor) -> torch.Tensor:
+    """``Gemma3MultiModalProjector.forward`` with the AvgPool2d and ``mm_soft_emb_norm`` as one
+    ``vitops.avg_pool_rms_norm`` reading the ``[B, L, D]`` tokens in place (no NCHW copy)."""
+    side, tokens = self.patches_per_image, self.tokens_per_side
+    if self.kernel_size * tokens != side or vision_outputs.dim() != 3 or vision_outputs.shape[1] != side * side:
+        # AvgPool2d drops a remainder the op does not (or HF raises its own shape error): HF's code
+        return _HF_ORIGINALS["Gemma3MultiModalProjector.forward"](self, vision_outputs)
+    norm = self.mm_soft_emb_norm
+    normed = avg_pool_rms_norm(vision_outputs, tokens * tokens, norm.weight, eps=norm.eps, norm="scale_plus_one")
+    return torch.matmul(normed, self.mm_input_projection_weight).type_as(vision_outputs)
+
+
+def _patched_siglip_embeddings_forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding=False
+                                       ) -> torch.Tensor:
+    """``SiglipVisionEmbeddings.forward`` with the patch convolution as ``vitops.patchify`` (NCHW tiles
+    in the convolution weight's (channel, row, col) order) + one GEMM, where that measured faster
+    (bfloat16 on the CPU: benchmarks/NOTES.md entry 11); HF's convolution elsewhere."""
+    conv = self.patch_embedding
+    weight = conv.weight
+    p = self.patch_size
+    height, width = pixel_values.shape[-2:]
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or height % p or width % p
+            or tuple(conv.stride) != (p, p) or tuple(conv.kernel_size) != (p, p) or conv.groups != 1
+            or tuple(conv.dilation) != (1, 1) or conv.padding not in ("valid", (0, 0))):
+        return _HF_ORIGINALS["SiglipVisionEmbeddings.forward"](self, pixel_values,
+                                                                               interpolate_pos_encoding)
+    patches, _ = patchify(pixel_values.to(weight.dtype), p, channels_first=True)
+    embeddings = F.linear(patches, weight.flatten(1), conv.bias)
+    if interpolate_pos_encoding:
+        return embeddings + self.interpolate_pos_encoding(embeddings, height, width)
+    return embeddings + self.position_embedding(self.position_ids)
+
+
+_HF_ORIGINALS: dict = {}  # "Class.attr" -> HF's function (vitops.hf._patch.hf_originals)
+
+
+def patch_sites():
+    """The :class:`vitops.hf._patch.Site` s of Gemma 3 (imports HF's modules; ImportError without them)."""
+    import importlib
+
+    importlib.import_module(_HF_MODULE)
+    importlib.import_module(_SIGLIP_MODULE)
+    sites = [
+        Site("gemma3", "pooler", _HF_MODULE, "Gemma3MultiModalProjector", "forward", _patched_projector_forward,
+             _FINGERPRINTS["pooler"]),
+        Site("gemma3", "patch_embedding", _SIGLIP_MODULE, "SiglipVisionEmbeddings", "forward",
+             _patched_siglip_embeddings_forward, _FINGERPRINTS["patch_embedding"]),
+    ]
+    _HF_ORIGINALS.update(hf_originals(sites))
+    return sites
+
+
+# Fingerprints (vitops.hf._patch.fingerprint) of the HF code each replacement reproduces, in
+# transformers 5.17.0 and 5.18.0 (equal there); tools/hf_fingerprints.py prints them.
+_FINGERPRINTS: dict[str, dict[str, frozenset[str]]] = {
+    "pooler": {"Gemma3MultiModalProjector.forward": frozenset({"34a86d96191f9d9d"}),
+               "Gemma3MultiModalProjector.__init__": frozenset({"92766c3f5ab658d8"}),
+               "Gemma3RMSNorm.forward": frozenset({"d9f5a887fac30ad1"}), "Gemma3RMSNorm._norm": frozenset({"5ed575597bb44c20"})},
+    "patch_embedding": {"SiglipVisionEmbeddings.forward": frozenset({"2aaa5847c777812c"}),
+                        "SiglipVisionEmbeddings.__init__": frozenset({"302486f88467c0fc"})},
+}

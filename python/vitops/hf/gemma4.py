@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from ..models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
+from ..ops import avg_pool_by_positions, factorized_posemb, qkv_norm_rope
+from ._patch import Site, hf_originals
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -254,3 +256,107 @@ def from_hf(hf_config: Any, checkpoint=None, *, projector: bool = True, dtype: t
     if checkpoint is not None:
         load_hf_state_dict((tower, proj), checkpoint, strict=strict)
     return tower, proj
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in patch of HF's Gemma 4 vision classes (vitops.hf.patch; the mechanism is vitops.hf._patch)
+# ---------------------------------------------------------------------------------------------
+_HF_MODULE = "transformers.models.gemma4.modeling_gemma4"
+_modeling = None  # HF's module, bound by patch_sites(): the replacements read its attention registry
+
+
+def _rope_pair_tables(table: torch.Tensor, ndim: int) -> torch.Tensor:
+    """HF's N-D rotate-half cos/sin ``[B, L, hd]`` (per axis chunk of 2 * (hd // (2 ndim)) channels,
+    both halves equal) as the op's ``[B, L, hd / 2]`` one value per rotated pair, pairs numbered
+    through the chunks: the first half of every chunk."""
+    width = 2 * (table.shape[-1] // (2 * ndim))
+    return table.unflatten(-1, (ndim, width))[..., : width // 2].flatten(-2)
+
+
+def _patched_position_embeddings(self, pixel_position_ids: torch.Tensor, padding_positions: torch.Tensor
+                                 ) -> torch.Tensor:
+    """``Gemma4VisionPatchEmbedder._position_embeddings`` as one ``vitops.factorized_posemb``: the x and
+    y table rows summed once in the table's dtype (HF's ``x_emb + y_emb``); padding rows zero."""
+    # HF clamps negative coordinates to 0 and zeroes the rows it marks as padding; the op reads -1 as
+    # "contributes zero", so padding rows get (-1, -1) and other rows HF's clamped coordinates.
+    positions = torch.where(padding_positions.unsqueeze(-1), -1, pixel_position_ids.clamp(min=0))
+    return factorized_posemb(self.position_embedding_table, positions, layout="hf")
+
+
+def _patched_attention_forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor = None,
+                               attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                               **kwargs):
+    """``Gemma4VisionAttention.forward`` with q_norm / k_norm / v_norm and the multidimensional RoPE of
+    q and k as one ``vitops.qkv_norm_rope`` reading the projections in place and HF's cos/sin."""
+    q_norm, k_norm, v_norm = self.q_norm, self.k_norm, self.v_norm
+    if not (q_norm.with_scale and k_norm.with_scale and not v_norm.with_scale
+            and q_norm.eps == k_norm.eps == v_norm.eps):
+        # A hand-modified module: the op takes one eps and HF's norm kinds. HF's code is exact.
+        return _HF_ORIGINALS["Gemma4VisionAttention.forward"](
+            self, hidden_states, position_embeddings, attention_mask, position_ids, **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    cos, sin = position_embeddings
+    query_states = self.q_proj(hidden_states).view(hidden_shape)
+    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    value_states = self.v_proj(hidden_states).view(hidden_shape)
+    ndim = position_ids.shape[-1]
+    # cos/sin are already rounded to the hidden states' dtype by HF's rotary embedding
+    query_states, key_states, value_states = qkv_norm_rope(
+        query_states, key_states, value_states, q_norm.weight, k_norm.weight, position_ids, eps=q_norm.eps,
+        rope_dtype=cos.dtype, rope_cos=_rope_pair_tables(cos, ndim), rope_sin=_rope_pair_tables(sin, ndim))
+    attention_interface = _modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, _modeling.eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        self, query_states, key_states, value_states, attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _patched_pooler_forward(self, hidden_states: torch.Tensor, pixel_position_ids: torch.Tensor,
+                            padding_positions: torch.Tensor, output_length: int | None = None):
+    """``Gemma4VisionPooler.forward`` with the pooling as ``vitops.avg_pool_by_positions`` (HF's one-hot
+    matrix [B, L, length] and its float32 GEMM are never built); the same float32 result and mask."""
+    if output_length is None or output_length >= hidden_states.shape[1]:
+        # nothing to pool (or HF's own error): HF's code, which is cheap there
+        return _HF_ORIGINALS["Gemma4VisionPooler.forward"](
+            self, hidden_states, pixel_position_ids, padding_positions, output_length)
+    pooled, mask = avg_pool_by_positions(hidden_states, positions_xy=pixel_position_ids, length=output_length)
+    # HF clamps padding coordinates to (0, 0): its slot 0 counts as filled whenever an image has padding
+    mask = torch.cat((mask[:, :1] | padding_positions.any(dim=-1, keepdim=True), mask[:, 1:]), dim=1)
+    return pooled.float() * self.root_hidden_size, mask
+
+
+_HF_ORIGINALS: dict = {}  # "Class.attr" -> HF's function (vitops.hf._patch.hf_originals)
+
+
+def patch_sites():
+    """The :class:`vitops.hf._patch.Site` s of Gemma 4 (imports HF's module; ImportError without it)."""
+    global _modeling
+    import importlib
+
+    _modeling = importlib.import_module(_HF_MODULE)
+    sites = [
+        Site("gemma4", "posemb", _HF_MODULE, "Gemma4VisionPatchEmbedder", "_position_embeddings",
+             _patched_position_embeddings, _FINGERPRINTS["posemb"]),
+        Site("gemma4", "rope", _HF_MODULE, "Gemma4VisionAttention", "forward", _patched_attention_forward,
+             _FINGERPRINTS["rope"]),
+        Site("gemma4", "pooler", _HF_MODULE, "Gemma4VisionPooler", "forward", _patched_pooler_forward,
+             _FINGERPRINTS["pooler"]),
+    ]
+    _HF_ORIGINALS.update(hf_originals(sites))
+    return sites
+
+
+# Fingerprints (vitops.hf._patch.fingerprint) of the HF code each replacement reproduces, in
+# transformers 5.17.0 and 5.18.0 (equal there); tools/hf_fingerprints.py prints them.
+_FINGERPRINTS: dict[str, dict[str, frozenset[str]]] = {
+    "posemb": {"Gemma4VisionPatchEmbedder._position_embeddings": frozenset({"3e58959fa78639fa"})},
+    "rope": {"Gemma4VisionAttention.forward": frozenset({"d9a996c59343866a"}), "Gemma4RMSNorm.forward": frozenset({"eb6852644ce8b347"}),
+             "Gemma4RMSNorm._norm": frozenset({"39e381890052aa98"}), "apply_multidimensional_rope": frozenset({"af9c062765fc1c04"}),
+             "apply_rotary_pos_emb": frozenset({"7cf93867d52652db"}), "rotate_half": frozenset({"e3672a39802de532"}),
+             "Gemma4VisionRotaryEmbedding.recomposition_frequencies": frozenset({"bfe1fac3160b3af6"})},
+    "pooler": {"Gemma4VisionPooler.forward": frozenset({"ef03741d2507c9d2"}),
+               "Gemma4VisionPooler._avg_pool_by_positions": frozenset({"e2da9ca05af8530c"})},
+}

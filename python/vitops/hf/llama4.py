@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..models._hf_config import config_getter
+from ..ops import patchify, pixel_shuffle, qkv_norm_rope
 from ..models.llama4 import (
     Llama4DecoderConfig,
     Llama4MultiModalProjector,
@@ -28,6 +29,7 @@ from ..models.llama4 import (
     Llama4VisionConfig,
     Llama4VisionModel,
 )
+from ._patch import Site, hf_originals
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -373,3 +375,94 @@ def decoder_from_hf(hf_config: Any, checkpoint=None, *, dtype: torch.dtype | Non
     if checkpoint is not None:
         load_hf_decoder_state_dict(block, checkpoint, strict=strict)
     return block
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in patch of HF's Llama 4 vision classes (vitops.hf.patch; the mechanism is vitops.hf._patch)
+# ---------------------------------------------------------------------------------------------
+_HF_MODULE = "transformers.models.llama4.modeling_llama4"
+_modeling = None  # HF's module, bound by patch_sites(): the replacements read its attention registry
+
+
+def _patched_vision_attention_forward(self, hidden_states: torch.Tensor, freqs_ci: torch.Tensor,
+                                      attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+    """``Llama4VisionAttention.forward`` with ``vision_apply_rotary_emb`` (a complex product in float32,
+    rounded once) as one ``vitops.qkv_norm_rope`` (interleaved pairs, HF's ``freqs_ci`` as cos/sin)."""
+    if not freqs_ci.is_complex():
+        # `model.to(dtype)` casts the complex buffer to a real one (dropping sin); HF's code then
+        # multiplies by cos alone. Kept as HF computes it, so a patched model equals the unpatched one.
+        return _HF_ORIGINALS["Llama4VisionAttention.forward"](
+            self, hidden_states, freqs_ci, attention_mask, past_key_values, **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape)
+    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    value_states = self.v_proj(hidden_states).view(hidden_shape)
+    # freqs_ci [L, 1, hd / 2] complex64 -> cos / sin [1, L, hd / 2] views (float32, as HF's product)
+    angles = torch.view_as_real(freqs_ci.to(query_states.device)).flatten(1, -3).transpose(0, 1)
+    batch, length = query_states.shape[:2]
+    positions = query_states.new_zeros((1, 1, 1), dtype=torch.int32).expand(batch, length, 1)  # shape only
+    query_states, key_states, _ = qkv_norm_rope(
+        query_states, key_states, None, None, None, positions, rope_dtype=torch.float32, norm="none",
+        v_norm=False, pairing="interleaved", rope_cos=angles[..., 0], rope_sin=angles[..., 1])
+    value_states = value_states.transpose(1, 2)
+    attention_interface = _modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, _modeling.vision_eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        self, query_states, key_states, value_states, None,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=None, is_causal=False, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _patched_unfold_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Llama4UnfoldConvolution.forward`` with ``nn.Unfold`` + permute as ``vitops.patchify``
+    (channels first: bitwise the unfold's patches, written in the [B, L, C p^2] layout the linear reads)."""
+    unfold = self.unfold
+    kernel = unfold.kernel_size if isinstance(unfold.kernel_size, tuple) else (unfold.kernel_size,) * 2
+    stride = unfold.stride if isinstance(unfold.stride, tuple) else (unfold.stride,) * 2
+    padding = unfold.padding if isinstance(unfold.padding, tuple) else (unfold.padding,) * 2
+    dilation = unfold.dilation if isinstance(unfold.dilation, tuple) else (unfold.dilation,) * 2
+    p = kernel[0]
+    if (kernel != (p, p) or stride != (p, p) or padding != (0, 0) or dilation != (1, 1) or hidden_states.dim() != 4
+            or hidden_states.shape[-1] % p or hidden_states.shape[-2] % p):
+        # overlapping, padded or partial windows: HF's unfold
+        return _HF_ORIGINALS["Llama4UnfoldConvolution.forward"](self, hidden_states)
+    patches, _ = patchify(hidden_states, p, channels_first=True)
+    return self.linear(patches)
+
+
+def _patched_pixel_shuffle_mlp_forward(self, encoded_patches: torch.Tensor) -> torch.Tensor:
+    """``Llama4VisionPixelShuffleMLP.forward`` with the shuffle as one ``vitops.pixel_shuffle`` (no copies)."""
+    return self.mlp(pixel_shuffle(encoded_patches, self.pixel_shuffle_ratio))
+
+
+_HF_ORIGINALS: dict = {}  # "Class.attr" -> HF's function (vitops.hf._patch.hf_originals)
+
+
+def patch_sites():
+    """The :class:`vitops.hf._patch.Site` s of Llama 4 (imports HF's module; ImportError without it)."""
+    global _modeling
+    import importlib
+
+    _modeling = importlib.import_module(_HF_MODULE)
+    sites = [
+        Site("llama4", "rope", _HF_MODULE, "Llama4VisionAttention", "forward", _patched_vision_attention_forward,
+             _FINGERPRINTS["rope"]),
+        Site("llama4", "patch_embedding", _HF_MODULE, "Llama4UnfoldConvolution", "forward", _patched_unfold_forward,
+             _FINGERPRINTS["patch_embedding"]),
+        Site("llama4", "pixel_shuffle", _HF_MODULE, "Llama4VisionPixelShuffleMLP", "forward",
+             _patched_pixel_shuffle_mlp_forward, _FINGERPRINTS["pixel_shuffle"]),
+    ]
+    _HF_ORIGINALS.update(hf_originals(sites))
+    return sites
+
+
+# Fingerprints (vitops.hf._patch.fingerprint) of the HF code each replacement reproduces, in
+# transformers 5.17.0 and 5.18.0 (equal there); tools/hf_fingerprints.py prints them.
+_FINGERPRINTS: dict[str, dict[str, frozenset[str]]] = {
+    "rope": {"Llama4VisionAttention.forward": frozenset({"233a0c7df5f8222f"}), "vision_apply_rotary_emb": frozenset({"f1009458933ed9de"}),
+             "reshape_for_broadcast": frozenset({"6b968e2f4a67aa70"})},
+    "patch_embedding": {"Llama4UnfoldConvolution.forward": frozenset({"e81f55eaf44e507c"})},
+    "pixel_shuffle": {"Llama4VisionPixelShuffleMLP.forward": frozenset({"e01d4967e997c98e"}), "pixel_shuffle": frozenset({"5ac62bd820803e94"})},
+}
