@@ -1,4 +1,4 @@
-"""Registry of benchmark workloads (performance.md §8, W1-W8).
+"""Registry of benchmark workloads (performance.md §8, W1-W8; W9: HF models patched by vitops.hf.patch).
 
 A workload is one `Workload` entry: an id (W1..W8), an op name, the shapes it runs (full and
 smoke) and a `build(shape, device, dtype)` that returns a `Setup`: the input tensors, the HF
@@ -668,7 +668,8 @@ def build_g3_tower(shape, device, dtype):
     return Setup((pixels,), hf, vit, [], None, None)
 
 
-def build_l4_tower(shape, device, dtype):
+def _l4_hf_model(shape, device, dtype):
+    """``(config, HF Llama4VisionModel, tiles)`` at the shape's size, SDPA attention."""
     from transformers.models.llama4.modeling_llama4 import Llama4VisionModel
 
     cfg = _l4_config(shape.get("smoke", False))
@@ -678,6 +679,11 @@ def build_l4_tower(shape, device, dtype):
     model = Llama4VisionModel(cfg).to(device=device).eval()
     model = {torch.float32: model.float, torch.bfloat16: model.bfloat16, torch.float16: model.half}[dtype]()
     pixels = torch.rand(shape["tiles"], 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+    return cfg, model, pixels
+
+
+def build_l4_tower(shape, device, dtype):
+    cfg, model, pixels = _l4_hf_model(shape, device, dtype)
 
     def hf(pixels):
         return model(pixels).last_hidden_state
@@ -689,6 +695,60 @@ def build_l4_tower(shape, device, dtype):
         return lambda pixels: vmodel(pixels)
 
     return Setup((pixels,), hf, vit, [], None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# W9: HF models patched in place (vitops.hf.patch) against the same HF model unpatched (eager; the
+# runner adds torch.compile of the unpatched model): the vision path of each tower as HF runs it.
+# ------------------------------------------------------------------------------------------------
+def _patched_copy(model):
+    """A deep copy of the HF ``model`` with its vision classes patched (the eager one stays HF's)."""
+    import copy
+
+    patch = require_module("vitops.hf", "patch")
+    patched = copy.deepcopy(model)
+    patch(patched)
+    return patched
+
+
+def build_g4_hf_patched(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
+
+    model = Gemma4VisionModel(g4_config(_g4_dims(shape))).to(device=device, dtype=dtype).eval()
+    pos = g4_positions(shape["B"], shape["T"], device)
+    pixels = torch.rand(pos.shape[0], pos.shape[1], 3 * 16 * 16, device=device)
+
+    def run(m):
+        return lambda pixels, pos: m(pixel_values=pixels, pixel_position_ids=pos).last_hidden_state
+
+    return Setup((pixels, pos), run(model), lambda: run(_patched_copy(model)), [], None, None)
+
+
+def build_g3_hf_patched(shape, device, dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+    from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+
+    cfg = _g3_config(shape.get("smoke", False), 2560)
+    cfg.vision_config._attn_implementation = "sdpa"
+    model = torch.nn.ModuleDict({
+        "vision": SiglipVisionModel(cfg.vision_config), "proj": Gemma3MultiModalProjector(cfg),
+    }).to(device=device, dtype=dtype).eval()
+    size = cfg.vision_config.image_size
+    pixels = torch.rand(shape["B"], 3, size, size, device=device, dtype=dtype)
+
+    def run(m):
+        return lambda pixels: m["proj"](m["vision"](pixel_values=pixels).last_hidden_state)
+
+    return Setup((pixels,), run(model), lambda: run(_patched_copy(model)), [], None, None)
+
+
+def build_l4_hf_patched(shape, device, dtype):
+    _, model, pixels = _l4_hf_model(shape, device, dtype)
+
+    def run(m):
+        return lambda pixels: m(pixels).last_hidden_state
+
+    return Setup((pixels,), run(model), lambda: run(_patched_copy(model)), [], None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -741,6 +801,13 @@ WORKLOADS: list[Workload] = [
              [dict(B=b) for b in (1, 8)], [dict(B=1, smoke=True)], build_g3_tower, backward=False),
     Workload("W8", "l4_tower", "Llama 4 vision encoder + pixel-shuffle adapter end to end (SDPA)",
              [dict(tiles=1), dict(tiles=17)], [dict(tiles=1, smoke=True)], build_l4_tower, backward=False),
+    Workload("W9", "g4_hf_patched", "HF Gemma4VisionModel patched by vitops.hf.patch vs unpatched (SDPA)",
+             [dict(model=m, T=280, B=1) for m in G4_MODELS], [dict(model="smoke", T=4, B=1)],
+             build_g4_hf_patched, backward=False),
+    Workload("W9", "g3_hf_patched", "HF SigLIP + Gemma3MultiModalProjector patched by vitops.hf.patch vs unpatched",
+             [dict(B=1)], [dict(B=1, smoke=True)], build_g3_hf_patched, backward=False),
+    Workload("W9", "l4_hf_patched", "HF Llama4VisionModel patched by vitops.hf.patch vs unpatched (SDPA)",
+             [dict(tiles=1), dict(tiles=5)], [dict(tiles=1, smoke=True)], build_l4_hf_patched, backward=False),
 ]
 
 

@@ -328,7 +328,7 @@ def test_vllm_entry_point_without_transformers():
 def _second_release() -> Path | None:
     path = os.environ.get("VITOPS_TRANSFORMERS_517")
     venv = Path(sys.executable).parent.parent
-    for candidate in ([Path(path)] if path else []) + [venv / "transformers-5.17.0"]:
+    for candidate in ([Path(path)] if path else []) + [venv / "transformers-5.17.0"]:  # tools/setup.sh
         if (candidate / "transformers").is_dir():
             return candidate
     return None
@@ -350,3 +350,58 @@ def test_supported_release_5_17():
     for family, r in result["families"].items():
         assert {entry.split(" (")[0] for entry in r["patched"]} == EXPECTED_SITES[family]
         assert r["rel_err"] <= 1e-5 and r["same_tokens"], (family, r)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_patched_equals_unpatched(family, dtype):
+    model, inputs = tiny.build(family)
+    model = _cast(model, dtype).cuda()
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    ref = _features(model, inputs, dtype)
+    vitops.hf.patch(model)
+    out = _features(model, inputs, dtype)
+    assert out.dtype == ref.dtype
+    assert _rel(out, ref) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_gemma4_patched_methods_never_sync_and_capture_in_a_cuda_graph():
+    """The patched Gemma 4 methods (what vLLM's encoder CUDA graph captures) with sync debugging set
+    to error, then captured and replayed in a CUDA graph."""
+    model, inputs = tiny.build("gemma4")
+    model = model.cuda()
+    vitops.hf.patch(model)
+    tower = tiny.vision_module(model)
+    pixels, pos = inputs["pixel_values"].cuda(), inputs["image_position_ids"].cuda()
+    pad = (pos == -1).all(-1)
+    attn = tower.encoder.layers[0].self_attn
+    x = torch.randn(pixels.shape[0], pixels.shape[1], tower.config.hidden_size, device="cuda")
+    cos_sin = tower.encoder.rotary_emb(x, pos)
+
+    def step():
+        emb = tower.patch_embedder(pixels, pos, pad)
+        out, _ = attn(emb, position_embeddings=cos_sin, attention_mask=None, position_ids=pos)
+        return tower.pooler(out, pos, pad, pixels.shape[1] // 4)
+
+    with torch.no_grad():
+        eager = step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up on a side stream, as torch.cuda.graph requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured[1], eager[1])
+    assert _rel(captured[0], eager[0]) <= 1e-6

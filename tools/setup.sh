@@ -41,6 +41,15 @@ esac
 echo "== installing build tools and test dependencies"
 "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy pytest \
   "transformers==$TRANSFORMERS_VERSION" safetensors pillow $TORCHVISION
+# The other supported transformers release (vitops.hf.patch checks its code), unpacked beside the
+# venv for tests/test_hf_patch.py, which runs it in a subprocess with PYTHONPATH (the venv keeps
+# $TRANSFORMERS_VERSION). VITOPS_SECOND_TRANSFORMERS="" skips it.
+SECOND_TRANSFORMERS=${VITOPS_SECOND_TRANSFORMERS-5.17.0}
+if [ -n "$SECOND_TRANSFORMERS" ] && [ ! -d "$VENV/transformers-$SECOND_TRANSFORMERS/transformers" ]; then
+  echo "== unpacking transformers==$SECOND_TRANSFORMERS into $VENV/transformers-$SECOND_TRANSFORMERS"
+  "$VPY" -m pip install -q --target "$VENV/transformers-$SECOND_TRANSFORMERS" \
+    "transformers==$SECOND_TRANSFORMERS" "huggingface-hub>=1.5,<2"
+fi
 if [ "${VITOPS_BENCH_DEPS:-0}" = 1 ]; then
   # optional extras of benchmarks/run.py: the PNG plot and the progress bar (it runs without them)
   echo "== installing benchmark extras"

@@ -201,6 +201,16 @@ def _flags(kwargs: dict) -> dict[str, bool]:
 _CLASS_ORIGINALS: dict[tuple[str, str, str], Callable] = {}  # (module, class, attr) -> HF's function
 
 
+def make_sites(family: str, rows: list[tuple[str, str, str, str, Callable]],
+               fingerprints: dict[str, dict[str, frozenset[str]]], originals: dict[str, Callable]) -> list[Site]:
+    """A family's Sites from ``(flag, module, class, attr, replacement)`` rows (the fingerprint table
+    is keyed by flag, one site per flag); HF's functions are recorded in ``originals`` (the family
+    module's dict the replacements read, see :func:`hf_originals`). Imports the HF modules."""
+    sites = [Site(family, flag, module, cls, attr, fn, fingerprints[flag]) for flag, module, cls, attr, fn in rows]
+    originals.update(hf_originals(sites))
+    return sites
+
+
 def hf_originals(sites: list[Site]) -> dict[str, Callable]:
     """HF's own function of each site (``"Class.attr"`` -> function), for the cases a replacement
     leaves to HF. Read when the family's sites are first built, before anything is patched; the

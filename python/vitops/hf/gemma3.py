@@ -41,7 +41,7 @@ from ..models.gemma3 import (
     VisionEmbedder,
     get_attention_type,
 )
-from ._patch import Site, hf_originals
+from ._patch import make_sites
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -447,14 +447,10 @@ def patch_sites():
 
     importlib.import_module(_HF_MODULE)
     importlib.import_module(_SIGLIP_MODULE)
-    sites = [
-        Site("gemma3", "pooler", _HF_MODULE, "Gemma3MultiModalProjector", "forward", _patched_projector_forward,
-             _FINGERPRINTS["pooler"]),
-        Site("gemma3", "patch_embedding", _SIGLIP_MODULE, "SiglipVisionEmbeddings", "forward",
-             _patched_siglip_embeddings_forward, _FINGERPRINTS["patch_embedding"]),
-    ]
-    _HF_ORIGINALS.update(hf_originals(sites))
-    return sites
+    return make_sites("gemma3", [
+        ("pooler", _HF_MODULE, "Gemma3MultiModalProjector", "forward", _patched_projector_forward),
+        ("patch_embedding", _SIGLIP_MODULE, "SiglipVisionEmbeddings", "forward", _patched_siglip_embeddings_forward),
+    ], _FINGERPRINTS, _HF_ORIGINALS)
 
 
 # Fingerprints (vitops.hf._patch.fingerprint) of the HF code each replacement reproduces, in

@@ -24,7 +24,7 @@ import torch
 
 from ..models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionEncoderLayer, Gemma4VisionProjector
 from ..ops import avg_pool_by_positions, factorized_posemb, qkv_norm_rope
-from ._patch import Site, hf_originals
+from ._patch import make_sites
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -337,16 +337,11 @@ def patch_sites():
     import importlib
 
     _modeling = importlib.import_module(_HF_MODULE)
-    sites = [
-        Site("gemma4", "posemb", _HF_MODULE, "Gemma4VisionPatchEmbedder", "_position_embeddings",
-             _patched_position_embeddings, _FINGERPRINTS["posemb"]),
-        Site("gemma4", "rope", _HF_MODULE, "Gemma4VisionAttention", "forward", _patched_attention_forward,
-             _FINGERPRINTS["rope"]),
-        Site("gemma4", "pooler", _HF_MODULE, "Gemma4VisionPooler", "forward", _patched_pooler_forward,
-             _FINGERPRINTS["pooler"]),
-    ]
-    _HF_ORIGINALS.update(hf_originals(sites))
-    return sites
+    return make_sites("gemma4", [
+        ("posemb", _HF_MODULE, "Gemma4VisionPatchEmbedder", "_position_embeddings", _patched_position_embeddings),
+        ("rope", _HF_MODULE, "Gemma4VisionAttention", "forward", _patched_attention_forward),
+        ("pooler", _HF_MODULE, "Gemma4VisionPooler", "forward", _patched_pooler_forward),
+    ], _FINGERPRINTS, _HF_ORIGINALS)
 
 
 # Fingerprints (vitops.hf._patch.fingerprint) of the HF code each replacement reproduces, in

@@ -29,7 +29,7 @@ from ..models.llama4 import (
     Llama4VisionConfig,
     Llama4VisionModel,
 )
-from ._patch import Site, hf_originals
+from ._patch import make_sites
 from ._checkpoint import (
     CheckpointMismatchError,
     KeyMap,
@@ -446,16 +446,11 @@ def patch_sites():
     import importlib
 
     _modeling = importlib.import_module(_HF_MODULE)
-    sites = [
-        Site("llama4", "rope", _HF_MODULE, "Llama4VisionAttention", "forward", _patched_vision_attention_forward,
-             _FINGERPRINTS["rope"]),
-        Site("llama4", "patch_embedding", _HF_MODULE, "Llama4UnfoldConvolution", "forward", _patched_unfold_forward,
-             _FINGERPRINTS["patch_embedding"]),
-        Site("llama4", "pixel_shuffle", _HF_MODULE, "Llama4VisionPixelShuffleMLP", "forward",
-             _patched_pixel_shuffle_mlp_forward, _FINGERPRINTS["pixel_shuffle"]),
-    ]
-    _HF_ORIGINALS.update(hf_originals(sites))
-    return sites
+    return make_sites("llama4", [
+        ("rope", _HF_MODULE, "Llama4VisionAttention", "forward", _patched_vision_attention_forward),
+        ("patch_embedding", _HF_MODULE, "Llama4UnfoldConvolution", "forward", _patched_unfold_forward),
+        ("pixel_shuffle", _HF_MODULE, "Llama4VisionPixelShuffleMLP", "forward", _patched_pixel_shuffle_mlp_forward),
+    ], _FINGERPRINTS, _HF_ORIGINALS)
 
 
 # Fingerprints (vitops.hf._patch.fingerprint) of the HF code each replacement reproduces, in
