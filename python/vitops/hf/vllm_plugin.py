@@ -22,9 +22,9 @@ def register() -> None:
     if os.environ.get("VITOPS_VLLM_PATCH", "1") == "0":
         logger.info("vitops vLLM plugin: VITOPS_VLLM_PATCH=0, HF vision classes left unpatched")
         return
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
         logger.info("vitops vLLM plugin: transformers is not installed, nothing to patch")
         return
     from ._patch import UnsupportedTransformersError, patch
