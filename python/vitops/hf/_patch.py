@@ -215,11 +215,7 @@ def hf_originals(sites: list[Site]) -> dict[str, Callable]:
     """HF's own function of each site (``"Class.attr"`` -> function), for the cases a replacement
     leaves to HF. Read when the family's sites are first built, before anything is patched; the
     replacements look them up in a plain dict, which torch.compile traces."""
-    out = {}
-    for site in sites:
-        cls = getattr(importlib.import_module(site.module), site.cls)
-        out[site.name] = _CLASS_ORIGINALS.get((site.module, site.cls, site.attr), cls.__dict__[site.attr])
-    return out
+    return {site.name: _original(site, _hf_module(site)) for site in sites}
 
 
 def _site_of(fn) -> Site | None:
