@@ -14,7 +14,7 @@ from vitops.models import gemma3, llama4
 
 def test_import_vitops_loads_no_family():
     code = ("import sys, vitops; print(sorted(m for m in sys.modules if m.startswith('vitops.')"
-            " and m.split('.')[1] in ('models', 'hf', 'keras_hub', 'preprocess')))")
+            " and m.split('.')[1] in ('models', 'hf', 'keras_hub', 'preprocess', 'serving')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

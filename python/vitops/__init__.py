@@ -73,7 +73,7 @@ __all__ = [
 
 from ._lazy import lazy_getattr  # noqa: E402
 
-_FAMILY_PACKAGES = ("layers", "models", "hf", "keras_hub", "preprocess", "testing")
+_FAMILY_PACKAGES = ("layers", "models", "hf", "keras_hub", "preprocess", "serving", "testing")
 __getattr__ = lazy_getattr(__name__, _FAMILY_PACKAGES, {})
 
 
