@@ -1,4 +1,5 @@
-"""Registry of benchmark workloads (performance.md §8, W1-W8; W9: HF models patched by vitops.hf.patch).
+"""Registry of benchmark workloads (performance.md §8, W1-W8; W9: HF models patched by vitops.hf.patch;
+W10: packed mixed-resolution encoding against HF's padded batch).
 
 A workload is one `Workload` entry: an id (W1..W8), an op name, the shapes it runs (full and
 smoke) and a `build(shape, device, dtype)` that returns a `Setup`: the input tensors, the HF
@@ -752,6 +753,69 @@ def build_l4_hf_patched(shape, device, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
+# W10: packed mixed-resolution encoding (vitops.serving.encode_packed) against HF's padded batch:
+# images with different soft-token budgets, HF padding every image to the largest patch count
+# (its processor pads a batch to one budget) vs vitops packing them into one sequence.
+# ------------------------------------------------------------------------------------------------
+# Patch grids (rows, cols) of a k=3 pooled image with the given soft tokens, exact fills.
+_G4_GRIDS = {1120: (32, 35), 280: (14, 20), 140: (10, 14), 70: (7, 10), 4: (2, 2), 2: (1, 2)}
+G4_PACK_MIXES = {"1120+280+8x70": (1120, 280) + (70,) * 8, "32x70": (70,) * 32}
+
+
+def g4_mix(tokens: tuple, device: str, k: int = POOL_K):
+    """HF's padded batch of images with these soft-token counts: ``(pixels [B, Lmax, 768],
+    positions [B, Lmax, 2])``, every image an exact k-aligned grid, padded to the largest."""
+    seq = k * k * max(tokens)
+    pos = torch.full((len(tokens), seq, 2), -1, dtype=torch.int64)
+    for b, t in enumerate(tokens):
+        rows, cols = _G4_GRIDS[t]
+        ys, xs = torch.meshgrid(torch.arange(k * rows), torch.arange(k * cols), indexing="ij")
+        grid = torch.stack([xs, ys], -1).reshape(-1, 2)
+        pos[b, : grid.shape[0]] = grid
+    pixels = torch.rand(len(tokens), seq, 3 * 16 * 16)
+    pixels[pos[..., 0] < 0] = 0.0  # the processor's zero padding pixels
+    return pixels.to(device), pos.to(device)
+
+
+def packed_flops(m: dict, patch_counts, padded_to: int | None = None) -> float:
+    """Matmul FLOPs of a Gemma 4 tower over images of these patch counts (projections, MLP and
+    attention scores + values per layer), each image alone (packed) or padded to ``padded_to``."""
+    d, heads, hd, mlp, layers = m["D"], m["H"], m["hd"], m["mlp"], m["layers"]
+    lengths = [padded_to or n for n in patch_counts]
+    tokens = sum(lengths)
+    dense = 2 * tokens * (d * 3 * heads * hd + heads * hd * d + 3 * d * mlp)
+    attention = sum(2 * 2 * heads * hd * n * n for n in lengths)
+    return layers * (dense + attention)
+
+
+def build_g4_packed(shape, device, dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
+
+    m = dict(_g4_dims(shape), layers=shape.get("layers", _g4_dims(shape)["layers"]))
+    model = Gemma4VisionModel(g4_config(m)).to(device=device, dtype=dtype).eval()
+    tokens = G4_PACK_MIXES[shape["mix"]] if "mix" in shape else tuple(shape["tokens"])
+    pixels, pos = g4_mix(tokens, device)
+
+    def hf(pixels, pos):
+        # HF's padded batch: every image padded to the largest; output flattened (padding slots dropped)
+        return model(pixel_values=pixels, pixel_position_ids=pos).last_hidden_state
+
+    def vit():
+        from_hf = require_module("vitops.hf", "from_hf")
+        packed_images = require_module("vitops.serving.packed", "PackedImages")
+        tower, _ = from_hf(model.config, model.state_dict(), projector=False, dtype=dtype, device=device)
+
+        def run(pixels, pos):
+            packed = packed_images.from_padded(pixels, pos, tokens)
+            out, _ = tower.forward_packed(packed.patches, packed.positions_xy, packed.segments)
+            return out
+
+        return run
+
+    return Setup((pixels, pos), hf, vit, [], None, None)
+
+
+# ------------------------------------------------------------------------------------------------
 # the registry
 # ------------------------------------------------------------------------------------------------
 _L4_TILES = [dict(tiles=t) for t in (1, 5, 17, 136)]
@@ -801,6 +865,9 @@ WORKLOADS: list[Workload] = [
              [dict(B=b) for b in (1, 8)], [dict(B=1, smoke=True)], build_g3_tower, backward=False),
     Workload("W8", "l4_tower", "Llama 4 vision encoder + pixel-shuffle adapter end to end (SDPA)",
              [dict(tiles=1), dict(tiles=17)], [dict(tiles=1, smoke=True)], build_l4_tower, backward=False),
+    Workload("W10", "g4_packed", "Gemma 4 tower on mixed budgets: vitops packed (encode_packed) vs HF's padded batch",
+             [dict(model="g4-e4b", layers=2, mix=mx) for mx in G4_PACK_MIXES],
+             [dict(model="smoke", tokens=(4, 2, 2))], build_g4_packed, backward=False),
     Workload("W9", "g4_hf_patched", "HF Gemma4VisionModel patched by vitops.hf.patch vs unpatched (SDPA)",
              [dict(model=m, T=280, B=1) for m in G4_MODELS], [dict(model="smoke", T=4, B=1)],
              build_g4_hf_patched, backward=False),

@@ -22,6 +22,7 @@ __all__ = [
     "DecoderKVCache",
     "GatedMlp",
     "MODEL_MODES",
+    "PackedSegments",
     "RMSNorm",
     "acc_dtype",
     "activation",
@@ -36,6 +37,7 @@ __all__ = [
     "dropout_active",
     "image_block_ids",
     "mask_is_redundant",
+    "packed_attention",
     "rms_norm",
     "rope_inverse_frequencies",
     "run_decoder_layers",
@@ -243,6 +245,115 @@ def mask_is_redundant(valid: torch.Tensor) -> bool:
     the mask would be a host sync (the towers must stay sync-free, e.g. for CUDA-graph capture) and
     under torch.compile a data-dependent branch, so there the mask is always passed."""
     return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences: several images back to back in one sequence, attention block diagonal
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PackedSegments:
+    """The lengths of sequences packed back to back along one axis, as host ints.
+
+    A packing is decided when the batch is built (the preprocessor knows every image's patch count),
+    so keeping it on the host costs nothing and no kernel has to read sizes from the device: the
+    packed path never synchronises. ``runs`` groups consecutive segments of equal length, which the
+    attention and pooling run as one batched call each (a video's frames are one run)."""
+
+    lengths: tuple[int, ...]
+
+    def __post_init__(self):
+        lengths = tuple(self.lengths)
+        for n in lengths:
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"PackedSegments: every length must be a positive int, got {self.lengths!r}")
+        object.__setattr__(self, "lengths", lengths)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each segment, then the total (``cu_seqlens``)."""
+        out, acc = [0], 0
+        for n in self.lengths:
+            acc += n
+            out.append(acc)
+        return tuple(out)
+
+    @property
+    def runs(self) -> tuple[tuple[int, int, int], ...]:
+        """``(start, count, length)`` of each maximal run of consecutive segments of equal length."""
+        runs, start, i = [], 0, 0
+        while i < len(self.lengths):
+            j = i
+            while j < len(self.lengths) and self.lengths[j] == self.lengths[i]:
+                j += 1
+            runs.append((start, j - i, self.lengths[i]))
+            start += (j - i) * self.lengths[i]
+            i = j
+        return tuple(runs)
+
+    def scaled_down(self, factor: int) -> "PackedSegments":
+        """Each length divided by ``factor`` (exactly): the segments after a k x k pooling."""
+        if any(n % factor for n in self.lengths):
+            raise ValueError(f"PackedSegments: lengths {self.lengths} are not all multiples of {factor}")
+        return PackedSegments(tuple(n // factor for n in self.lengths))
+
+    def split(self, x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, ...]:
+        """Views of ``x`` per segment along ``dim``."""
+        if x.shape[dim] != self.total:
+            raise ValueError(f"PackedSegments.split: dim {dim} of {tuple(x.shape)} must be the packed length "
+                             f"{self.total}")
+        return torch.split(x, list(self.lengths), dim=dim)
+
+    def cu_seqlens(self, device=None) -> torch.Tensor:
+        """int32 ``[n + 1]`` segment offsets (flash-attention's varlen form)."""
+        return torch.tensor(self.offsets, dtype=torch.int32, device=device)
+
+
+PACKED_ATTENTION = ("sdpa", "varlen")
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: PackedSegments, *,
+                     scale: float | None = None, dropout_p: float = 0.0, backend: str = "sdpa") -> torch.Tensor:
+    """Block-diagonal self-attention over packed segments, with no padding FLOPs.
+
+    ``q [1, H, L, hd]``, ``k``/``v`` ``[1, KV, L, hd]`` (the transposed views SDPA takes; GQA when
+    KV < H), ``L = segments.total``; every token attends to the tokens of its own segment only.
+    Returns ``[1, L, H * hd]`` (the layout the output projection takes).
+
+    ``backend="sdpa"``: one SDPA call per run of equal-length segments, batched over the run (each
+    image's attention is then the same computation as the image alone). ``backend="varlen"``: one
+    ``torch.nn.attention.varlen.varlen_attn`` call (flash attention over ``cu_seqlens``; CUDA,
+    float16 / bfloat16, no dropout)."""
+    if q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != segments.total:
+        raise ValueError(f"packed_attention: q must be [1, H, {segments.total}, hd] (the packed length), got "
+                         f"{tuple(q.shape)}")
+    _, heads, length, hd = q.shape
+    gqa = k.shape[1] != heads
+    if backend == "varlen":
+        if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or dropout_p:
+            raise ValueError("packed_attention: backend='varlen' needs CUDA float16/bfloat16 inputs and no dropout, "
+                             f"got {q.device.type} {q.dtype}, dropout_p={dropout_p}")
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = segments.cu_seqlens(q.device)
+        longest = max(segments.lengths)
+        out = varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, longest, longest,
+                          scale=scale, enable_gqa=gqa)
+        return out.reshape(1, length, heads * hd)
+    if backend != "sdpa":
+        raise ValueError(f"packed_attention: backend must be one of {PACKED_ATTENTION}, got {backend!r}")
+    parts = []
+    for start, count, n in segments.runs:
+        def run_view(t):  # [1, N, L, hd] -> this run's [count, N, n, hd] (a view)
+            return t[0, :, start:start + count * n].unflatten(1, (count, n)).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(run_view(q), run_view(k), run_view(v), dropout_p=dropout_p, scale=scale,
+                                             enable_gqa=gqa)
+        parts.append(out.transpose(1, 2).reshape(count * n, heads * hd))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).unsqueeze(0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,12 +31,14 @@ from ..layers import (
     TANH_GELUS,
     ClippedLinear,
     GatedMlp,
+    PackedSegments,
     RMSNorm,
     acc_dtype,
     attention_mask as _attention_mask,
     dropout as _dropout,
     dropout_active as _dropout_active,
     mask_is_redundant as _mask_is_redundant,
+    packed_attention,
     rms_norm,
 )
 from ..ops import (
@@ -433,12 +435,15 @@ class Gemma4Attention(nn.Module):
 
     def forward(self, inputs_q: torch.Tensor, inputs_kv: torch.Tensor | None = None,
                 inputs_positions: torch.Tensor | None = None, *, decoder_segment_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, deterministic: bool | None = None
+                attention_mask: torch.Tensor | None = None, deterministic: bool | None = None,
+                segments: PackedSegments | None = None, attention_backend: str = "sdpa"
                 ) -> tuple[torch.Tensor, None]:
         """``inputs_q [B, L, D]``, ``inputs_positions [B, L, 2]`` (x, y). Either ``attention_mask``
         ``[B, L]`` (True = valid key; padded queries still attend, their outputs are discarded
         later) or MaxText's ``decoder_segment_ids`` ``[B, L]`` (attend within a segment); neither
-        means full attention. Returns ``(output [B, L, D], None)`` like MaxText."""
+        means full attention. ``segments``: images packed back to back in one sequence (B = 1),
+        attending within their segment without padding FLOPs (:func:`vitops.layers.packed_attention`,
+        ``attention_backend`` "sdpa" or "varlen"). Returns ``(output [B, L, D], None)`` like MaxText."""
         if inputs_kv is not None and inputs_kv is not inputs_q:
             raise ValueError("Gemma4Attention is self-attention: inputs_kv must be None or inputs_q")
         if inputs_positions is None:
@@ -451,10 +456,16 @@ class Gemma4Attention(nn.Module):
         # gets the hidden states: float32 under autocast while q, k, v are bfloat16 there.
         q, k, v = self.norm_and_rope(q, k, v, inputs_positions, rope_dtype=inputs_q.dtype)
 
+        dropout_p = self.dropout_rate if _dropout_active(self, deterministic) else 0.0
+        if segments is not None:
+            if attention_mask is not None or decoder_segment_ids is not None:
+                raise ValueError("Gemma4Attention: packed `segments` take no attention_mask or decoder_segment_ids "
+                                 "(packed images have no padding and attend within their segment)")
+            out = packed_attention(q, k, v, segments, scale=1.0, dropout_p=dropout_p, backend=attention_backend)
+            return self.out(out), None
         mask = _attention_mask(b, length, attention_mask, decoder_segment_ids)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask,
-            dropout_p=self.dropout_rate if _dropout_active(self, deterministic) else 0.0,
+            q, k, v, attn_mask=mask, dropout_p=dropout_p,
             scale=1.0, enable_gqa=self.num_query_heads != self.num_kv_heads,
         )
         out = out.transpose(1, 2).reshape(b, length, self.num_query_heads * self.head_dim)
@@ -477,11 +488,12 @@ class Gemma4EncoderBlock(nn.Module):
         self.residual_dropout = config.residual_dropout
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, deterministic: bool | None = None,
-                decoder_segment_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                decoder_segment_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                segments: PackedSegments | None = None, attention_backend: str = "sdpa") -> torch.Tensor:
         active = _dropout_active(self, deterministic)
         h, _ = self.attention(self.pre_attention_norm(x), inputs_positions=positions, attention_mask=attention_mask,
-                              decoder_segment_ids=decoder_segment_ids, deterministic=not active)
+                              decoder_segment_ids=decoder_segment_ids, deterministic=not active, segments=segments,
+                              attention_backend=attention_backend)
         x = x + _dropout(self.post_attention_norm(h), self.residual_dropout, active)
         h = self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), deterministic=not active))
         return x + _dropout(h, self.residual_dropout, active)
@@ -573,6 +585,41 @@ class Gemma4VisionEncoderLayer(nn.Module):
             return compiled(inputs, *rest, **kw)
 
         self._compiled_call_impl = call
+
+    def forward_packed(self, patches: torch.Tensor, positions_xy: torch.Tensor, segments: PackedSegments, *,
+                       deterministic: bool | None = None, attention_backend: str = "sdpa"
+                       ) -> tuple[torch.Tensor, PackedSegments]:
+        """Images of any sizes packed back to back in one sequence (beyond HF, which pads every image
+        to one budget): ``patches [P, 3p^2]`` and ``positions_xy [P, 2]`` hold each image's patches
+        (no padding rows), ``segments`` their patch counts (``P = segments.total``, each a full patch
+        grid whose sides are multiples of ``pooling_kernel_size``).
+
+        The projections, norms and MLPs run once over all ``P`` patches; each image attends to its own
+        patches only (:func:`vitops.layers.packed_attention`, no padding FLOPs) and is pooled on its own
+        grid. Returns ``(embeddings [N, D], token_segments)``: every image's soft tokens in image order
+        (``N = P / k^2``; the rows each image gives when encoded alone, HF's flattened order) and
+        their counts per image. The packing is host metadata: nothing here reads the device."""
+        k2 = self.config.pooling_kernel_size**2
+        if not isinstance(segments, PackedSegments):
+            segments = PackedSegments(tuple(segments))
+        p = self.config.patch_dim
+        if patches.dim() != 2 or patches.shape[0] != segments.total or patches.shape[1] != p:
+            raise ValueError(f"Gemma4VisionEncoderLayer.forward_packed: patches must be [{segments.total}, {p}] (the "
+                             f"packed patch count, 3 * patch_size**2), got {tuple(patches.shape)}")
+        if positions_xy.shape != (segments.total, 2):
+            raise ValueError(f"Gemma4VisionEncoderLayer.forward_packed: positions_xy must be [{segments.total}, 2], "
+                             f"got {tuple(positions_xy.shape)}")
+        token_segments = segments.scaled_down(k2)
+        x, pos = self.vision_entry(patches.unsqueeze(0), positions_xy.unsqueeze(0))
+        for layer in self.layers:
+            x = layer(x, pos, deterministic, segments=segments, attention_backend=attention_backend)
+        pooled = []
+        for start, count, n in segments.runs:
+            rows = slice(start, start + count * n)
+            out, _ = self.vision_exit.pool_scale_standardize(x[0, rows].reshape(count, n, -1),
+                                                             pos[0, rows].reshape(count, n, 2), n // k2)
+            pooled.append(out.reshape(count * (n // k2), -1))
+        return (pooled[0] if len(pooled) == 1 else torch.cat(pooled)), token_segments
 
     def forward_flat(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor) -> torch.Tensor:
         """HF ``Gemma4VisionModel`` output: ``[sum_i n_i, D]`` with padding slots removed (syncs)."""
