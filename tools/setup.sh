@@ -40,7 +40,7 @@ case "${TORCH_VERSION%%+*}" in
 esac
 echo "== installing build tools and test dependencies"
 "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy pytest \
-  "transformers==$TRANSFORMERS_VERSION" safetensors pillow $TORCHVISION
+  "transformers==$TRANSFORMERS_VERSION" safetensors pillow tqdm $TORCHVISION
 # The other supported transformers release (vitops.hf.patch checks its code), unpacked beside the
 # venv for tests/test_hf_patch.py, which runs it in a subprocess with PYTHONPATH (the venv keeps
 # $TRANSFORMERS_VERSION). VITOPS_SECOND_TRANSFORMERS="" skips it.

@@ -3,6 +3,9 @@
   python -m vitops [encode] [--model gemma4|llama4|gemma3] [--image PATH] [--checkpoint PATH] ...
         encode an image (the bundled demo picture by default) with a vision tower (Gemma 4 by
         default) and print the soft-token tensor's shape, a checksum and the time taken
+  python -m vitops encode --images DIR_OR_GLOB --out FILE.safetensors [--model ...] ...
+        batch mode: encode many images in packed batches into one safetensors file (soft tokens per
+        image id), resumable; under torchrun each process encodes a shard, rank 0 merges
   python -m vitops selfcheck
         run every op on every built backend against its reference and print a table
   python -m vitops info

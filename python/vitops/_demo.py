@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--no-projector", action="store_true", help="stop at the vision tower's output")
+    from . import _batch_encode
+
+    _batch_encode.add_arguments(parser)
 
 
 class UserError(Exception):
@@ -70,7 +73,9 @@ def check_arguments(args) -> str | None:
         return f"--max-tiles {args.max_tiles}: must be at least 1"
     if args.num_layers is not None and (args.num_layers < 0 or args.checkpoint):
         return f"--num-layers {args.num_layers}: an int >= 0, with random weights only (not with --checkpoint)"
-    return None
+    from . import _batch_encode
+
+    return _batch_encode.check_arguments(args)
 
 
 def _hf_config(checkpoint: str | None):
@@ -149,6 +154,10 @@ def _encode(args, encode):
 
 
 def run(args) -> int:
+    if args.images is not None:  # batch mode: many images to a safetensors file
+        from . import _batch_encode
+
+        return _batch_encode.run(args)
     return {"llama4": run_llama4, "gemma3": run_gemma3}.get(args.model, run_gemma4)(args)
 
 
