@@ -14,12 +14,16 @@ from vitops.models import gemma3, gemma4_vision, llama4
 # Run in a fresh interpreter: load the package and the inputs, print the max relative error.
 _LOADER = """
 import sys, torch, vitops
-inputs, want = torch.load(sys.argv[2])
+cases = torch.load(sys.argv[2])
 runner = torch._inductor.aoti_load_package(sys.argv[1])
-got = runner(*inputs)
-got = got if isinstance(got, (tuple, list)) else [got]
-err = max(((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30)).item()
-          if g.is_floating_point() else float(not torch.equal(g, w)) for g, w in zip(got, want))
+err = 0.0
+for inputs, want in cases:
+    got = runner(*inputs)
+    got = got if isinstance(got, (tuple, list)) else [got]
+    assert [tuple(g.shape) for g in got] == [tuple(w.shape) for w in want], (
+        [tuple(g.shape) for g in got], [tuple(w.shape) for w in want])
+    err = max([err] + [((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30)).item()
+                       if g.is_floating_point() else float(not torch.equal(g, w)) for g, w in zip(got, want)])
 print(f"max_rel_err {err}")
 """
 
@@ -88,14 +92,19 @@ def _vitops_ops(graph_module) -> set[str]:
     return {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function" and "vitops" in str(n.target)}
 
 
+def _dynamic_dims(family, args):
+    """Every size dynamic but the channel / (x, y) axes (Gemma 3: batch and crops)."""
+    return tuple({i: torch.export.Dim.AUTO for i in range(a.dim() - (1 if a.dtype == torch.int64 else 0))}
+                 if family != "gemma3" else {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for a in args)
+
+
 @pytest.mark.parametrize("family", list(TOWERS))
 def test_export_keeps_vitops_ops_and_dynamic_sizes(family):
     cls, first, second = TOWERS[family]
     torch.manual_seed(0)
     module = cls()
     args = module.example(*first)
-    dims = tuple({i: torch.export.Dim.AUTO for i in range(a.dim() - (1 if a.dtype == torch.int64 else 0))}
-                 if family != "gemma3" else {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for a in args)
+    dims = _dynamic_dims(family, args)
     with torch.no_grad():
         ep = torch.export.export(module, args, dynamic_shapes=dims)
     ops = _vitops_ops(ep.graph_module)
@@ -111,16 +120,19 @@ def test_export_keeps_vitops_ops_and_dynamic_sizes(family):
 
 @pytest.mark.parametrize("family", list(TOWERS))
 def test_aoti_package_runs_in_a_fresh_process(family, tmp_path):
+    """One package with dynamic sizes, run on the example's sizes and on others."""
     cls, first, second = TOWERS[family]
     torch.manual_seed(0)
     module = cls()
     args = module.example(*first)
+    cases = []
     with torch.no_grad():
-        ep = torch.export.export(module, args)
+        ep = torch.export.export(module, args, dynamic_shapes=_dynamic_dims(family, args))
         package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"{family}.pt2"))
-        want = module(*args)
-    want = list(want) if isinstance(want, tuple) else [want]
-    torch.save((args, want), tmp_path / "io.pt")
+        for inputs in (args, module.example(*second)):
+            want = module(*inputs)
+            cases.append((inputs, list(want) if isinstance(want, tuple) else [want]))
+    torch.save(cases, tmp_path / "io.pt")
     out = subprocess.run([sys.executable, "-c", _LOADER, package, str(tmp_path / "io.pt")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
