@@ -224,6 +224,48 @@ def resize_torch_path(t: torch.Tensor, th: int, tw: int, resample: str) -> torch
 
 
 
+def _native_uint8_on_cpu(resample: str) -> bool:
+    """torchvision's ``_do_native_uint8_resize_on_cpu``: whether a CPU uint8 image is interpolated as
+    uint8 (torch's fixed-point kernel) rather than through float32. Bicubic always is; bilinear only
+    where torch's vectorised uint8 kernel exists (AVX2 / AVX-512, arm64) or under compile."""
+    if resample == "bicubic":
+        return True
+    if torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return True
+    import platform
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
+def resize_torchvision(frames: torch.Tensor, th: int, tw: int, resample: str) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, th, tw]``: what torchvision 0.29's ``transforms.v2.functional.resize``
+    (``antialias=True``) computes on a tensor, the resize of HF's torchvision-backed processors (its
+    video processors among them), with torch ops only (torch without torchvision lacks nothing here).
+
+    One 2-D antialiased ``F.interpolate`` call. float32 / float64 frames are interpolated in their dtype
+    and not clamped. uint8 frames on the CPU go to torch's uint8 kernel as they are (two fixed-point
+    passes with uint8 rounding in between, like PIL's; bilinear only on CPUs with torch's vectorised
+    kernel); elsewhere (CUDA) they are interpolated in float32, clamped to [0, 255] (bicubic), rounded
+    half to even and cast back. That route is not the CPU kernel: on noise images the two differ by up
+    to ~20 levels, so HF's video outputs depend on the device, and so do these. Other floating dtypes
+    go through float32 and are cast back to their dtype (as torchvision does)."""
+    h, w = frames.shape[-2:]
+    if (h, w) == (th, tw):
+        return frames
+    dtype = frames.dtype
+    native = dtype in (torch.float32, torch.float64) or (
+        dtype == torch.uint8 and frames.device.type == "cpu" and _native_uint8_on_cpu(resample))
+    x = frames if native else frames.to(torch.float32)
+    x = F.interpolate(x, size=(th, tw), mode=resample, align_corners=False, antialias=True)
+    if not native:
+        if dtype == torch.uint8:
+            if resample == "bicubic":
+                x = x.clamp_(0, 255)
+            x = x.round_()
+        x = x.to(dtype)
+    return x
+
+
 def demo_image():
     """The bundled 640x480 RGB demo picture as a PIL image (needs Pillow).
 
