@@ -63,6 +63,8 @@ __all__ = [
     "Gemma4EncoderBlock",
     "Gemma4VisionEncoderLayer",
     "Gemma4VisionProjector",
+    "encode_images",
+    "encode_videos",
     "mark_static_axes",
     "rms_norm",
     "strip_padding",
@@ -640,3 +642,46 @@ class Gemma4VisionProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft tokens for the text model: HF's Gemma4Model.get_image_features / get_video_features
+# ---------------------------------------------------------------------------------------------
+def _soft_tokens(tower: Gemma4VisionEncoderLayer, projector: Gemma4VisionProjector | None, pixel_values: torch.Tensor,
+                 pixel_position_ids: torch.Tensor, deterministic: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [sum n_i, D'], mask [..., K])``: the projected tower output without its padding slots
+    (the projector runs on those rows only, as HF's embedder does)."""
+    out, mask = tower(pixel_values, deterministic, image_position_ids=pixel_position_ids)
+    rows = strip_padding(out, mask)
+    return (rows if projector is None else projector(rows)), mask
+
+
+def encode_images(tower: Gemma4VisionEncoderLayer, projector: Gemma4VisionProjector | None,
+                  pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor,
+                  deterministic: bool | None = None) -> list[torch.Tensor]:
+    """Images to soft tokens, HF's ``get_image_features``: padded patches ``[B, L, 3p^2]`` + positions
+    ``[B, L, 2]`` (the image processor's outputs) -> per image ``[n_i, text_hidden]`` (the tower's
+    ``[n_i, D]`` when ``projector`` is None). The split sizes are read on the host, as in HF."""
+    if pixel_values.dim() != 3:
+        raise ValueError(f"encode_images: pixel_values must be [B, L, 3p^2], got shape {tuple(pixel_values.shape)}")
+    rows, mask = _soft_tokens(tower, projector, pixel_values, pixel_position_ids, deterministic)
+    return list(torch.split(rows, mask.sum(-1).tolist()))
+
+
+def encode_videos(tower: Gemma4VisionEncoderLayer, projector: Gemma4VisionProjector | None,
+                  pixel_values_videos: torch.Tensor, video_position_ids: torch.Tensor,
+                  deterministic: bool | None = None) -> list[torch.Tensor]:
+    """Videos to soft tokens, HF's ``get_video_features``: ``[V, F, L, 3p^2]`` + ``[V, F, L, 2]`` (the
+    video processor's outputs); every frame is an independent image through the tower and the
+    projector, padding slots are dropped, and each video gets its frames' rows in order:
+    ``[F * n_v, text_hidden]`` per video (what fills its ``<|video|>`` tokens). Host sync as in HF."""
+    if pixel_values_videos.dim() != 4:
+        raise ValueError(f"encode_videos: pixel_values_videos must be [V, F, L, 3p^2], got shape "
+                         f"{tuple(pixel_values_videos.shape)}")
+    if video_position_ids.shape != (*pixel_values_videos.shape[:-1], 2):
+        raise ValueError(f"encode_videos: video_position_ids must be [V, F, L, 2] = "
+                         f"{[*pixel_values_videos.shape[:-1], 2]}, got shape {tuple(video_position_ids.shape)}")
+    rows, mask = _soft_tokens(tower, projector, pixel_values_videos.flatten(0, 1), video_position_ids.flatten(0, 1),
+                              deterministic)
+    per_video = mask.reshape(pixel_values_videos.shape[0], -1).sum(-1)
+    return list(torch.split(rows, per_video.tolist()))

@@ -5,8 +5,9 @@ Input forms: PIL images, numpy arrays and torch tensors, ``[H, W]`` (grayscale),
 any of these. uint8 holds [0, 255]; floating inputs hold [0, 1] (checked, not rescaled again).
 ``channels_last=None`` infers the layout when exactly one of the first/last axes has a channel-like
 size (1, 3 or 4) and raises otherwise. Resizes: the *PIL path* (PIL's own resampling, HF's PIL
-backend bit for bit on uint8) and the *torch path* (two antialiased 1-D ``F.interpolate`` passes
-in PIL's order, on the tensor's device); see ``vitops.preprocess.gemma4`` for the measured gap.
+backend bit for bit on uint8), the *torch path* (two antialiased 1-D ``F.interpolate`` passes
+in PIL's order, on the tensor's device; see ``vitops.preprocess.gemma4`` for the measured gap) and
+:func:`resize_torchvision` (what HF's torchvision backend computes, bit for bit; the video path).
 """
 
 from __future__ import annotations
