@@ -99,7 +99,7 @@ def sample_frame_indices(total_num_frames: int, *, num_frames: int | None = None
     """Frames to keep, HF's ``default_sample_indices_fn``: ``num_frames`` evenly spaced
     (``i * total // num_frames``), or, with ``fps`` and no ``num_frames``, ``int(total / video_fps * fps)``
     of them; all frames when neither is given. Asking for more frames than the video has is an error
-    (as in HF); so is an ``fps`` that keeps none (HF would return an empty video)."""
+    (as in HF); so is an ``fps`` that keeps none (HF fails later, in a reshape of the empty video)."""
     if num_frames is None and fps is not None:
         if video_fps is None:
             raise ValueError(f"sampling fps={fps} frames per second needs the video's own fps: pass "
