@@ -170,8 +170,12 @@ def test_processor_grayscale_and_alpha_match_hf():
     assert torch.equal(pp.Gemma4VideoProcessor(**kw)(frames).pixel_values_videos,
                        pp.Gemma4VideoProcessor(**kw)(rgba).pixel_values_videos)
     lum = [Image.fromarray(f[..., 0].numpy(), "L") for f in gray]
-    assert torch.equal(pp.Gemma4VideoProcessor(**kw)(lum).pixel_values_videos,
-                       pp.Gemma4VideoProcessor(**kw)(gray).pixel_values_videos)
+    want = pp.Gemma4VideoProcessor(**kw)(gray).pixel_values_videos
+    assert torch.equal(pp.Gemma4VideoProcessor(**kw)(lum).pixel_values_videos, want)
+    # 2-D frames, wherever channels_last puts their channel axis
+    for cl in (None, True, False):
+        frames = [f[..., 0] for f in gray]
+        assert torch.equal(pp.Gemma4VideoProcessor(**kw)(frames, channels_last=cl).pixel_values_videos, want)
 
 
 @needs_torchvision

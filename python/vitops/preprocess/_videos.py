@@ -156,20 +156,21 @@ def split_videos(videos: Any) -> list[Any]:
     return out
 
 
-def _frame_array(frame: Any):
-    """One frame as an ``[H, W, C]`` / ``[C, H, W]`` array or tensor (PIL: RGB, or RGBA when it has alpha)."""
+def _frame_array(frame: Any, channels_last: bool | None):
+    """One frame as an ``[H, W, C]`` / ``[C, H, W]`` array or tensor (PIL: RGB, or RGBA when it has
+    alpha, channels last; a 2-D frame gets its channel axis where ``channels_last`` puts it)."""
     if is_pil(frame):
         if frame.mode not in ("RGB", "RGBA"):
             has_alpha = "A" in frame.mode or "transparency" in frame.info
             frame = frame.convert("RGBA" if has_alpha else "RGB")
         return np.asarray(frame)
     if frame.ndim == 2:
-        return frame[..., None]
+        return frame[None] if channels_last is False else frame[..., None]
     return frame
 
 
-def _stack_frames(frames: list[Any], where: str):
-    arrays = [_frame_array(f) for f in frames]
+def _stack_frames(frames: list[Any], channels_last: bool | None, where: str):
+    arrays = [_frame_array(f, channels_last) for f in frames]
     shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"{where}: the frames of a video must all have one shape, got {sorted(shapes)}")
@@ -187,7 +188,7 @@ def prepare_video(video: Any, indices: list[int] | None, channels_last: bool | N
         if indices is not None:
             video = [video[i] for i in indices]
             indices = None
-        video = _stack_frames(list(video), where)
+        video = _stack_frames(list(video), channels_last, where)
     if video.ndim != 4:
         raise ValueError(f"{where}: a video must be [F, H, W, C] or [F, C, H, W], got shape {tuple(video.shape)}")
     if isinstance(video, np.ndarray):
