@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vitops import preprocess as pp
-from vitops.models.gemma4_vision import encode_images, encode_videos
+from vitops.models.gemma4_vision import encode_videos, strip_padding
 from vitops.preprocess._images import resize_torchvision
 
 transformers = pytest.importorskip("transformers")
@@ -457,18 +457,23 @@ def test_encode_videos_default_32_frames_at_70_tokens():
     assert rel(ours, ref[0]) <= 1e-5
 
 
-def test_encode_images_matches_hf():
+def test_encode_videos_packed_equals_padded_tower_and_counts_on_host():
+    """The one packed call equals the padded tower + projector on every frame (rows in HF's order),
+    whether the per-frame counts come from the processor (host ints) or from the positions."""
     model, tower, proj = tiny_gemma4()
     g = torch.Generator().manual_seed(10)
-    inputs = pp.Gemma4VideoProcessor(patch_size=4, pooling_kernel_size=2, do_sample_frames=False)(
-        [random_video(g, 3, 30, 50, True)])
-    pv, pos = inputs.pixel_values_videos[0], inputs.video_position_ids[0]
+    inputs = pp.Gemma4VideoProcessor(patch_size=4, pooling_kernel_size=2, num_frames=3, max_soft_tokens=140)(
+        [random_video(g, 5, 30, 50, True), random_video(g, 3, 45, 20, False)])
+    pv, pos = inputs.pixel_values_videos, inputs.video_position_ids
     with torch.no_grad():
-        ref = model.get_image_features(pv, pos).pooler_output
-        ours = encode_images(tower, proj, pv, pos)
-    assert len(ours) == len(ref) == 3
-    for o, r in zip(ours, ref):
-        assert rel(o, r) <= 1e-5
+        derived = encode_videos(tower, proj, pv, pos)
+        given = encode_videos(tower, proj, pv, pos, inputs.num_soft_tokens_per_video)
+        out, mask = tower(pv.flatten(0, 1), image_position_ids=pos.flatten(0, 1))
+        padded = proj(strip_padding(out, mask))
+    assert [d.shape[0] for d in derived] == [d.shape[0] for d in given] == inputs.num_video_tokens
+    for d, h in zip(derived, given):
+        assert torch.equal(d, h)
+    torch.testing.assert_close(torch.cat(given), padded, rtol=1e-5, atol=1e-5)
 
 
 def test_encode_videos_bfloat16_no_worse_than_hf():
@@ -508,8 +513,11 @@ def test_encode_videos_bad_shapes():
         encode_videos(tower, proj, pv[0], torch.zeros(2, 16, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"video_position_ids must be \[V, F, L, 2\]"):
         encode_videos(tower, proj, pv, torch.zeros(1, 2, 15, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"pixel_values must be \[B, L, 3p\^2\]"):
-        encode_images(tower, proj, pv, torch.zeros(1, 2, 16, 2, dtype=torch.long))
+    pos = torch.zeros(1, 2, 16, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="has 2 counts for 1 videos"):
+        encode_videos(tower, proj, pv, pos, [4, 4])
+    with pytest.raises(ValueError, match="must be positive and fit"):
+        encode_videos(tower, proj, pv, pos, [5])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +539,14 @@ def test_processor_and_encoder_cuda_match_hf():
     model, tower, proj = tiny_gemma4()
     small = pp.Gemma4VideoProcessor(patch_size=4, pooling_kernel_size=2, num_frames=4)(videos)
     ref_feats = hf_video_features(model.cuda(), small.pixel_values_videos, small.video_position_ids)
+    tower, proj = tower.cuda(), proj.cuda()
     with torch.no_grad():
-        feats = encode_videos(tower.cuda(), proj.cuda(), small.pixel_values_videos, small.video_position_ids)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # the processor's counts keep the packing on the host
+        try:
+            feats = encode_videos(tower, proj, small.pixel_values_videos, small.video_position_ids,
+                                  small.num_soft_tokens_per_video)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     for o, r in zip(feats, ref_feats):
         assert o.is_cuda and rel(o, r) <= 1e-4

@@ -63,7 +63,6 @@ __all__ = [
     "Gemma4EncoderBlock",
     "Gemma4VisionEncoderLayer",
     "Gemma4VisionProjector",
-    "encode_images",
     "encode_videos",
     "mark_static_axes",
     "rms_norm",
@@ -645,43 +644,40 @@ class Gemma4VisionProjector(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Soft tokens for the text model: HF's Gemma4Model.get_image_features / get_video_features
+# Video soft tokens for the text model: HF's Gemma4Model.get_video_features
 # ---------------------------------------------------------------------------------------------
-def _soft_tokens(tower: Gemma4VisionEncoderLayer, projector: Gemma4VisionProjector | None, pixel_values: torch.Tensor,
-                 pixel_position_ids: torch.Tensor, deterministic: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows [sum n_i, D'], mask [..., K])``: the projected tower output without its padding slots
-    (the projector runs on those rows only, as HF's embedder does)."""
-    out, mask = tower(pixel_values, deterministic, image_position_ids=pixel_position_ids)
-    rows = strip_padding(out, mask)
-    return (rows if projector is None else projector(rows)), mask
-
-
-def encode_images(tower: Gemma4VisionEncoderLayer, projector: Gemma4VisionProjector | None,
-                  pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor,
-                  deterministic: bool | None = None) -> list[torch.Tensor]:
-    """Images to soft tokens, HF's ``get_image_features``: padded patches ``[B, L, 3p^2]`` + positions
-    ``[B, L, 2]`` (the image processor's outputs) -> per image ``[n_i, text_hidden]`` (the tower's
-    ``[n_i, D]`` when ``projector`` is None). The split sizes are read on the host, as in HF."""
-    if pixel_values.dim() != 3:
-        raise ValueError(f"encode_images: pixel_values must be [B, L, 3p^2], got shape {tuple(pixel_values.shape)}")
-    rows, mask = _soft_tokens(tower, projector, pixel_values, pixel_position_ids, deterministic)
-    return list(torch.split(rows, mask.sum(-1).tolist()))
-
-
 def encode_videos(tower: Gemma4VisionEncoderLayer, projector: Gemma4VisionProjector | None,
                   pixel_values_videos: torch.Tensor, video_position_ids: torch.Tensor,
-                  deterministic: bool | None = None) -> list[torch.Tensor]:
+                  num_soft_tokens_per_video: list[int] | None = None, *, deterministic: bool | None = None,
+                  attention_backend: str = "sdpa") -> list[torch.Tensor]:
     """Videos to soft tokens, HF's ``get_video_features``: ``[V, F, L, 3p^2]`` + ``[V, F, L, 2]`` (the
-    video processor's outputs); every frame is an independent image through the tower and the
-    projector, padding slots are dropped, and each video gets its frames' rows in order:
-    ``[F * n_v, text_hidden]`` per video (what fills its ``<|video|>`` tokens). Host sync as in HF."""
+    video processor's outputs) -> per video ``[F * n_v, text_hidden]`` (the tower's ``[F * n_v, D]``
+    when ``projector`` is None): every frame an independent image, padding slots dropped, each
+    video's frames' rows in order (what fills its ``<|video|>`` tokens).
+
+    All frames of all videos are encoded in one packed call (:func:`vitops.serving.encode_packed`:
+    no padding rows, block-diagonal attention per frame). ``num_soft_tokens_per_video`` (the
+    processor's per-frame counts) keeps the packing on the host: nothing reads the device. Without
+    it the counts are read from the positions (one host read, as HF's split sizes)."""
+    from ..serving.packed import PackedImages, encode_packed
+
     if pixel_values_videos.dim() != 4:
         raise ValueError(f"encode_videos: pixel_values_videos must be [V, F, L, 3p^2], got shape "
                          f"{tuple(pixel_values_videos.shape)}")
     if video_position_ids.shape != (*pixel_values_videos.shape[:-1], 2):
         raise ValueError(f"encode_videos: video_position_ids must be [V, F, L, 2] = "
                          f"{[*pixel_values_videos.shape[:-1], 2]}, got shape {tuple(video_position_ids.shape)}")
-    rows, mask = _soft_tokens(tower, projector, pixel_values_videos.flatten(0, 1), video_position_ids.flatten(0, 1),
-                              deterministic)
-    per_video = mask.reshape(pixel_values_videos.shape[0], -1).sum(-1)
-    return list(torch.split(rows, per_video.tolist()))
+    videos, frames = pixel_values_videos.shape[:2]
+    k2 = tower.config.pooling_kernel_size**2
+    if num_soft_tokens_per_video is None:
+        per_frame = ((video_position_ids != -1).all(-1).sum(-1) // k2).reshape(-1).tolist()
+    else:
+        counts = list(num_soft_tokens_per_video)
+        if len(counts) != videos:
+            raise ValueError(f"encode_videos: num_soft_tokens_per_video has {len(counts)} counts for {videos} videos")
+        per_frame = [int(n) for n in counts for _ in range(frames)]
+    packed = PackedImages.from_padded(pixel_values_videos, video_position_ids, per_frame, tower.config.pooling_kernel_size)
+    encoded = encode_packed(tower, packed, embedder=projector, deterministic=deterministic,
+                            attention_backend=attention_backend)
+    per_video = [sum(per_frame[v * frames:(v + 1) * frames]) for v in range(videos)]
+    return list(torch.split(encoded.soft_tokens, per_video))
