@@ -244,7 +244,8 @@ def test_processor_on_another_device_default_and_outputs():
     assert out["pixel_values_videos"] is out.pixel_values_videos
     n = out.num_soft_tokens_per_video[0]
     assert out.num_video_tokens == [2 * n]
-    assert out.resized_hw[0][0] % 48 == 0 and out.patch_grid_hw[0] == (out.resized_hw[0][0] // 16, out.resized_hw[0][1] // 16)
+    (th, tw), grid = out.resized_hw[0], out.patch_grid_hw[0]
+    assert th % 48 == 0 and tw % 48 == 0 and grid == (th // 16, tw // 16)
     assert (out.video_position_ids[0, :, : n * 9] >= 0).all() and (out.video_position_ids[0, :, n * 9:] == -1).all()
     assert not out.pixel_values_videos[0, :, n * 9:].any()
     moved = out.to("cpu")
@@ -287,11 +288,13 @@ def test_processor_on_another_device_default_and_outputs():
      ValueError, r"unknown keys \['fsp'\]"),
     (torch.zeros(4, 8, 8, 3, dtype=torch.uint8), {"num_frames": 2, "video_metadata": {"total_num_frames": 4, "fps": 0}},
      ValueError, "fps must be a positive finite number"),
-    (torch.zeros(4, 8, 8, 3, dtype=torch.uint8), {"num_frames": 2, "video_metadata": 30}, TypeError, "video_metadata must be"),
+    (torch.zeros(4, 8, 8, 3, dtype=torch.uint8), {"num_frames": 2, "video_metadata": 30}, TypeError,
+     "video_metadata must be"),
     (torch.zeros(4, 8, 8, 3, dtype=torch.uint8),
      {"do_sample_frames": False, "video_metadata": {"total_num_frames": 9, "frames_indices": [0, 3]}},
      ValueError, "frames_indices has 2"),
-    (torch.zeros(4, 8, 8, 3, dtype=torch.uint8), {"max_soft_tokens": 100}, ValueError, "max_soft_tokens must be one of"),
+    (torch.zeros(4, 8, 8, 3, dtype=torch.uint8), {"max_soft_tokens": 100}, ValueError,
+     "max_soft_tokens must be one of"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -501,7 +504,8 @@ def test_encode_videos_bfloat16_no_worse_than_hf():
         pairs.append((rel(hf_low, ref), rel(ours, ref)))
     hf_mean = sum(p[0] for p in pairs) / len(pairs)
     ours_mean = sum(p[1] for p in pairs) / len(pairs)
-    print(f"PARITY gemma4 video bfloat16 vs HF float64, mean of {len(pairs)} seeds (HF: {hf_mean:.3e}): {ours_mean:.3e}")
+    print(f"PARITY gemma4 video bfloat16 vs HF float64, mean of {len(pairs)} seeds (HF: {hf_mean:.3e}): "
+          f"{ours_mean:.3e}")
     assert ours_mean <= 1.1 * hf_mean, pairs
     assert all(o <= 1.5 * h for h, o in pairs), pairs
 

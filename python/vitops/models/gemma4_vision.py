@@ -676,7 +676,8 @@ def encode_videos(tower: Gemma4VisionEncoderLayer, projector: Gemma4VisionProjec
         if len(counts) != videos:
             raise ValueError(f"encode_videos: num_soft_tokens_per_video has {len(counts)} counts for {videos} videos")
         per_frame = [int(n) for n in counts for _ in range(frames)]
-    packed = PackedImages.from_padded(pixel_values_videos, video_position_ids, per_frame, tower.config.pooling_kernel_size)
+    packed = PackedImages.from_padded(pixel_values_videos, video_position_ids, per_frame,
+                                      tower.config.pooling_kernel_size)
     encoded = encode_packed(tower, packed, embedder=projector, deterministic=deterministic,
                             attention_backend=attention_backend)
     per_video = [sum(per_frame[v * frames:(v + 1) * frames]) for v in range(videos)]
