@@ -477,6 +477,18 @@ def test_encode_videos_packed_equals_padded_tower_and_counts_on_host():
     for d, h in zip(derived, given):
         assert torch.equal(d, h)
     torch.testing.assert_close(torch.cat(given), padded, rtol=1e-5, atol=1e-5)
+    # encode_packed takes the processor's output as it is (every frame an image), alone or with images
+    from vitops.serving import encode_packed
+
+    images = pp.Gemma4ImageProcessor(patch_size=4, pooling_kernel_size=2)(random_video(g, 1, 40, 40, True)[0],
+                                                                           max_soft_tokens=70)
+    with torch.no_grad():
+        direct = encode_packed(tower, inputs, embedder=proj)
+        mixed = encode_packed(tower, [images, inputs], embedder=proj)
+        image_rows = proj(strip_padding(*tower(images.pixel_values, image_position_ids=images.pixel_position_ids)))
+    assert torch.equal(direct.soft_tokens, torch.cat(given))
+    assert direct.tokens_per_image == tuple(n for n in inputs.num_soft_tokens_per_video for _ in range(3))
+    torch.testing.assert_close(mixed.soft_tokens, torch.cat([image_rows, *given]), rtol=1e-5, atol=1e-5)
 
 
 def test_encode_videos_bfloat16_no_worse_than_hf():

@@ -137,8 +137,8 @@ def _loaded(module: str, name: str) -> type | None:
     return getattr(mod, name, None) if mod is not None else None
 
 
-_PREPROCESSED = (("vitops.preprocess.gemma4", "Gemma4Preprocessed"), ("vitops.preprocess.gemma3", "Gemma3Preprocessed"),
-                 ("vitops.preprocess.llama4", "Llama4Preprocessed"))
+_PREPROCESSED = (("vitops.preprocess.gemma4", "Gemma4Preprocessed"), ("vitops.preprocess.gemma4", "Gemma4VideoPreprocessed"),
+                 ("vitops.preprocess.gemma3", "Gemma3Preprocessed"), ("vitops.preprocess.llama4", "Llama4Preprocessed"))
 
 
 def _is_raw_images(images: Any) -> bool:
@@ -158,9 +158,9 @@ def pack_gemma4(images: Any, *, max_soft_tokens: int | Sequence[int] = 280, proc
 
     ``images``: one image or a list (PIL, numpy, tensors: whatever :class:`Gemma4ImageProcessor`
     takes), each resized to its own budget (``max_soft_tokens``: one of 70/140/280/560/1120 for all,
-    or one per image); or preprocessed outputs (a ``Gemma4Preprocessed``, a ``PackedImages`` or a
-    list of them), packed as they are."""
-    from ..preprocess.gemma4 import Gemma4ImageProcessor, Gemma4Preprocessed
+    or one per image); or preprocessed outputs (a ``Gemma4Preprocessed``, a ``Gemma4VideoPreprocessed``
+    (every frame of every video an image), a ``PackedImages`` or a list of them), packed as they are."""
+    from ..preprocess.gemma4 import Gemma4ImageProcessor, Gemma4Preprocessed, Gemma4VideoPreprocessed
 
     if not _is_raw_images(images):
         parts = []
@@ -172,9 +172,15 @@ def pack_gemma4(images: Any, *, max_soft_tokens: int | Sequence[int] = 280, proc
                      else _pooling_kernel_of(item))
                 parts.append(PackedImages.from_padded(item.pixel_values, item.pixel_position_ids,
                                                       item.num_soft_tokens_per_image, k))
+            elif isinstance(item, Gemma4VideoPreprocessed):
+                k = processor.pooling_kernel_size if processor is not None else _pooling_kernel_of(item)
+                frames = item.num_frames
+                parts.append(PackedImages.from_padded(item.pixel_values_videos, item.video_position_ids,
+                                                      [n for n in item.num_soft_tokens_per_video for _ in range(frames)],
+                                                      k))
             else:
-                raise TypeError(f"pack_gemma4: cannot pack a {type(item).__name__} (Gemma 4 images, Gemma4Preprocessed "
-                                "or PackedImages)")
+                raise TypeError(f"pack_gemma4: cannot pack a {type(item).__name__} (Gemma 4 images, Gemma4Preprocessed, "
+                                "Gemma4VideoPreprocessed or PackedImages)")
         packed = PackedImages.concat(parts)
         return packed if device is None else packed.to(device)
     items = _as_list(images) if isinstance(images, (list, tuple)) else [images]
@@ -192,8 +198,9 @@ def pack_gemma4(images: Any, *, max_soft_tokens: int | Sequence[int] = 280, proc
 
 
 def _pooling_kernel_of(pre) -> int:
-    """k of a Gemma4Preprocessed: patches of the grid per soft token."""
-    (gh, gw), tokens = pre.patch_grid_hw[0], pre.num_soft_tokens_per_image[0]
+    """k of a Gemma4Preprocessed / Gemma4VideoPreprocessed: patches of the grid per soft token."""
+    counts = getattr(pre, "num_soft_tokens_per_image", None) or pre.num_soft_tokens_per_video
+    (gh, gw), tokens = pre.patch_grid_hw[0], counts[0]
     k = round((gh * gw / tokens) ** 0.5)
     if k * k * tokens != gh * gw:
         raise ValueError("pack_gemma4: cannot tell the pooling kernel of this Gemma4Preprocessed; pass `processor`")
