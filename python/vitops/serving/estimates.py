@@ -297,12 +297,13 @@ def _gemma3_peak(c, batch: int, sz: _Sizes, pixel: int, projector: bool) -> int:
     # fc1 and its GELU, fc2
     base = nd + (nd if c.num_layers > 1 else 0)
     ln = sz.layer_norm(n, d)
-    peaks += [
-        base + ln + 3 * nd + nd + batch * c.num_heads * side * side * sz.f,
-        base + ln + 3 * nd + nd + nd,
-        base + nd + ln + 2 * ni,
-        base + nd + ln + ni + nd,
-    ]
+    if c.num_layers:
+        peaks += [
+            base + ln + 3 * nd + nd + batch * c.num_heads * side * side * sz.f,
+            base + ln + 3 * nd + nd + nd,
+            base + nd + ln + 2 * ni,
+            base + nd + ln + ni + nd,
+        ]
     # encoder_norm (the Encoder's input still held), then the fused exit pooling + projector norm and
     # the projection, the last hidden state alive
     tokens = batch * c.mm_tokens_per_image
@@ -337,13 +338,14 @@ def _llama4_peak(c, batch: int, tiles: int, sz: _Sizes, pixel: int, projector: b
     base = nd + (nd if c.num_layers > 1 else 0) + (patches_per_tile + 1) * 2 * 4
     ln = sz.layer_norm(n, d)
     lse = t * c.num_heads * (patches_per_tile + 1) * sz.f
-    peaks += [
-        base + ln + 5 * nd,  # qkv_norm_rope: q, k, v and the rotated q, k
-        base + ln + 3 * nd + nd + lse,  # SDPA
-        base + ln + 3 * nd + 2 * nd,  # output projection
-        base + nd + ln + 2 * ni,
-        base + nd + ln + ni + nd,
-    ]
+    if c.num_layers:
+        peaks += [
+            base + ln + 5 * nd,  # qkv_norm_rope: q, k, v and the rotated q, k
+            base + ln + 3 * nd + nd + lse,  # SDPA
+            base + ln + 3 * nd + 2 * nd,  # output projection
+            base + nd + ln + 2 * ni,
+            base + nd + ln + ni + nd,
+        ]
     # layernorm_post (the encoder's input still held), CLS dropped (a view), pixel_shuffle, the adapter
     # MLP (GELU after both linears) while the encoder output is alive; then the projector
     peaks.append(base + ln)
