@@ -60,10 +60,3 @@ class LiveTensorBytes(TorchDispatchMode):
                     self.peak_owners = sorted(self._owners.values(), key=lambda o: -o[1])
         return out
 
-
-class _Timeline(LiveTensorBytes):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        shapes = [tuple(o.shape) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-        print(f"{self.live:>10} {str(func):45s} {shapes}")
-        return out

@@ -301,11 +301,30 @@ def test_activation_estimate_bounds_the_measured_peak(family, seed, dtype):
     batch = rng.choice([1, 2, 3])
     projector = rng.random() < 0.8
     run_kw, est_kw = worst_case(family, config, rng)
-    pixel_dtype = rng.choice([None, torch.bfloat16, torch.float32])
+    pixel_dtype = rng.choice([None, torch.bfloat16, torch.float32, torch.float16])
     measured = measure_cpu(encode(family, config, batch, dtype, projector=projector, pixel_dtype=pixel_dtype, **run_kw))
     estimate = estimate_activation_memory(config, batch, dtype=dtype, projector=projector, pixel_dtype=pixel_dtype,
                                           **est_kw)
     assert measured <= estimate <= 1.1 * measured, (config, batch, projector, estimate / measured)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma4-e2b", "gemma4-31b", "gemma3", "llama4"])
+def test_activation_estimate_at_released_widths(name):
+    """The released widths and sequence lengths in bfloat16, with two layers (the peak is per layer;
+    the second layer is where Gemma 3's and Llama 4's encoder input is still held): within 0.1%."""
+    dtype = torch.bfloat16
+    family, config, run_kw, est_kw = {
+        "gemma4-e2b": ("gemma4", g4m.Gemma4VisionConfig.preset("e2b", num_layers=2), {"tokens": 280},
+                       {"max_soft_tokens": 280}),
+        "gemma4-31b": ("gemma4", g4m.Gemma4VisionConfig.preset("31b", num_layers=2), {"tokens": 280},
+                       {"max_soft_tokens": 280}),
+        "gemma3": ("gemma3", g3m.Gemma3VisionConfig(num_layers=2, text_hidden_size=2560), {}, {}),
+        "llama4": ("llama4", l4m.Llama4VisionConfig(num_layers=2), {"max_tiles": 1}, {"max_tiles": 1}),
+    }[name]
+    measured = measure_cpu(encode(family, config, 1, dtype, **run_kw))
+    estimate = estimate_activation_memory(config, 1, dtype=dtype, **est_kw)
+    assert measured <= estimate <= 1.001 * measured, estimate / measured
 
 
 @pytest.mark.cuda
@@ -325,9 +344,8 @@ def test_activation_estimate_bounds_the_cuda_peak(family, dtype):
                                          projector_output_dim=512, vision_output_dim=512, text_hidden_size=512),
     }
     config = configs[family]
-    run_kw, est_kw = ({"tokens": 256}, {}) if family == "gemma4" else ({"max_tiles": 4}, {"max_tiles": 4}) \
-        if family == "llama4" else ({}, {})
-    est_kw = {"max_soft_tokens": 256} if family == "gemma4" else est_kw
+    run_kw, est_kw = {"gemma4": ({"tokens": 256}, {"max_soft_tokens": 256}), "gemma3": ({}, {}),
+                      "llama4": ({"max_tiles": 4}, {"max_tiles": 4})}[family]
     run = encode(family, config, 2, dtype, device="cuda", **run_kw)
     with torch.no_grad():
         run()

@@ -194,8 +194,8 @@ class VisionEncoderCache:
 
     Semantics:
 
-    * every :meth:`acquire` that returns a tensor, and every :meth:`put`, adds one reference of the
-      request to the entry and makes it the most recently used; :meth:`release` drops all of a
+    * every :meth:`acquire` that returns a cached tensor, and every :meth:`put` that stores or finds
+      one, adds one reference of the request to the entry and makes it the most recently used; :meth:`release` drops all of a
       request's references (releasing an unknown or already released request does nothing, as MAX's
       ``release``: engines release every finished request);
     * an entry with references is never evicted. To make room, entries without references go least
@@ -207,7 +207,8 @@ class VisionEncoderCache:
     * entries are owned, compact copies (bytes = their own storage); the tensors handed out are
       shared by every request that hits: treat them as read-only;
     * with ``compute``, concurrent acquires of the same missing key run ``compute`` once: the others
-      wait for it and hit (if it raises, the exception goes to its caller and a waiter computes).
+      wait for it and hit (if it raises, the exception goes to its caller, and a waiter computes; so
+      does a waiter when the result was too large to keep).
     """
 
     def __init__(self, max_bytes: int):
