@@ -96,6 +96,25 @@ def test_released_activation_memory_scales():
         assert 0 < estimate_activation_memory(config, 1, projector=False) <= estimate_activation_memory(config, 1)
 
 
+def test_estimating_one_family_loads_no_other():
+    import ast
+    import subprocess
+    import sys
+
+    config = {"model_type": "gemma3", "mm_tokens_per_image": 256, "text_config": {"hidden_size": 2560},
+              "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                                "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896,
+                                "patch_size": 14}}
+    code = ("import sys, vitops.serving as s; "
+            f"assert s.estimate_vision_cache_entry_bytes({config!r}) == 1310720; "
+            f"s.estimate_activation_memory({config!r}, 2); "
+            "print(sorted(m for m in sys.modules if m.startswith(('vitops.models.', 'vitops.hf.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = ast.literal_eval(out)
+    assert "vitops.models.gemma3" in loaded
+    assert not [m for m in loaded if "gemma4" in m or "llama4" in m], loaded
+
+
 def test_bad_input():
     from transformers import Gemma4Config, Gemma4VisionConfig
 
