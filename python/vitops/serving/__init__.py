@@ -5,8 +5,8 @@
   indices from token ids and the placeholder token id, in HF's placeholder-mask order);
 * ``vitops.serving.cache``: ``VisionEncoderCache``, a reference-counted LRU of soft-token tensors keyed
   by a content hash of the preprocessed image;
-* ``vitops.serving.estimates``: ``estimate_vision_cache_entry_bytes`` and ``estimate_activation_memory``
-  from an HF config, for Gemma 4, Gemma 3 and Llama 4;
+* ``vitops.serving.estimates``: ``estimate_vision_cache_entry_bytes`` (``vision_cache_entry_shape``) and
+  ``estimate_activation_memory`` from an HF config, for Gemma 4, Gemma 3 and Llama 4;
 * ``vitops.serving.packed``: ``encode_packed``, many images of different sizes in one packed sequence
   (block-diagonal attention, no padding FLOPs).
 
@@ -20,9 +20,11 @@ _NAMES = {
     "merge_soft_tokens": "merge",
     "soft_token_indices": "merge",
     "VisionEncoderCache": "cache",
+    "VisionEncoderCacheStats": "cache",
     "image_content_hash": "cache",
     "estimate_vision_cache_entry_bytes": "estimates",
     "estimate_activation_memory": "estimates",
+    "vision_cache_entry_shape": "estimates",
     "encode_packed": "packed",
     "PackedImages": "packed",
 }
