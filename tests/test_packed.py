@@ -295,3 +295,30 @@ def test_gemma3_and_llama4_packed_equal_each_image_alone():
                     hf = hf_model.multi_modal_projector(hidden)
                 torch.testing.assert_close(got, hf.reshape(-1, hf.shape[-1]), rtol=1e-5, atol=1e-5)
             assert sum(enc.tokens_per_image) == enc.soft_tokens.shape[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_packed_varlen_equals_sdpa_runs_and_never_syncs(dtype):
+    """On CUDA: torch's varlen flash attention equals the batched-SDPA runs, a packed call of mixed
+    budgets equals each image alone, and neither backend synchronises with the host."""
+    model = _hf_gemma4(7)
+    tower, emb = _vitops_gemma4(model, dtype)
+    tower, emb = tower.cuda(), emb.cuda()
+    images = _random_images(random.Random(12), 5, torch.Generator().manual_seed(12))
+    budgets = [280, 70, 140, 70, 70]
+    packed = pack_gemma4(images, max_soft_tokens=budgets, processor=_processor(), device="cuda")
+    with torch.no_grad():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runs = tower.forward_packed(packed.patches, packed.positions_xy, packed.segments)[0]
+            varlen = tower.forward_packed(packed.patches, packed.positions_xy, packed.segments,
+                                          attention_backend="varlen")[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(varlen, runs, rtol=2e-2, atol=2e-2)
+        proc = _processor()
+        for image, budget, got in zip(images, budgets, torch.split(runs, list(packed.num_soft_tokens_per_image))):
+            pre = proc(image, max_soft_tokens=budget).to("cuda")
+            out, mask = tower(pre.pixel_values, image_position_ids=pre.pixel_position_ids)
+            torch.testing.assert_close(got, out[mask], rtol=2e-2, atol=2e-2)
