@@ -111,3 +111,26 @@ def _backward(ctx, grad_output):
 
 
 torch.library.register_autograd("vitops::merge_soft_tokens", _backward, setup_context=_setup_context)
+
+
+# The backward is linear in grad_output and the adjoint of the forward, so its own gradient is the
+# forward op applied to the incoming gradients: double backward works, with the same row rule.
+def _setup_backward_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.grad_output_shape = inputs[0].shape
+
+
+def _backward_backward(ctx, grad_grad_embeds, grad_grad_soft):
+    (indices,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    like = grad_grad_embeds if grad_grad_embeds is not None else grad_grad_soft
+    if grad_grad_embeds is None:
+        grad_grad_embeds = like.new_zeros(ctx.grad_output_shape)
+    if grad_grad_soft is None:
+        grad_grad_soft = like.new_zeros((indices.shape[0], like.shape[-1]))
+    return _op(grad_grad_embeds, grad_grad_soft, indices), None
+
+
+torch.library.register_autograd("vitops::_merge_soft_tokens_backward", _backward_backward,
+                                setup_context=_setup_backward_context)

@@ -58,8 +58,8 @@ def soft_token_indices(input_ids: torch.Tensor | Sequence[torch.Tensor], token_i
         sequence, a list of ints, or a 1-D integer tensor with one entry per sequence (moved to the
         ids' device, never read on the host). Placeholders before ``start`` (already processed, e.g.
         a prefix-cache hit) or at/after ``stop`` (a later chunk) are ``SKIP``. Defaults: 0 and the
-        sequence's length (S for a tensor, each prompt's length for a list). ``stop`` may pass the
-        length (a decode step after the prompt).
+        sequence's length (S for a tensor, each prompt's length for a list; a ``start`` past it then
+        gives an empty window). ``stop`` may pass the length (a decode step after the prompt).
       row_offsets: the row of the embeddings that holds each sequence's position ``start`` (same
         forms). Default: the windows back to back, ``cumsum(stop - start)`` exclusive: the ragged
         flattened batch ``[sum of window lengths, H]`` of MAX; without windows that is ``b * S`` for a
@@ -73,21 +73,20 @@ def soft_token_indices(input_ids: torch.Tensor | Sequence[torch.Tensor], token_i
       indices), or ``(indices, count)`` with ``return_count``.
 
     Window values given as ints are checked (``0 <= start <= stop``); given as tensors they are not
-    (that would read them on the host): a window row that lands outside ``inputs_embeds`` is skipped
-    by the CUDA kernel and an error on the CPU.
+    (that would read them on the host). A row past the end of ``inputs_embeds`` (row offsets that do
+    not match it) is an error of the CPU kernel and skipped by the CUDA kernel.
     """
     ids, seq, pos, lengths = _flatten(input_ids, token_id)
     device = ids.device
-    batch = len(lengths)
-    first = _per_sequence("start", start, lengths, device, default=[0] * batch)
-    end = _per_sequence("stop", stop, lengths, device, default=lengths)
-    _check_window(start, stop, lengths)
+    first = _per_sequence("start", start, lengths)
+    end = _per_sequence("stop", stop, lengths)
+    _check_window(start, stop)
+    window = (end - first).clamp(min=0)  # a start past the default stop (the length): an empty window
     if row_offsets is None:
-        window = end - first
         offsets = torch.cumsum(window, 0) - window
     else:
-        offsets = _per_sequence("row_offsets", row_offsets, lengths, device, default=None)
-    w_start, w_stop, w_row = first[seq], end[seq], offsets[seq]
+        offsets = _per_sequence("row_offsets", row_offsets, lengths)
+    w_start, w_stop, w_row = first[seq], first[seq] + window[seq], offsets[seq]
     inside = (pos >= w_start) & (pos < w_stop)
     rows = torch.where(inside, pos - w_start + w_row, SKIP)
     mask = ids == token_id
@@ -95,9 +94,9 @@ def soft_token_indices(input_ids: torch.Tensor | Sequence[torch.Tensor], token_i
     if num_soft_tokens is None:
         indices = rows[mask]  # nonzero: reads the count on the host
     else:
-        if not isinstance(num_soft_tokens, int) or isinstance(num_soft_tokens, bool) or num_soft_tokens < 0:
-            raise ValueError(f"soft_token_indices: `num_soft_tokens` must be a non-negative int, got {num_soft_tokens!r}")
         n = num_soft_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or (isinstance(n, int) and n < 0):
+            raise ValueError(f"soft_token_indices: `num_soft_tokens` must be a non-negative int, got {n!r}")
         slot = torch.cumsum(mask, 0) - 1  # the soft token of each placeholder
         # non-placeholders and surplus placeholders go to a spare slot n, dropped below
         slot = torch.where(mask & (slot < n), slot, n)
@@ -118,7 +117,8 @@ def check_soft_token_count(count: torch.Tensor | int, num_soft_tokens: int) -> N
 
 
 def _flatten(input_ids, token_id):
-    """(ids [L], sequence of each token [L], position in its sequence [L], sequence lengths as ints)."""
+    """(ids [L], sequence of each token [L], position in its sequence [L], sequence lengths [B] int64),
+    all on the ids' device."""
     if not isinstance(token_id, int) or isinstance(token_id, bool):
         raise TypeError(f"soft_token_indices: `token_id` must be an int, got {token_id!r}")
     if isinstance(input_ids, torch.Tensor):
@@ -128,9 +128,10 @@ def _flatten(input_ids, token_id):
                              f"{list(input_ids.shape)} (a ragged batch: a list of 1-D tensors)")
         ids2 = input_ids if input_ids.dim() == 2 else input_ids[None]
         b, s = ids2.shape
-        positions = torch.arange(s, device=ids2.device)
-        seq = torch.arange(b, device=ids2.device)[:, None].expand(b, s).reshape(-1)
-        return ids2.reshape(-1), seq, positions.repeat(b), [s] * b
+        device = ids2.device
+        seq = torch.arange(b, device=device)[:, None].expand(b, s).reshape(-1)
+        lengths = torch.ones(b, dtype=torch.int64, device=device) * s
+        return ids2.reshape(-1), seq, torch.arange(s, device=device).repeat(b), lengths
     if not isinstance(input_ids, (list, tuple)) or not input_ids:
         raise TypeError("soft_token_indices: `input_ids` must be a tensor [S] / [B, S] or a non-empty list of 1-D "
                         f"tensors, got {type(input_ids).__name__}")
@@ -140,12 +141,13 @@ def _flatten(input_ids, token_id):
             raise ValueError(f"soft_token_indices: `input_ids[{i}]` must be a 1-D tensor on {input_ids[0].device} "
                              f"(the ragged batch's prompts), got shape {list(t.shape)} on {t.device}")
     device = input_ids[0].device
-    lengths = [int(t.shape[0]) for t in input_ids]
+    sizes = [t.shape[0] for t in input_ids]
+    lengths = torch.tensor(sizes, dtype=torch.int64, device=device)
+    total = sum(sizes)
+    seq = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths, output_size=total)
+    starts = torch.cumsum(lengths, 0) - lengths
     ids = torch.cat([t.to(torch.int64) for t in input_ids])
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                  torch.tensor(lengths, device=device), output_size=sum(lengths))
-    starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], dtype=torch.int64, device=device)
-    return ids, seq, torch.arange(sum(lengths), device=device) - starts[seq], lengths
+    return ids, seq, torch.arange(total, device=device) - starts[seq], lengths
 
 
 def _check_ids(t, name):
@@ -154,15 +156,20 @@ def _check_ids(t, name):
         raise TypeError(f"soft_token_indices: `{name}` must be an integer tensor of token ids, got {what}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _all_ints(v) -> bool:
-    return isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v)
+    return isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)
 
 
-def _per_sequence(name, value, lengths, device, default):
-    """One int64 entry per sequence on `device`, from an int, a list of ints or a 1-D tensor."""
-    batch = len(lengths)
+def _per_sequence(name, value, lengths):
+    """One int64 entry per sequence on the lengths' device, from an int, a list of ints or a 0-d / 1-D
+    integer tensor; None: 0 for `start`, the sequence length for `stop`."""
+    batch = lengths.shape[0]
     if value is None:
-        value = default
+        return torch.zeros_like(lengths) if name == "start" else lengths
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"soft_token_indices: `{name}` must be an int, a list of ints or a 1-D integer tensor "
@@ -170,33 +177,30 @@ def _per_sequence(name, value, lengths, device, default):
         if value.dim() == 1 and value.shape[0] != batch:
             raise ValueError(f"soft_token_indices: `{name}` must have one entry per sequence ({batch}), got "
                              f"{value.shape[0]}")
-        return value.to(device=device, dtype=torch.int64).expand(batch)
-    if isinstance(value, bool) or not (isinstance(value, int) or _all_ints(value)):
+        return value.to(device=lengths.device, dtype=torch.int64).expand(batch)
+    if _is_int(value):
+        return torch.full_like(lengths, value)
+    if not _all_ints(value):
         raise ValueError(f"soft_token_indices: `{name}` must be an int, a list of ints or a 1-D integer tensor, got "
                          f"{value!r}")
-    values = [value] * batch if isinstance(value, int) else list(value)
-    if len(values) != batch:
-        raise ValueError(f"soft_token_indices: `{name}` must have one entry per sequence ({batch}), got {len(values)}")
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    if len(value) != batch:
+        raise ValueError(f"soft_token_indices: `{name}` must have one entry per sequence ({batch}), got {len(value)}")
+    return torch.tensor(list(value), dtype=torch.int64, device=lengths.device)
 
 
-def _check_window(start, stop, lengths):
-    """0 <= start <= stop for the windows given as ints (tensors are not read on the host)."""
-    batch = len(lengths)
+def _check_window(start, stop):
+    """0 <= start <= stop where they are given as ints (tensors are not read on the host)."""
+    def listed(v):
+        return [v] if _is_int(v) else list(v) if _all_ints(v) else []
 
-    def listed(v, default):
-        if v is None:
-            return default
-        if isinstance(v, int):
-            return [v] * batch
-        return list(v) if _all_ints(v) else None
-
-    first, end = listed(start, [0] * batch), listed(stop, lengths)
-    for b in range(batch):
-        lo = first[b] if first is not None else None
-        hi = end[b] if end is not None else None
-        if lo is not None and lo < 0:
-            raise ValueError(f"soft_token_indices: `start` must be >= 0, got {lo} for sequence {b}")
-        if lo is not None and hi is not None and hi < lo:
-            raise ValueError(f"soft_token_indices: the window of sequence {b} is [{lo}, {hi}): `stop` must be >= "
-                             "`start`")
+    first, end = listed(start), listed(stop)
+    count = max(len(first), len(end))
+    where = (lambda b: f" for sequence {b}") if count > 1 else (lambda b: "")
+    for b, lo in enumerate(first):
+        if lo < 0:
+            raise ValueError(f"soft_token_indices: `start` must be >= 0, got {lo}{where(b)}")
+    if first and end:
+        for b in range(count):
+            lo, hi = first[b if len(first) > 1 else 0], end[b if len(end) > 1 else 0]
+            if hi < lo:
+                raise ValueError(f"soft_token_indices: `stop` must be >= `start`, got the window [{lo}, {hi}){where(b)}")
