@@ -151,6 +151,7 @@ def test_exported_names():
     assert vitops.merge_soft_tokens is vitops.ops.merge_soft_tokens is merge_soft_tokens
     assert vitops.serving.merge_soft_tokens is merge_soft_tokens
     assert vitops.serving.soft_token_indices is soft_token_indices is serving_merge.soft_token_indices
+    assert vitops.serving.check_soft_token_count is check_soft_token_count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +531,7 @@ def _placeholder_mask(model, ids, embeds, features):
     return mask.expand_as(embeds)
 
 
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")  # _hf_tiny.cast restores them
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", ["gemma4", "gemma3", "llama4"])
 def test_hf_parity(family, dtype):
