@@ -76,4 +76,13 @@ VITOPS_STABLE_TORCH_LIBRARY(VITOPS_OPS_NAMESPACE, m) {
   // backward gathers grad_output by token_order (the gradient of `shared` is grad_output itself).
   m.def("moe_combine(Tensor shared, Tensor expert_out, Tensor token_slot, Tensor token_order) -> Tensor");
   m.def("_moe_combine_backward(Tensor grad_output, Tensor token_order) -> Tensor");
+
+  // The multimodal merge (ops/merge_soft_tokens): a copy of inputs_embeds[T, H] or [B, S, H] with
+  // row indices[j] (of the flattened B * S rows, batch-major: HF's masked_scatter order) replaced by
+  // soft_tokens[j] [N, H] (inputs_embeds' dtype); negative indices are skipped (MAX's INT32_MIN marks
+  // rows outside this chunk). CPU: an index >= rows or a row written twice raises; CUDA (no host
+  // sync): both are resolved, indices >= rows skipped and the largest j winning a row. The backward
+  // returns grad_output with the written rows zeroed and the written rows' gradients per soft token.
+  m.def("merge_soft_tokens(Tensor inputs_embeds, Tensor soft_tokens, Tensor indices) -> Tensor");
+  m.def("_merge_soft_tokens_backward(Tensor grad_output, Tensor indices) -> (Tensor grad_inputs_embeds, Tensor grad_soft_tokens)");
 }

@@ -89,6 +89,17 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
     return model, inputs
 
 
+def cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)`` keeping complex buffers complex (``Module.to`` turns Llama 4's complex
+    ``freqs_ci`` into a real tensor, dropping sin, and HF's own rotary then multiplies by cos alone)."""
+    complex_buffers = {n: b.clone() for n, b in model.named_buffers() if b.is_complex()}
+    model = model.to(dtype)
+    for name, b in complex_buffers.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, b)
+    return model
+
+
 def image_features(model, inputs) -> torch.Tensor:
     """The vision path's output: the soft tokens the text model receives, one [N, D] tensor."""
     if type(model).__name__.startswith("Llama4"):

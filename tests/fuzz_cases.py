@@ -35,6 +35,7 @@ from vitops.ops._manifest import MANIFEST, entry
 OPS = tuple(e.name for e in MANIFEST)  # the op manifest; the generators and mutations below are the fuzzer's own
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
+INT32_MIN = -(2**31)
 BAD_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.bool, torch.complex64, torch.float8_e4m3fn)
 
 
@@ -305,7 +306,32 @@ def _moe_combine(rng, namespace):
                 expert_out=_strided(rng, _randn(rng, (n, h), dtype, 2.0)), token_slot=slot, token_order=order)
 
 
+def _merge(rng, namespace):
+    # [T, H] (a ragged batch) or [B, S, H]; the indices a random subset of the rows in random order
+    # (unique and in range: the CPU kernels raise for the rest, the mutations below cover them) with
+    # negative entries mixed in (skipped: INT32_MIN as MAX's, INT64_MIN, -1); empty T, N and H, odd H
+    dtype = rng.choice(_dtypes(namespace))
+    h = rng.choice([0, 1, 3, 8, 40, 64, rng.randint(1, 100)])
+    if rng.random() < 0.5:
+        shape = (rng.choice([0, 1, 5, 37, rng.randint(0, 300)]), h)
+    else:
+        shape = (rng.randint(0, 3), rng.randint(0, 40), h)
+    rows = math.prod(shape[:-1])
+    index_dtype = rng.choice([torch.int32, torch.int64])
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    written = torch.randperm(rows, generator=g)[: rng.randint(0, rows)].tolist()
+    low = INT64_MIN if index_dtype == torch.int64 else INT32_MIN
+    skipped = [rng.choice([-1, INT32_MIN, low, -rng.randint(1, 1000)]) for _ in range(rng.choice([0, 0, 1, 3, 20]))]
+    entries = written + skipped
+    rng.shuffle(entries)
+    indices = torch.tensor(entries, dtype=index_dtype)
+    return dict(inputs_embeds=_strided(rng, _randn(rng, shape, dtype, 2.0)),
+                soft_tokens=_strided(rng, _randn(rng, (len(entries), h), dtype, 2.0)),
+                indices=_strided(rng, indices))
+
+
 GENERATORS = {
+    "merge_soft_tokens": _merge,
     "moe_route": _moe_route,
     "moe_combine": _moe_combine,
     "patchify": _patchify,
@@ -560,6 +586,48 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
         out.append(("token_order of N + 1", {**kw, "token_order": torch.arange(n + 1)}, True))
         out.append(("expert_out of H + 1", {**kw, "expert_out": torch.zeros(n, kw["shared"].shape[1] + 1,
                                                                             dtype=kw["shared"].dtype)}, True))
+    elif op == "merge_soft_tokens":
+        x, soft, idx = kw["inputs_embeds"], kw["soft_tokens"], kw["indices"]
+        rows, n, h = math.prod(x.shape[:-1]), idx.shape[0], x.shape[-1]
+        # bad index values: the CPU kernel raises (the fake kernel cannot see values); the CUDA kernel
+        # cannot raise without a host sync and must give the reference's result (skip, largest j wins)
+        bad_value = "raise_real" if namespace == "vitops" else None
+        if x.dim() == 3:
+            # [B, S, H] -> [S, H] has fewer rows: the indices past them are a bad value, not bad metadata
+            out = [m for m in out if m[0] != "inputs_embeds one dim fewer"]
+            fewer = x.select(0, 0) if x.shape[0] else x.sum(0).to(x.dtype)
+            past = bool((idx.long() >= fewer.shape[0]).any())
+            out.append(("inputs_embeds one dim fewer", {**kw, "inputs_embeds": fewer}, bad_value if past else None))
+        if n:
+            j = rng.randrange(n)
+            big = rng.choice([rows, rows + 1, 2**31 - 1 if idx.dtype == torch.int32 else INT64_MAX])
+            oob = idx.clone()
+            oob[j] = big
+            out.append((f"index {big} past {rows} rows", {**kw, "indices": oob}, bad_value))
+            others = [k for k in (idx >= 0).nonzero()[:, 0].tolist() if k != j]
+            if others:
+                dup = idx.clone()
+                dup[j] = idx[rng.choice(others)]
+                out.append(("two positions writing one row", {**kw, "indices": dup}, bad_value))
+            skip = idx.clone()
+            skip[rng.randrange(n)] = rng.choice([INT32_MIN, -1, INT64_MIN if idx.dtype == torch.int64 else INT32_MIN])
+            out.append(("one more index skipped (valid)", {**kw, "indices": skip}, None))
+        other = rng.choice([d for d in (torch.float32, torch.bfloat16, torch.float16) if d != x.dtype])
+        out.append((f"soft_tokens of {other}", {**kw, "soft_tokens": soft.to(other)}, True))
+        out.append(("indices of N + 1", {**kw, "indices": torch.cat([idx, idx.new_full((1,), -1)])}, True))
+        out.append(("soft_tokens of H + 1", {**kw, "soft_tokens": torch.zeros(n, h + 1, dtype=x.dtype)}, True))
+        out.append(("indices of float32", {**kw, "indices": idx.float()}, True))
+        # sizes near the int64 limits: an empty [0, 2^62, H] whose output strides do not fit, N past
+        # the int32 inverse map (torch itself refuses shapes whose element count overflows)
+        wide = max(h, 2)
+        out.append(("empty inputs_embeds [0, 2^62, H]", {
+            **kw, "inputs_embeds": _huge_expanded((0, 2**62, wide), x.dtype),
+            "soft_tokens": torch.zeros(0, wide, dtype=x.dtype), "indices": idx[:0]}, True))
+        out.append(("2^31 soft tokens", {**kw, "soft_tokens": _huge_expanded((2**31, h), x.dtype),
+                                         "indices": _huge_expanded((2**31,), idx.dtype)}, True))
+        # 2^62 rows of width 0: valid and empty, returns at once (no row-sized scratch memory)
+        out.append(("2^62 empty rows", {**kw, "inputs_embeds": torch.empty(2**62, 0, dtype=x.dtype),
+                                        "soft_tokens": torch.zeros(n, 0, dtype=x.dtype)}, "returns"))
     return out
 
 
@@ -640,6 +708,19 @@ def _backward_mutations(op: str, kw: dict, rng: random.Random):
                         "raise_real"))
         out.append(("_moe_combine_backward(token_order of N + 1)", "_moe_combine_backward",
                     [grad, torch.arange(n + 1)], True))
+    elif op == "merge_soft_tokens":
+        x, idx = kw["inputs_embeds"], kw["indices"]
+        grad = torch.zeros(x.shape, dtype=x.dtype)
+        name = "_merge_soft_tokens_backward"
+        written = (idx >= 0).nonzero()[:, 0].tolist()
+        if len(written) > 1:
+            dup = idx.clone()
+            dup[written[0]] = idx[written[1]]
+            out.append((f"{name}(indices with a duplicate)", name, [grad, dup], "raise_real"))
+        out.append((f"{name}(grad_output of rank 1)", name, [grad.reshape(-1), idx], True))
+        out.append((f"{name}(indices of rank 2)", name, [grad, idx[None]], True))
+        out.append((f"{name}(indices on meta)", name, [grad, idx.to("meta")], True))
+        out.append((f"{name}(grad_output [0, 2^62, 2])", name, [_huge_expanded((0, 2**62, 2), x.dtype), idx], True))
     return out
 
 

@@ -738,3 +738,74 @@ def test_qkv_norm_rope_llama4_orders(dtype, options, shape):
     opts = dict(eps=1e-6, base_frequency=100.0, rope_dtype=None, norm=norm, v_norm=True, pairing=pairing,
                 rope_freqs=None, rope_cos=None, rope_sin=None, norm_after_rope=after, q_scale=scale)
     _check_emulated_qkv(q, k, v, weights, pos, opts, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_soft_tokens: the inverse map (atomicMax) and the row copies in 16-, 8-, 4- and 2-byte words
+# ---------------------------------------------------------------------------------------------
+def _merge_indices(rows, n, index_dtype, seed):
+    """n indices over `rows` rows: distinct rows, rows written twice or three times, rows past the end
+    and negative entries (INT32_MIN, INT64_MIN, -1), in random order."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, max(rows, 1), (n,), generator=g)  # duplicates among them
+    low = -(2**63) if index_dtype == torch.int64 else -(2**31)
+    special = [rows, rows + 7, 2**31 - 1, -1, -(2**31), low]
+    for k, value in enumerate(special[: n // 3]):
+        idx[torch.randint(0, n, (1,), generator=g)] = value
+    return idx.to(index_dtype)
+
+
+# (leading dims, hidden): widths whose rows take 16-byte words (48 float32 / bfloat16), 8 (6 float32),
+# 4 (5 float32, 6 bfloat16) and 2 (5 bfloat16 / float16); leading [T] and [B, S]; more rows than
+# one block's 8 warps
+MERGE_SHAPES = [((2, 9), 48), ((37,), 6), ((3, 5), 5), ((1, 1), 1), ((70,), 3), ((4, 0), 8), ((0,), 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+@pytest.mark.parametrize("lead,h", MERGE_SHAPES)
+def test_merge_soft_tokens(dtype, index_dtype, lead, h):
+    """Against the reference (indices past the rows skipped, the largest position winning a row
+    written twice), forward and backward, bitwise under both schedules; contiguous, offset by one
+    element (narrower words) and strided inputs."""
+    rows = 1
+    for d in lead:
+        rows *= d
+    n = 3 * rows // 2 + 4
+    x = randn(*lead, h, dtype=dtype)
+    soft = randn(n, h, dtype=dtype)
+    idx = _merge_indices(rows, n, index_dtype, seed=rows + h)
+    grad = randn(*lead, h, dtype=dtype)
+    want = reference.merge_soft_tokens(x, soft, idx)
+    leaves = [x.clone().requires_grad_(), soft.clone().requires_grad_()]
+    want_grads = torch.autograd.grad(reference.merge_soft_tokens(*leaves, idx), leaves, grad)
+    variants = [(x, soft, idx, grad), (offset_by_one(x), offset_by_one(soft), idx, offset_by_one(grad))]
+    if soft.shape[0] > 1:
+        variants.append((x, noncontiguous(soft, 0), noncontiguous(idx, 0), grad))
+    for xv, sv, iv, gv in variants:
+        exact(emu("merge_soft_tokens", xv, sv, iv), want)
+        gx, gs = emu("_merge_soft_tokens_backward", gv, iv)
+        exact(gx, want_grads[0])
+        exact(gs, want_grads[1])
+
+
+def test_merge_soft_tokens_resolves_duplicates_to_the_largest_position():
+    x, soft = randn(2, 4, 16), randn(7, 16)
+    idx = torch.tensor([5, 1, 5, 8, -(2**31), 5, 1])  # row 5 thrice, row 1 twice, 8 past the 8 rows
+    out = emu("merge_soft_tokens", x, soft, idx).view(-1, 16)
+    exact(out[5], soft[5])
+    exact(out[1], soft[6])
+    untouched = [r for r in range(8) if r not in (1, 5)]
+    exact(out[untouched], x.view(-1, 16)[untouched])
+    grad = randn(2, 4, 16)
+    gx, gs = emu("_merge_soft_tokens_backward", grad, idx)
+    exact(gs[[5, 6]], grad.view(-1, 16)[[5, 1]])
+    assert not gs[[0, 1, 2, 3, 4]].any()  # the losers, the row past the end, the skipped entry
+    assert not gx.view(-1, 16)[[1, 5]].any()
+    exact(gx.view(-1, 16)[untouched], grad.view(-1, 16)[untouched])
+
+
+def test_merge_soft_tokens_float64_is_cpu_only():
+    with pytest.raises(RuntimeError, match=r"`inputs_embeds` must be float32, bfloat16, float16 \(float64 is CPU only\)"):
+        emu_ops.merge_soft_tokens(torch.randn(3, 4, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64),
+                                  torch.tensor([0]))

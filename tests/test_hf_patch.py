@@ -42,17 +42,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def _cast(model, dtype):
-    """``model.to(dtype)`` keeping complex buffers complex (``Module.to`` turns Llama 4's complex
-    ``freqs_ci`` into a real tensor, dropping sin, and HF's own rotary then multiplies by cos alone)."""
-    complex_buffers = {n: b.clone() for n, b in model.named_buffers() if b.is_complex()}
-    model = model.to(dtype)
-    for name, b in complex_buffers.items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, b)
-    return model
-
-
 def _features(model, inputs, dtype=None):
     if dtype is not None:
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
@@ -87,8 +76,8 @@ def test_patched_equals_unpatched_float32(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patched_bfloat16_no_worse_than_hf(family):
     model, inputs = tiny.build(family)
-    exact = _features(_cast(copy.deepcopy(model), torch.float64), inputs, torch.float64)
-    model = _cast(model, torch.bfloat16)
+    exact = _features(tiny.cast(copy.deepcopy(model), torch.float64), inputs, torch.float64)
+    model = tiny.cast(model, torch.bfloat16)
     hf_err = _rel(_features(model, inputs, torch.bfloat16), exact)
     vitops.hf.patch(model)
     ours_err = _rel(_features(model, inputs, torch.bfloat16), exact)
@@ -357,7 +346,7 @@ def test_supported_release_5_17():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_patched_equals_unpatched(family, dtype):
     model, inputs = tiny.build(family)
-    model = _cast(model, dtype).cuda()
+    model = tiny.cast(model, dtype).cuda()
     inputs = {k: v.cuda() for k, v in inputs.items()}
     ref = _features(model, inputs, dtype)
     vitops.hf.patch(model)

@@ -51,7 +51,7 @@ set +e
 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_emulated.py tests/test_fuzz.py tests/test_patchify.py \
   tests/test_factorized_posemb.py tests/test_apply_multidimensional_rope.py tests/test_avg_pool_by_positions.py \
   tests/test_avg_pool_scale_standardize.py tests/test_qkv_norm_rope.py tests/test_pixel_shuffle.py \
-  tests/test_avg_pool_rms_norm.py tests/test_posemb_sincos_2d.py \
+  tests/test_avg_pool_rms_norm.py tests/test_posemb_sincos_2d.py tests/test_merge_soft_tokens.py \
   tests/test_ops_common.py "$@"
 rc=$?
 set -e

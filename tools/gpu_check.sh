@@ -84,6 +84,9 @@ tests/test_qkv_norm_rope.py::test_llama4_orders_match_reference_forward_and_back
 tests/test_moe_route.py::test_forward_and_backward_match_reference[True-cuda-bfloat16]
 tests/test_moe_route.py::test_combine_is_the_inverse_scatter[cuda-float32]
 tests/test_moe_route.py::test_cuda_out_of_range_indices_give_nan_rows[cuda]
+tests/test_merge_soft_tokens.py::test_forward_and_backward_match_reference[0-cuda-bfloat16]
+tests/test_merge_soft_tokens.py::test_noncontiguous_inputs[index_dtype0-cuda]
+tests/test_merge_soft_tokens.py::test_cuda_resolves_bad_index_values
 "
 # memcheck only (racecheck would also report on cuBLAS / SDPA kernels that are not ours)
 MEMCHECK_EXTRA_TESTS="tests/test_gemma4_modules.py::test_cuda_padded_forward_does_not_sync"

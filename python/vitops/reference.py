@@ -25,6 +25,7 @@ __all__ = [
     "qkv_norm_rope",
     "avg_pool_scale_standardize",
     "avg_pool_rms_norm",
+    "merge_soft_tokens",
 ]
 
 
@@ -396,3 +397,23 @@ def moe_combine(shared: torch.Tensor, expert_out: torch.Tensor, token_slot: torc
     """shared + expert_out[token_slot] in float32 (float64 for float64), rounded once."""
     acc = _acc_dtype(shared.dtype)
     return (shared.to(acc) + expert_out.to(acc)[token_slot]).to(shared.dtype)
+
+
+def merge_soft_tokens(inputs_embeds: torch.Tensor, soft_tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """inputs_embeds ([T, H] or [B, S, H]) with row indices[j] of its flattened rows (batch-major, HF's
+    masked_scatter order) replaced by soft_tokens[j]. Indices that are negative or >= the row count
+    are skipped, and of several positions addressing one row the largest j wins: the rule of the
+    CUDA kernels (the CPU kernels raise for those two instead). Differentiable in both tensors."""
+    h = inputs_embeds.shape[-1]
+    rows = inputs_embeds.shape[0] if inputs_embeds.dim() == 2 else inputs_embeds.shape[0] * inputs_embeds.shape[1]
+    flat = inputs_embeds.reshape(rows, h)
+    n = indices.shape[0]
+    idx = indices.to(torch.int64)
+    valid = (idx >= 0) & (idx < rows)
+    # the winning position of every row (-1: none); invalid positions go to a spare slot `rows`
+    positions = torch.arange(n, device=idx.device)
+    winner = torch.full((rows + 1,), -1, dtype=torch.int64, device=idx.device).scatter_reduce(
+        0, torch.where(valid, idx, rows), torch.where(valid, positions, -1), "amax")[:rows]
+    padded = torch.cat([soft_tokens, soft_tokens.new_zeros(1, h)])  # row n: what rows without a winner gather
+    merged = torch.where((winner >= 0)[:, None], padded[torch.where(winner >= 0, winner, n)], flat)
+    return merged.reshape(inputs_embeds.shape)

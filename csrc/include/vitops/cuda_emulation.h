@@ -243,6 +243,15 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// Integer atomics (read-modify-write, returning the old value). Emulated threads switch only at
+// barriers and blocks run one after another, so a plain update is atomic here; the two schedules
+// still order the updates differently, which exposes kernels whose result depends on that order.
+inline int atomicMax(int* address, int value) {
+  const int old = *address;
+  if (value > old) *address = value;
+  return old;
+}
+
 inline float __int_as_float(int v) { return ::vitops::emu::from_bits<float>(static_cast<uint32_t>(v)); }
 inline int __float_as_int(float v) { return static_cast<int>(static_cast<uint32_t>(::vitops::emu::to_bits(v))); }
 inline unsigned __float_as_uint(float v) { return static_cast<uint32_t>(::vitops::emu::to_bits(v)); }

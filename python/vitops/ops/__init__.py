@@ -9,6 +9,7 @@ from .avg_pool_by_positions import avg_pool_by_positions
 from .avg_pool_rms_norm import avg_pool_rms_norm
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
+from .merge_soft_tokens import merge_soft_tokens
 from .moe_combine import moe_combine
 from .moe_route import moe_route
 from .patchify import patchify
@@ -22,6 +23,7 @@ __all__ = [
     "avg_pool_rms_norm",
     "avg_pool_scale_standardize",
     "factorized_posemb",
+    "merge_soft_tokens",
     "moe_combine",
     "moe_route",
     "patchify",

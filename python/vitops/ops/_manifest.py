@@ -24,6 +24,7 @@ from .avg_pool_by_positions import avg_pool_by_positions
 from .avg_pool_rms_norm import avg_pool_rms_norm
 from .avg_pool_scale_standardize import avg_pool_scale_standardize
 from .factorized_posemb import factorized_posemb
+from .merge_soft_tokens import merge_soft_tokens
 from .moe_combine import moe_combine
 from .moe_route import moe_route
 from .patchify import patchify
@@ -164,6 +165,18 @@ def _moe_combine_sample(device, dtype, empty):
                 token_slot=slot.to(device), token_order=order.to(device))
 
 
+def _merge_sample(device, dtype, empty):
+    # two sequences of 40 tokens, hidden 48: images of 9 and 6 soft tokens in the first, one of 12 in
+    # the second (HF's batch-major placeholder rows, int32 as MAX's); the first image's rows were
+    # processed in an earlier chunk (INT32_MIN: skipped)
+    g = _generator()
+    rows = [] if empty else [*range(3, 12), *range(20, 26), *range(45, 57)]
+    indices = torch.tensor(rows, dtype=torch.int32)
+    indices[:9] = -(2**31)
+    return dict(inputs_embeds=_rand(g, device, dtype, 0 if empty else 2, 40, 48),
+                soft_tokens=_rand(g, device, dtype, len(rows), 48), indices=indices.to(device))
+
+
 def _image_hw(images, channels_first):
     return tuple(images.shape[-2:]) if channels_first else tuple(images.shape[-3:-1])
 
@@ -287,6 +300,18 @@ MANIFEST: tuple[OpEntry, ...] = (
         sample=_moe_combine_sample,
         # the output gradient and token_order; returns the gradient of expert_out
         backward_args=lambda kw, g: [g[0], kw["token_order"]],
+    ),
+    OpEntry(
+        name="merge_soft_tokens",
+        args=("inputs_embeds", "soft_tokens", "indices"),
+        differentiable=("inputs_embeds", "soft_tokens"),
+        wrapper=lambda **kw: merge_soft_tokens(**kw),
+        reference=lambda **kw: reference.merge_soft_tokens(**kw),
+        sample=_merge_sample,
+        # the output gradient and the indices; returns the gradients of inputs_embeds and soft_tokens
+        backward_args=lambda kw, g: [g[0], kw["indices"]],
+        # the op moves values and computes nothing: bitwise in every dtype
+        tolerances={d: (0.0, 0.0) for d in DEFAULT_TOLERANCES},
     ),
     OpEntry(
         name="qkv_norm_rope",
