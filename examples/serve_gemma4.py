@@ -91,7 +91,7 @@ class VisionPath:
 
     def soft_tokens(self, req: Request):
         """``(prompt ids [1, S], image soft tokens [N_img, H], video soft tokens [N_vid, H])``."""
-        from vitops.serving import PackedImages, encode_packed, image_content_hash
+        from vitops.serving import encode_packed, image_content_hash
 
         pres = [self.images(im) for im in req.images]
         keys = [image_content_hash(p.pixel_values[0], p.pixel_position_ids[0], model=self.model_name,
@@ -177,8 +177,6 @@ def demo_inputs(seed: int = 0):
 
 
 def main() -> int:
-    import vitops  # noqa: F401
-
     hf_model = tiny_model()
     path = VisionPath(hf_model)
     for req in demo_inputs():

@@ -258,40 +258,43 @@ def _encode_gemma4(tower, embedder, images, max_soft_tokens, processor, attentio
     return PackedEncoding(tokens, token_segments.lengths)
 
 
+def _preprocessed_parts(model, images, processor, default_processor, preprocessed: type, family: str) -> list:
+    """The family's preprocessed outputs of ``images`` (raw images through ``processor``, or given)."""
+    if _is_raw_images(images):
+        return [(processor or default_processor(size=model.config.image_size))(images)]
+    parts = _as_list(images)
+    if not all(isinstance(p, preprocessed) for p in parts):
+        raise TypeError(f"encode_packed: a {family} model takes images or {preprocessed.__name__} outputs")
+    return parts
+
+
+def _encode_units(model, parts, units_per_image, run) -> PackedEncoding:
+    """Fixed-size units (crops, tiles) of every image in one batch: ``run(units) -> [U, T, H]``."""
+    w = _param(model)
+    units = torch.cat([p.pixel_values for p in parts]).to(device=w.device, dtype=w.dtype)
+    out = run(units)
+    per_unit = out.shape[1]
+    return PackedEncoding(out.reshape(-1, out.shape[-1]), tuple(u * per_unit for u in units_per_image))
+
+
 def _encode_gemma3(tower, embedder, images, processor, deterministic):
     from ..models.gemma3 import encode_images
     from ..preprocess.gemma3 import Gemma3ImageProcessor, Gemma3Preprocessed
 
-    if _is_raw_images(images):
-        processor = processor or Gemma3ImageProcessor(size=tower.config.image_size)
-        parts = [processor(images)]
-    else:
-        parts = _as_list(images)
-        if not all(isinstance(p, Gemma3Preprocessed) for p in parts):
-            raise TypeError("encode_packed: a Gemma 3 tower takes images or Gemma3Preprocessed outputs")
-    w = _param(tower)
-    units = torch.cat([p.pixel_values for p in parts]).to(device=w.device, dtype=w.dtype)
-    units_per_image = [1 + n for p in parts for n in p.num_crops]
-    out = encode_images(tower, embedder, units.permute(0, 2, 3, 1)[:, None], deterministic)  # [U, 1, T, H]
-    per_unit = out.shape[2]
-    return PackedEncoding(out.reshape(-1, out.shape[-1]), tuple(u * per_unit for u in units_per_image))
+    parts = _preprocessed_parts(tower, images, processor, Gemma3ImageProcessor, Gemma3Preprocessed, "Gemma 3")
+    # the 896² unit and each pan-and-scan crop: NHWC [U, 1, S, S, 3] -> [U, 1, T, H]
+    return _encode_units(tower, parts, [1 + n for p in parts for n in p.num_crops],
+                         lambda units: encode_images(tower, embedder, units.permute(0, 2, 3, 1)[:, None],
+                                                     deterministic)[:, 0])
 
 
 def _encode_llama4(model, embedder, images, processor, deterministic):
     from ..preprocess.llama4 import Llama4ImageProcessor, Llama4Preprocessed
 
-    if _is_raw_images(images):
-        processor = processor or Llama4ImageProcessor(size=model.config.image_size)
-        parts = [processor(images)]
-    else:
-        parts = _as_list(images)
-        if not all(isinstance(p, Llama4Preprocessed) for p in parts):
-            raise TypeError("encode_packed: a Llama 4 model takes images or Llama4Preprocessed outputs")
-    w = _param(model)
-    tiles = torch.cat([p.pixel_values for p in parts]).to(device=w.device, dtype=w.dtype)
-    tiles_per_image = [t for p in parts for t in p.tiles_per_image]
-    out = model(tiles, deterministic=deterministic)  # [tiles, 144, vision_output_dim]
-    if embedder is not None:
-        out = embedder(out)
-    per_tile = out.shape[1]
-    return PackedEncoding(out.reshape(-1, out.shape[-1]), tuple(t * per_tile for t in tiles_per_image))
+    parts = _preprocessed_parts(model, images, processor, Llama4ImageProcessor, Llama4Preprocessed, "Llama 4")
+
+    def run(tiles):  # [tiles, 144, vision_output_dim], then the projector
+        out = model(tiles, deterministic=deterministic)
+        return embedder(out) if embedder is not None else out
+
+    return _encode_units(model, parts, [t for p in parts for t in p.tiles_per_image], run)
