@@ -29,6 +29,7 @@
 #   GPU_CHECK_BENCH_ARGS="..."      benchmarks/run.py arguments of the op benchmark
 #   GPU_CHECK_BENCH_L4_ARGS="..."   the same for Llama 4's ops ("" skips them)
 #   GPU_CHECK_BENCH_TOWER_ARGS=".." benchmarks/run.py arguments of the tower benchmark ("" = none)
+#   GPU_CHECK_BENCH_PACKED_ARGS=".." benchmarks/run.py arguments of the packed-encoding benchmark (W10; "" = none)
 #   GPU_CHECK_COMMIT=<sha>          recorded in env.json (the GPU machine's copy may have no .git)
 # Test hooks (tests/test_gpu_check.py):
 #   GPU_CHECK_FAKE_GPU=1|0          pretend a CUDA device is present / absent (skip the probe)
@@ -98,6 +99,9 @@ BENCH_L4_ARGS_DEFAULT="--dtypes bf16 --ops l4_pixel_shuffle,l4_rope --max-batch 
 --reps 7 --warmup 2"
 BENCH_TOWER_ARGS_DEFAULT="--dtypes bf16 --ops g4_tower --where model=g4-e4b,B=1 --modes fwd \
 --contenders eager,vitops --reps 5 --warmup 2 --merge"
+# W10: packed mixed-resolution encoding against HF's padded batch (issue 14)
+BENCH_PACKED_ARGS_DEFAULT="--dtypes bf16 --ops g4_packed --modes fwd --contenders eager,vitops --reps 5 --warmup 2 \
+--merge"
 
 # ---------------------------------------------------------------------------------------------
 # Configuration shared by the driver and the step processes
@@ -741,6 +745,7 @@ step_bench() {
   local args=${GPU_CHECK_BENCH_ARGS:-$BENCH_ARGS_DEFAULT}
   local l4_args=${GPU_CHECK_BENCH_L4_ARGS-$BENCH_L4_ARGS_DEFAULT}
   local tower_args=${GPU_CHECK_BENCH_TOWER_ARGS-$BENCH_TOWER_ARGS_DEFAULT}
+  local packed_args=${GPU_CHECK_BENCH_PACKED_ARGS-$BENCH_PACKED_ARGS_DEFAULT}
   local rc=0 rc2=0
   mkdir -p "$OUT/bench"
   section "ops: benchmarks/run.py --devices cuda $args"
@@ -755,6 +760,11 @@ step_bench() {
     section "tower: benchmarks/run.py --devices cuda $tower_args"
     # shellcheck disable=SC2086
     "$PY" benchmarks/run.py --devices cuda --no-progress --out "$OUT/bench" $tower_args || rc2=$?
+  fi
+  if [ -n "$packed_args" ]; then
+    section "packed: benchmarks/run.py --devices cuda $packed_args"
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/run.py --devices cuda --no-progress --out "$OUT/bench" $packed_args || rc2=$?
   fi
   local f
   for f in "$OUT"/bench/cuda_*.json; do
