@@ -94,11 +94,11 @@ def test_a_failing_vitops_contender_fails_the_run(tmp_path, monkeypatch):
                   "--reps", "2", "--no-progress", "--out", str(tmp_path)])
 
 
-def test_registry_covers_w1_to_w9():
+def test_registry_covers_w1_to_w10():
     run = _load_run()
     from workloads import WORKLOADS  # importable once run.py put benchmarks/ on sys.path
 
-    assert {w.id for w in WORKLOADS} == {f"W{i}" for i in range(1, 10)}
+    assert {w.id for w in WORKLOADS} == {f"W{i}" for i in range(1, 11)}
     assert all(w.shapes and w.smoke_shapes for w in WORKLOADS)
     assert run.markdown_table([]).startswith("| W |")
 
