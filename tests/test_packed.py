@@ -215,6 +215,10 @@ def test_gemma4_packed_bad_inputs():
         encode_packed(tower, images + images[:1], max_soft_tokens=[70, 70], processor=proc)
     with pytest.raises(TypeError, match="Gemma4VisionEncoderLayer"):
         encode_packed(torch.nn.Linear(2, 2), images)
+    with pytest.raises(TypeError, match="Gemma4VisionEncoderLayer"):
+        encode_packed(torch.nn.Linear(2, 2), [])
+    with pytest.raises(ValueError, match="positive size"):
+        encode_packed(tower, [torch.zeros(0, 5, 3, dtype=torch.uint8)], processor=proc)
     pre = proc(images, max_soft_tokens=70)
     with pytest.raises(ValueError, match="valid patches first"):
         PackedImages.from_padded(pre.pixel_values, pre.pixel_position_ids,
@@ -259,6 +263,27 @@ def test_packed_segments_helpers():
     with pytest.raises(ValueError, match="varlen"):
         packed_attention(torch.zeros(1, 1, 63, 8), torch.zeros(1, 1, 63, 8), torch.zeros(1, 1, 63, 8), seg,
                          backend="varlen")
+
+
+def test_no_images_give_an_empty_encoding():
+    """A text-only request: [0, H] rows in the model's dtype, for every tower, with or without the embedder."""
+    from _hf_tiny import build
+
+    from vitops.hf import gemma3 as hf_gemma3
+    from vitops.hf import llama4 as hf_llama4
+
+    g4 = _vitops_gemma4(_hf_gemma4(8))
+    g3 = hf_gemma3.from_hf(build("gemma3")[0].config, None)
+    l4 = hf_llama4.from_hf(build("llama4")[0].config, None)
+    for tower, emb in (g4, g3, l4):
+        for embedder in (emb, None):
+            enc = encode_packed(tower, [], embedder=embedder)
+            with torch.no_grad():  # the width a real image gives
+                probe = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8)
+                processor = _processor() if tower is g4[0] else None
+                real = encode_packed(tower, [probe], embedder=embedder, processor=processor)
+            assert enc.soft_tokens.shape == (0, real.soft_tokens.shape[1]) and enc.tokens_per_image == ()
+            assert enc.soft_tokens.dtype == real.soft_tokens.dtype and enc.split() == ()
 
 
 def test_gemma3_and_llama4_packed_equal_each_image_alone():

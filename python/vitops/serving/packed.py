@@ -231,6 +231,13 @@ def encode_packed(model: nn.Module, images: Any, *, embedder: nn.Module | None =
         cls = _loaded(module, name)
         return cls is not None and isinstance(model, cls)
 
+    if isinstance(images, (list, tuple)) and not images and _is_tower(model):
+        # no images (a text-only request): an empty encoding, so callers need no special case
+        config = getattr(embedder, "config", model.config) if embedder is not None else model.config
+        width = (config.text_hidden_size if embedder is not None
+                 else getattr(config, "vision_output_dim", None) or config.hidden_size)
+        w = _param(model)
+        return PackedEncoding(torch.empty(0, width, device=w.device, dtype=w.dtype), ())
     if is_a("vitops.models.gemma4_vision", "Gemma4VisionEncoderLayer"):
         return _encode_gemma4(model, embedder, images, max_soft_tokens, processor, attention_backend, deterministic)
     if is_a("vitops.models.gemma3", "Gemma3VisionEncoderLayer"):
@@ -239,6 +246,14 @@ def encode_packed(model: nn.Module, images: Any, *, embedder: nn.Module | None =
         return _encode_llama4(model, embedder, images, processor, deterministic)
     raise TypeError(f"encode_packed: `model` must be a vitops Gemma4VisionEncoderLayer, Gemma3VisionEncoderLayer or "
                     f"Llama4VisionModel, got {type(model).__name__}")
+
+
+_TOWERS = (("vitops.models.gemma4_vision", "Gemma4VisionEncoderLayer"), ("vitops.models.gemma3", "Gemma3VisionEncoderLayer"),
+           ("vitops.models.llama4", "Llama4VisionModel"))
+
+
+def _is_tower(model) -> bool:
+    return any(cls is not None and isinstance(model, cls) for cls in (_loaded(m, n) for m, n in _TOWERS))
 
 
 def _encode_gemma4(tower, embedder, images, max_soft_tokens, processor, attention_backend, deterministic):
