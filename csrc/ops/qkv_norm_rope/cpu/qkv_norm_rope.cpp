@@ -286,6 +286,34 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
   });
 }
 
+// The norm's backward pass over a row read from storage (x) with d loss / d norm output in grad:
+// u = x * r, the weight-gradient terms into partial and grad scaled by the weight (kWeighted), and
+// the dot product of the scaled grad with u, all in one loop. The products and the summation lanes
+// are norm::lane_dot's (the same bits as staging x in floats, then scaling, then lane_dot).
+template <bool kWeighted, typename scalar_t, typename acc>
+acc norm_backward_dot(const scalar_t* __restrict__ x, acc r, acc* __restrict__ grad, const acc* __restrict__ weight,
+                      acc* __restrict__ partial, acc* __restrict__ u, int64_t n) {
+  acc lanes[norm::kLanes] = {};
+  auto step = [&](int64_t i, int64_t lane) {
+    const acc ui = widen(x[i]) * r;
+    u[i] = ui;
+    acc gi = grad[i];
+    if constexpr (kWeighted) {
+      partial[i] += gi * ui;
+      gi = gi * weight[i];
+      grad[i] = gi;
+    }
+    lanes[lane] += gi * ui;
+  };
+  int64_t e = 0;
+  for (; e + norm::kLanes <= n; e += norm::kLanes)
+    for (int64_t j = 0; j < norm::kLanes; ++j) step(e + j, j);
+  for (int64_t j = 0; e < n; ++e, ++j) step(e, j);
+  for (int64_t width = norm::kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
 template <typename scalar_t>
 void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in, const HeadIO<scalar_t>& grad,
                    scalar_t* const grad_in[kNumHeadTensors], const std::optional<Tensor>& q_weight,
@@ -376,15 +404,23 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
                 std::copy(gsrc, gsrc + hd, dst);
               continue;
             }
-            for (int64_t e = 0; e < hd; ++e) gy[e] = widen(gsrc[e]);
-            // d(loss)/d(normalised row): the transposed rotation for q and k
+            // The common order (norm, then rotation) in four passes over the row, each reading its
+            // input straight from storage: d(loss)/d(normalised row) (the transposed rotation for q
+            // and k), the row's sum of squares, the norm's backward terms and their dot product,
+            // and the result. The same expressions and summation lanes as norm_backward on rows
+            // staged in floats: the same bits, with half the passes.
             if (tensor < 2)
-              rope::cpu::rotate_row(g.layout, gy.data(), gu.data(), cos.data(), sin.data());
+              rope::cpu::rotate_row(g.layout, gsrc, gu.data(), cos.data(), sin.data());
             else
-              std::copy(gy.begin(), gy.end(), gu.begin());
-            for (int64_t e = 0; e < hd; ++e) x[e] = widen(src[e]);
-            norm_backward(x.data(), gu.data(), tensor, chunk_partial);
-            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(gu[e]);
+              for (int64_t e = 0; e < hd; ++e) gu[e] = widen(gsrc[e]);
+            const acc r = norm::inverse_rms(norm::sum_of_squares_widened<acc>(src, hd), hd, eps_acc);
+            const acc dot =
+                tensor < 2 && weighted
+                    ? norm_backward_dot<true>(src, r, gu.data(), t.weights[tensor].data(), chunk_partial + tensor * hd,
+                                              u.data(), hd)
+                    : norm_backward_dot<false, scalar_t, acc>(src, r, gu.data(), nullptr, nullptr, u.data(), hd);
+            const acc mean_dot = dot / static_cast<acc>(hd);
+            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(r * (gu[e] - u[e] * mean_dot));
           }
         }
       }
