@@ -134,24 +134,19 @@ Tables<acc> make_tables(const char* op, const Geometry& g, const std::optional<T
 // 1-D half-split RoPE (one chunk spanning the head dim: text decoders) of a normalised row in one
 // pass: each half-pair is normalised (x r w, or x r), rounded to scalar_t as HF's norm output, and
 // rotated straight into dst. The same expressions as the three-pass path (norm, rotate_row,
-// narrow), so the same bits. Used for bf16 / fp16 only, where it skips two rounding passes over the
-// row (W7 g3_qk_norm_rope bf16 forward 4.7 -> 3.4-4.0 ms at S 4096); for float32 the two-pass path
-// was measured faster (0.8 vs 1.7 ms at S 1024), so float32 keeps it.
+// narrow), so the same bits. It skips the staging copy, the normalised row and (bf16 / fp16) two
+// rounding passes: W7 g3_qk_norm_rope bf16 forward 4.7 -> 3.4-4.0 ms at S 4096; float32 (once
+// norm_rotate_halves vectorized) 2.4-2.8 -> 1.7-1.9 ms at S 1024, 1 thread (NOTES entry 25).
 template <bool weighted, typename scalar_t, typename acc>
-inline void norm_rotate_half_split_1d(const scalar_t* x, acc r, const acc* w, const acc* cos_table,
-                                      const acc* sin_table, int64_t hd, scalar_t* dst) {
-  const int64_t half = hd / 2;
-  const scalar_t* __restrict__ xa = x;
-  const scalar_t* __restrict__ xb = x + half;
-  const acc* __restrict__ c = cos_table;
-  const acc* __restrict__ s = sin_table;
-  scalar_t* __restrict__ out_a = dst;
-  scalar_t* __restrict__ out_b = dst + half;
+inline void norm_rotate_halves(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xb, acc r,
+                               const acc* __restrict__ wa, const acc* __restrict__ wb, const acc* __restrict__ c,
+                               const acc* __restrict__ s, scalar_t* __restrict__ out_a, scalar_t* __restrict__ out_b,
+                               int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
     acc a, b;
     if constexpr (weighted) {
-      a = widen(narrow<scalar_t>((widen(xa[i]) * r) * w[i]));
-      b = widen(narrow<scalar_t>((widen(xb[i]) * r) * w[half + i]));
+      a = widen(narrow<scalar_t>((widen(xa[i]) * r) * wa[i]));
+      b = widen(narrow<scalar_t>((widen(xb[i]) * r) * wb[i]));
     } else {
       a = widen(narrow<scalar_t>(widen(xa[i]) * r));
       b = widen(narrow<scalar_t>(widen(xb[i]) * r));
@@ -159,6 +154,17 @@ inline void norm_rotate_half_split_1d(const scalar_t* x, acc r, const acc* w, co
     out_a[i] = narrow<scalar_t>(a * c[i] - b * s[i]);
     out_b[i] = narrow<scalar_t>(b * c[i] + a * s[i]);
   }
+}
+
+// The pointers are restrict-qualified parameters of norm_rotate_halves (GCC ignores restrict on
+// local pointers): with float in and out it otherwise cannot rule out aliasing and left the loop
+// scalar.
+template <bool weighted, typename scalar_t, typename acc>
+inline void norm_rotate_half_split_1d(const scalar_t* x, acc r, const acc* w, const acc* cos_table,
+                                      const acc* sin_table, int64_t hd, scalar_t* dst) {
+  const int64_t half = hd / 2;
+  norm_rotate_halves<weighted>(x, x + half, r, w, weighted ? w + half : w, cos_table, sin_table, dst, dst + half,
+                               half);
 }
 
 // q_scale's factor of row (b, l), widened to acc (1 when there is no q_scale).
@@ -218,7 +224,7 @@ void forward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in,
   const bool v_norm = g.options.v_norm;
   // one half-split chunk over the whole head dim (1-D text RoPE), bf16 / fp16: norm and rotation in one pass
   const bool fused_1d = g.layout.pairing == rope::Pairing::HalfSplit && g.layout.num_chunks == 1 &&
-                        g.layout.rotated == hd && hd >= 2 && !std::is_same_v<scalar_t, acc>;
+                        g.layout.rotated == hd && hd >= 2;
   torch::stable::parallel_for(0, g.rows(), /*grain_size=*/4, [&](int64_t begin, int64_t end) {
     const int64_t table = rope::cpu::table_length(g.layout);
     std::vector<acc> cos(table), sin(table), x(hd), n(hd), rotated(hd), scratch(hd + 2);
