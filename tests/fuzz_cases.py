@@ -422,7 +422,9 @@ def _mutations(op: str, kw: dict, rng: random.Random, namespace: str):
         for bad in (0.0, -0.5, 0.3, 2.0, 1.5, f, float("inf"), 1e-300):
             out.append((f"shuffle_ratio {bad}", {**kw, "shuffle_ratio": bad}, True))
         side = math.isqrt(x.shape[-2])
-        out.append(("non-square L", {**kw, "input_tensor": torch.zeros(*x.shape[:-2], side * side + 1, x.shape[-1],
+        # side^2 + 1 lies strictly between two squares for side >= 1; an empty L (side 0) would give 1 = 1^2
+        not_square = side * side + 1 if side >= 1 else 2
+        out.append(("non-square L", {**kw, "input_tensor": torch.zeros(*x.shape[:-2], not_square, x.shape[-1],
                                                                         dtype=x.dtype)}, True))
         n = round(1 / r)
         if n > 1:
