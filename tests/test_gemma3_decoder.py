@@ -11,7 +11,7 @@ from vitops.hf import gemma3 as gemma3_hf
 from vitops.layers import AttentionType, image_block_ids
 from vitops.models.gemma3 import Gemma3DecoderConfig, Gemma3DecoderLayer, Gemma3ScannableBlock
 
-from _utils import DEVICES, block_and_layer_by_layer
+from _utils import DEVICES, block_and_layer_by_layer, check_random_packing
 
 transformers = pytest.importorskip("transformers")
 from transformers import Gemma3Config, Gemma3TextConfig  # noqa: E402
@@ -473,3 +473,12 @@ def test_seeded_random_configs_match_hf_per_layer_stack_and_cache(seed):
                                kv_cache=caches)
             outs.append(out)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_seeded_random_packings_equal_separate_sequences(seed):
+    """1-4 packed sequences per row of random lengths (windows / chunks shorter and longer than them),
+    padded rows: each sequence's rows equal the sequence run alone."""
+    hf, cfg = multimodal_hf(seed=seed, sliding_window=(2, 4, 64)[seed % 3])
+    ours = ours_from(hf, cfg)
+    check_random_packing(ours, 64, seed)

@@ -12,7 +12,7 @@ from vitops.hf import CheckpointMismatchError
 from vitops.hf import llama4 as llama4_hf
 from vitops.models.llama4 import Llama4DecoderConfig, Llama4DecoderLayer, Llama4MoEBlock, Llama4ScannableBlock
 
-from _utils import DEVICES, block_and_layer_by_layer
+from _utils import DEVICES, block_and_layer_by_layer, check_random_packing
 
 transformers = pytest.importorskip("transformers")
 from transformers import Llama4TextConfig  # noqa: E402
@@ -492,3 +492,11 @@ def test_seeded_random_configs_match_hf_per_layer_stack_and_cache(seed):
     # random MoE stacks reach |y| ~ 10), and 1e-6 in norm
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
     assert rel(cached, full) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_seeded_random_packings_equal_separate_sequences(seed):
+    """1-4 packed sequences per row of random lengths (windows / chunks shorter and longer than them),
+    padded rows: each sequence's rows equal the sequence run alone."""
+    _, _, ours = build(seed=seed, step=1 + seed % 2, attention_chunk_size=(3, 4, 64)[seed % 3])
+    check_random_packing(ours, 64, seed)
