@@ -104,3 +104,24 @@ def check_random_packing(block, width: int, seed: int) -> None:
                 torch.testing.assert_close(packed[r:r + 1, start:start + n], alone, rtol=1e-5,
                                            atol=1e-5 * alone.abs().max().item(), msg=lambda m: f"{rows}: {m}")
                 start += n
+
+
+def autocast_against_hf(hf_text_model, block, x: torch.Tensor, dtype=torch.bfloat16):
+    """HF's text model and a vitops decoder block (followed by HF's final norm) under CPU autocast,
+    forward and backward from the same float32 input and output gradient; returns (HF's output, ours,
+    HF's input-gradient error against float64 without autocast, ours)."""
+    import copy
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    x_hf, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        want = hf_text_model(inputs_embeds=x_hf).last_hidden_state
+        got = hf_text_model.norm(block(x_ours))
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    want.backward(grad)
+    got.backward(grad)
+    x64 = x.double().requires_grad_(True)
+    copy.deepcopy(hf_text_model).double()(inputs_embeds=x64).last_hidden_state.backward(grad.double())
+    return want.detach(), got.detach(), rel(x_hf.grad, x64.grad), rel(x_ours.grad, x64.grad)

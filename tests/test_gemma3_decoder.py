@@ -482,3 +482,21 @@ def test_seeded_random_packings_equal_separate_sequences(seed):
     hf, cfg = multimodal_hf(seed=seed, sliding_window=(2, 4, 64)[seed % 3])
     ours = ours_from(hf, cfg)
     check_random_packing(ours, 64, seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_autocast_bitwise_equal_to_hf_and_gradients_no_worse(seed):
+    """CPU autocast (bf16) over the float32 model: q/k come out of their Linear in bf16, the norms
+    return bf16, cos/sin stay float32 (computed from the float32 residual) so HF's rotation runs in
+    float32 and SDPA in bf16. The output equals HF's bitwise; the input gradient's error against
+    float64 is no worse than HF's own."""
+    from _utils import autocast_against_hf
+
+    tc = text_config()
+    torch.manual_seed(seed)
+    hf = randomize(Gemma3TextModel(tc).eval(), seed)
+    ours = gemma3_hf.decoder_from_hf(tc, hf.state_dict())
+    x = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(seed))
+    want, got, hf_err, ours_err = autocast_against_hf(hf, ours, x)
+    assert torch.equal(got, want)
+    assert ours_err <= 1.05 * hf_err + 1e-4, (ours_err, hf_err)

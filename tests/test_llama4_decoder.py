@@ -207,7 +207,7 @@ def test_moe_unaligned_widths_and_float64_use_the_per_expert_path():
         ref = ours.shared_experts(x)
         top, e = ours.gate(x).topk(1, dim=-1)
         xs = x * torch.sigmoid(top)
-        ref = ref + torch.stack([ours._expert(xs[i:i + 1], int(e[i])) for i in range(9)]).view(9, 66)
+        ref = ref + torch.stack([ours._expert(xs[i:i + 1], int(e[i]), ours.wi, ours.wo) for i in range(9)]).view(9, 66)
     torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -500,3 +500,31 @@ def test_seeded_random_packings_equal_separate_sequences(seed):
     padded rows: each sequence's rows equal the sequence run alone."""
     _, _, ours = build(seed=seed, step=1 + seed % 2, attention_chunk_size=(3, 4, 64)[seed % 3])
     check_random_packing(ours, 64, seed)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_autocast_bitwise_equal_to_hf_and_gradients_no_worse(seed):
+    """CPU autocast (bf16) over the float32 model, as in mixed-precision fine-tuning: the router Linear
+    gives bf16 logits while x is the float32 residual; HF's bf16 router score scales the float32 row
+    and its expert bmm runs in bf16. The output equals HF's bitwise (seeds without tied bf16 router
+    logits, checked: ties go to the lowest expert here, HF's topk leaves them open), and the input
+    gradient's error against float64 is no worse than HF's own."""
+    from unittest import mock
+
+    import vitops.models.llama4 as llama4_module
+    from _utils import autocast_against_hf
+
+    hf, tc, ours = build(seed=seed)
+    x = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(seed))
+    tied, original = [], llama4_module.moe_route
+
+    def route(flat, logits):
+        top2 = logits.float().topk(2, dim=-1).values
+        tied.append(int((top2[:, 0] == top2[:, 1]).sum()))
+        return original(flat, logits)
+
+    with mock.patch.object(llama4_module, "moe_route", side_effect=route):
+        want, got, hf_err, ours_err = autocast_against_hf(hf, ours, x)
+    assert len(tied) == len(tc.moe_layers) and not any(tied), tied  # one routing per MoE layer, no ties
+    assert torch.equal(got, want)
+    assert ours_err <= 1.05 * hf_err + 1e-4, (ours_err, hf_err)

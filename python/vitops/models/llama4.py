@@ -520,6 +520,11 @@ class Llama4TextAttention(nn.Module):
         return self.out(out), cache
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is enabled for ``device_type``, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 class Llama4MoEBlock(nn.Module):
     """Llama 4's routed + shared MoE (MaxText ``RoutedAndSharedMoE``, HF ``Llama4TextMoe``): the top-1
     router ``gate`` (bias-free ``[E, H]``), the sigmoid of the selected logit (float32, rounded to the
@@ -551,9 +556,9 @@ class Llama4MoEBlock(nn.Module):
         self.shared_experts = GatedMlp(c.hidden_size, c.intermediate_size, c.hidden_act, c.dropout_rate, **kw)
         self.activation = c.hidden_act
 
-    def _expert(self, x: torch.Tensor, e) -> torch.Tensor:
-        gate, up = (x @ self.wi[e]).chunk(2, dim=-1)
-        return (up * ACTIVATIONS[self.activation](gate)) @ self.wo[e]
+    def _expert(self, x: torch.Tensor, e, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ wi[e]).chunk(2, dim=-1)
+        return (up * ACTIVATIONS[self.activation](gate)) @ wo[e]
 
     def _grouped_gemm_ok(self, x: torch.Tensor) -> bool:
         # torch's grouped GEMM takes float32 / bf16 / fp16 with row strides a multiple of 16 bytes.
@@ -562,32 +567,38 @@ class Llama4MoEBlock(nn.Module):
         align = 16 // x.element_size()
         return all(n % align == 0 for n in (self.wi.shape[1], self.wi.shape[2], self.wo.shape[1], self.wo.shape[2]))
 
-    def _routed_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
+    def _routed_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor, wi: torch.Tensor | None = None,
+                        wo: torch.Tensor | None = None) -> torch.Tensor:
         """The experts over their own tokens only (``routed``'s rows bucketed by expert, ascending;
-        ``expert_ends`` the int32 bucket ends)."""
+        ``expert_ends`` the int32 bucket ends); ``wi`` / ``wo``: the expert weights in the compute
+        dtype (default: the parameters)."""
+        wi = self.wi if wi is None else wi
+        wo = self.wo if wo is None else wo
         if routed.device.type == "cpu" and routed.dtype in (torch.bfloat16, torch.float16) and routed.shape[0]:
-            return self._padded_batched_experts(routed, expert_ends)
+            return self._padded_batched_experts(routed, expert_ends, wi, wo)
         if self._grouped_gemm_ok(routed):
-            return self._grouped_experts(routed, expert_ends)
+            return self._grouped_experts(routed, expert_ends, wi, wo)
         # float64 or unaligned widths: one GEMM per expert, the bucket ends read on the host.
         pieces, start = [], 0
         for e, end in enumerate(expert_ends.tolist()):
             if end > start:
-                pieces.append(self._expert(routed[start:end], e))
+                pieces.append(self._expert(routed[start:end], e, wi, wo))
             start = end
         return torch.cat(pieces) if pieces else routed.new_zeros(routed.shape)
 
-    def _grouped_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
+    def _grouped_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor, wi: torch.Tensor,
+                         wo: torch.Tensor) -> torch.Tensor:
         """One grouped GEMM per projection; the group ends are a device tensor, so no host sync."""
-        gate, up = F.grouped_mm(routed, self.wi, offs=expert_ends).chunk(2, dim=-1)
-        return F.grouped_mm((up * ACTIVATIONS[self.activation](gate)).contiguous(), self.wo, offs=expert_ends)
+        gate, up = F.grouped_mm(routed, wi, offs=expert_ends).chunk(2, dim=-1)
+        return F.grouped_mm((up * ACTIVATIONS[self.activation](gate)).contiguous(), wo, offs=expert_ends)
 
     @staticmethod
     def _expert_of_row(expert_ends: torch.Tensor, rows: int) -> torch.Tensor:
         """The expert of each bucketed row, from the bucket ends."""
         return torch.bucketize(torch.arange(rows, device=expert_ends.device), expert_ends.long(), right=True)
 
-    def _padded_batched_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
+    def _padded_batched_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor, wi: torch.Tensor,
+                                wo: torch.Tensor) -> torch.Tensor:
         """CPU bf16 / fp16: the buckets padded to the largest (its size read on the host, which costs
         nothing on the CPU) and the experts run as two batched GEMMs. On CPUs with bf16 matrix units
         a batched GEMM over [E, largest bucket, H] runs at the dense rate where grouped_mm's ~32-row
@@ -599,14 +610,28 @@ class Llama4MoEBlock(nn.Module):
         place = torch.arange(routed.shape[0], device=routed.device) - (ends - counts)[expert_of_row]
         padded = routed.new_zeros(self.num_experts, int(counts.max()), routed.shape[1])
         padded[expert_of_row, place] = routed
-        gate, up = torch.bmm(padded, self.wi).chunk(2, dim=-1)
-        return torch.bmm(up * ACTIVATIONS[self.activation](gate), self.wo)[expert_of_row, place]
+        gate, up = torch.bmm(padded, wi).chunk(2, dim=-1)
+        return torch.bmm(up * ACTIVATIONS[self.activation](gate), wo)[expert_of_row, place]
 
     def forward(self, x: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         # top-1 expert, sigmoid score scaling the expert input, tokens bucketed by expert (stable)
-        routed, _, token_order, token_slot, expert_ends = moe_route(flat, self.gate(flat))
+        logits = self.gate(flat)
+        routed, _, token_order, token_slot, expert_ends = moe_route(flat, logits)
+        wi, wo = self.wi, self.wo
+        if logits.dtype != flat.dtype:
+            # autocast (the router Linear ran in the autocast dtype while x is the float32 residual):
+            # HF's router_scores are in the logits' dtype (sigmoid in float32, rounded) and scale x in
+            # the promoted dtype; the op rounds the score to x's dtype, so the scaling is redone here
+            # (the routing itself is the op's). The selected logit alone gets a gradient, as HF's.
+            expert = self._expert_of_row(expert_ends, routed.shape[0])[token_slot]
+            score = torch.sigmoid(logits.gather(1, expert[:, None]).float()).to(logits.dtype)
+            routed = (flat * score)[token_order]
+        compute_dtype = _autocast_dtype(flat.device.type)
+        if compute_dtype is not None:
+            # what autocast does to HF's expert bmm operands (grouped_mm is not on autocast's list)
+            routed, wi, wo = routed.to(compute_dtype), wi.to(compute_dtype), wo.to(compute_dtype)
         if torch.compiler.is_compiling():
             # torch.compile traces neither the host-read bucket ends nor (on the CPU, float32)
             # grouped_mm: every expert runs on every bucketed row instead, each row keeping its own
@@ -614,9 +639,9 @@ class Llama4MoEBlock(nn.Module):
             expert_of_row = self._expert_of_row(expert_ends, routed.shape[0])
             expert_out = torch.zeros_like(routed)
             for e in range(self.num_experts):
-                expert_out = torch.where((expert_of_row == e)[:, None], self._expert(routed, e), expert_out)
+                expert_out = torch.where((expert_of_row == e)[:, None], self._expert(routed, e, wi, wo), expert_out)
         else:
-            expert_out = self._routed_experts(routed, expert_ends)
+            expert_out = self._routed_experts(routed, expert_ends, wi, wo)
         # the inverse scatter, added to the shared expert's output (HF's out.add_(routed_out))
         out = moe_combine(self.shared_experts(flat, deterministic), expert_out, token_slot, token_order)
         return out.view(shape)
