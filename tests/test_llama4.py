@@ -258,3 +258,18 @@ def test_older_config_json_with_int_temperature_tuning(tmp_path):
     assert hf_cfg.text_config.attn_temperature_tuning is True
     model, proj = hf_llama4.from_hf(tmp_path)
     assert proj is not None and model.config.num_layers == 2
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_autocast_bitwise_equal_to_hf(name):
+    """CPU autocast (bf16) over the float32 model: the patch rows leave their Linear in bf16 and meet the
+    float32 CLS parameter in torch.cat, which promotes to float32 (the position table follows); the
+    rotation reads bf16 q/k and returns bf16 as HF's type_as. Casting CLS to the rows' dtype instead
+    (the earlier code) kept the residual stream in bf16: 1.3x HF's error against float64."""
+    config = CONFIGS[name]
+    hf, ours = _hf_pair(config)
+    pixels = torch.randn(2, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = hf(pixels).last_hidden_state
+        got = ours(pixels)
+    assert got.dtype == want.dtype and torch.equal(got, want)

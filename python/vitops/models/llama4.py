@@ -397,9 +397,10 @@ class Llama4VisionModel(nn.Module):
                 f"Llama4VisionModel: tiles must be [B, {c.num_channels}, {c.image_size}, {c.image_size}] (NCHW), got "
                 f"shape {tuple(tiles.shape)}")
         x = self.unfold_convolution(tiles.to(self.unfold_convolution.vit_unfold_linear.weight.dtype))
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([x, cls], dim=1)
-        x = x + self.positional_embedding_vlm.to(x.dtype)  # HF casts the table to the activations' dtype
+        # HF's dtype flow: the CLS row joins in torch.cat's promoted dtype (under autocast the bf16
+        # patch rows meet the float32 parameter: float32), then the table is cast to that dtype
+        x = torch.cat([x, self.class_embedding.expand(x.shape[0], 1, -1)], dim=1)
+        x = x + self.positional_embedding_vlm.to(x.dtype)
         x = self.layernorm_pre(x)
         x = self.encoder(x, self.positions(x.shape[0], x.device), deterministic)
         return self.layernorm_post(x)
