@@ -125,3 +125,23 @@ def autocast_against_hf(hf_text_model, block, x: torch.Tensor, dtype=torch.bfloa
     x64 = x.double().requires_grad_(True)
     copy.deepcopy(hf_text_model).double()(inputs_embeds=x64).last_hidden_state.backward(grad.double())
     return want.detach(), got.detach(), rel(x_hf.grad, x64.grad), rel(x_ours.grad, x64.grad)
+
+
+def check_decoder_bad_calls(block, width: int) -> None:
+    """A decoder block's calls with mismatched arguments raise errors that name the argument and the
+    expected form (no kernel error, no silent result)."""
+    x = torch.randn(2, 5, width)
+    ids = torch.ones(2, 5, dtype=torch.long)
+    cases = [
+        (lambda: block(torch.randn(2, 5, width + 1)), ValueError, rf"`inputs` must be \[B, L, {width}\]"),
+        (lambda: block(torch.ones(2, 5, width, dtype=torch.long)), TypeError, "`inputs` must be a floating-point"),
+        (lambda: block(x, ids[:, :4]), ValueError, r"`decoder_segment_ids` must be \[B, L\] = \[2, 5\]"),
+        (lambda: block(x, None, torch.arange(5)[None]), ValueError, r"`decoder_positions` must be \[B, L\] = \[2, 5\]"),
+        (lambda: block(x, None, ids.to("meta")), ValueError, "`decoder_positions` must be on the device of `inputs`"),
+        (lambda: block(x[:1], model_mode="autoregressive", kv_cache=block(x, model_mode="prefill")[1]), ValueError,
+         "`kv_cache` holds 2 sequences but `inputs` has B = 1"),
+    ]
+    with torch.no_grad():
+        for call, error, message in cases:
+            with pytest.raises(error, match=message):
+                call()

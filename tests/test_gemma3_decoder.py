@@ -11,7 +11,7 @@ from vitops.hf import gemma3 as gemma3_hf
 from vitops.layers import AttentionType, image_block_ids
 from vitops.models.gemma3 import Gemma3DecoderConfig, Gemma3DecoderLayer, Gemma3ScannableBlock
 
-from _utils import DEVICES, block_and_layer_by_layer, check_random_packing
+from _utils import DEVICES, block_and_layer_by_layer, check_decoder_bad_calls, check_random_packing
 
 transformers = pytest.importorskip("transformers")
 from transformers import Gemma3Config, Gemma3TextConfig  # noqa: E402
@@ -500,3 +500,14 @@ def test_autocast_bitwise_equal_to_hf_and_gradients_no_worse(seed):
     want, got, hf_err, ours_err = autocast_against_hf(hf, ours, x)
     assert torch.equal(got, want)
     assert ours_err <= 1.05 * hf_err + 1e-4, (ours_err, hf_err)
+
+
+def test_mismatched_call_arguments_get_clear_errors():
+    hf, cfg = multimodal_hf()
+    ours = ours_from(hf, cfg)
+    check_decoder_bad_calls(ours, 64)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`bidirectional_mask` must be \[B, L\] = \[2, 5\]"):
+        ours(x, bidirectional_mask=torch.ones(2, 4, dtype=torch.bool))
+    with torch.no_grad(), pytest.raises(TypeError, match="`bidirectional_mask` must be a bool tensor"):
+        ours(x, bidirectional_mask=torch.ones(2, 5, dtype=torch.long))

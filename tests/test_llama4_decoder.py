@@ -12,7 +12,7 @@ from vitops.hf import CheckpointMismatchError
 from vitops.hf import llama4 as llama4_hf
 from vitops.models.llama4 import Llama4DecoderConfig, Llama4DecoderLayer, Llama4MoEBlock, Llama4ScannableBlock
 
-from _utils import DEVICES, block_and_layer_by_layer, check_random_packing
+from _utils import DEVICES, block_and_layer_by_layer, check_decoder_bad_calls, check_random_packing
 
 transformers = pytest.importorskip("transformers")
 from transformers import Llama4TextConfig  # noqa: E402
@@ -528,3 +528,8 @@ def test_autocast_bitwise_equal_to_hf_and_gradients_no_worse(seed):
     assert len(tied) == len(tc.moe_layers) and not any(tied), tied  # one routing per MoE layer, no ties
     assert torch.equal(got, want)
     assert ours_err <= 1.05 * hf_err + 1e-4, (ours_err, hf_err)
+
+
+def test_mismatched_call_arguments_get_clear_errors():
+    _, _, ours = build()
+    check_decoder_bad_calls(ours, 64)

@@ -454,17 +454,40 @@ def decoder_positions_for(inputs: torch.Tensor, decoder_positions: torch.Tensor 
 
 
 def check_decoder_call(name: str, inputs: torch.Tensor, model_mode: str, kv_cache: DecoderKVCache | None, *,
+                       hidden_size: int | None = None, decoder_segment_ids: torch.Tensor | None = None,
+                       decoder_positions: torch.Tensor | None = None, bidirectional_mask: torch.Tensor | None = None,
                        previous_chunk=None, page_state=None, slot=None, attention_metadata=None) -> None:
-    """The argument checks every decoder layer's MaxText-style call shares."""
+    """The argument checks every decoder layer's MaxText-style call shares: clear errors naming the
+    argument and its expected form, before any kernel sees a mismatched shape, dtype or device."""
     if model_mode not in MODEL_MODES:
         raise ValueError(f"{name}: `model_mode` must be one of {MODEL_MODES}, got {model_mode!r}")
     if inputs.dim() != 3:
         raise ValueError(f"{name}: `inputs` must be [B, L, D], got {list(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"{name}: `inputs` must be a floating-point tensor (the hidden states), got {inputs.dtype}")
+    if hidden_size is not None and inputs.shape[2] != hidden_size:
+        raise ValueError(f"{name}: `inputs` must be [B, L, {hidden_size}] (D = the config's hidden_size), got "
+                         f"{list(inputs.shape)}")
+    batch, length = inputs.shape[0], inputs.shape[1]
+    for arg, t in (("decoder_segment_ids", decoder_segment_ids), ("decoder_positions", decoder_positions),
+                   ("bidirectional_mask", bidirectional_mask)):
+        if t is None:
+            continue
+        if t.dim() != 2 or t.shape[0] != batch or t.shape[1] != length:
+            raise ValueError(f"{name}: `{arg}` must be [B, L] = [{batch}, {length}] (one per token of `inputs`), "
+                             f"got {list(t.shape)}")
+        if t.device != inputs.device:
+            raise ValueError(f"{name}: `{arg}` must be on the device of `inputs` ({inputs.device}), got {t.device}")
+    if bidirectional_mask is not None and bidirectional_mask.dtype != torch.bool:
+        raise TypeError(f"{name}: `bidirectional_mask` must be a bool tensor (True for image tokens), got "
+                        f"{bidirectional_mask.dtype}")
     if model_mode == "autoregressive" and kv_cache is None:
         raise ValueError(f'{name}: model_mode="autoregressive" needs the `kv_cache` of the earlier tokens '
                          '(run model_mode="prefill" first)')
     if model_mode == "train" and kv_cache is not None:
         raise ValueError(f'{name}: model_mode="train" takes no `kv_cache` (use "autoregressive")')
+    if kv_cache is not None and kv_cache.key.shape[0] != batch:
+        raise ValueError(f"{name}: `kv_cache` holds {kv_cache.key.shape[0]} sequences but `inputs` has B = {batch}")
     for arg, value in (("previous_chunk", previous_chunk), ("page_state", page_state), ("slot", slot),
                        ("attention_metadata", attention_metadata)):
         if value is not None:

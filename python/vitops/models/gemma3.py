@@ -546,8 +546,11 @@ class Gemma3DecoderLayer(nn.Module):
                 bidirectional_mask: torch.Tensor | None = None, kv_cache: DecoderKVCache | None = None,
                 attention_metadata=None, rope_tables: RopeTables | None = None
                 ) -> tuple[torch.Tensor, DecoderKVCache | None]:
-        check_decoder_call("Gemma3DecoderLayer", inputs, model_mode, kv_cache, previous_chunk=previous_chunk,
-                           page_state=page_state, slot=slot, attention_metadata=attention_metadata)
+        check_decoder_call("Gemma3DecoderLayer", inputs, model_mode, kv_cache,
+                           hidden_size=self.config.hidden_size, decoder_segment_ids=decoder_segment_ids,
+                           decoder_positions=decoder_positions, bidirectional_mask=bidirectional_mask,
+                           previous_chunk=previous_chunk, page_state=page_state, slot=slot,
+                           attention_metadata=attention_metadata)
         positions = decoder_positions_for(inputs, decoder_positions, kv_cache)
         blocks = None
         if bidirectional_mask is not None:

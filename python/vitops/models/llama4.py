@@ -689,7 +689,9 @@ class Llama4DecoderLayer(nn.Module):
                 model_mode: str = "train", previous_chunk=None, slot=None, kv_cache: DecoderKVCache | None = None,
                 attention_metadata=None, rope_tables: RopeTables | None = None
                 ) -> tuple[torch.Tensor, DecoderKVCache | None]:
-        check_decoder_call("Llama4DecoderLayer", inputs, model_mode, kv_cache, previous_chunk=previous_chunk, slot=slot,
+        check_decoder_call("Llama4DecoderLayer", inputs, model_mode, kv_cache,
+                           hidden_size=self.config.hidden_size, decoder_segment_ids=decoder_segment_ids,
+                           decoder_positions=decoder_positions, previous_chunk=previous_chunk, slot=slot,
                            attention_metadata=attention_metadata)
         positions = decoder_positions_for(inputs, decoder_positions, kv_cache)
         attn, cache = self.self_attention(self._norm(self.pre_self_attention_layer_norm, inputs), positions,
