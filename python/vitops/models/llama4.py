@@ -568,13 +568,11 @@ class Llama4MoEBlock(nn.Module):
         align = 16 // x.element_size()
         return all(n % align == 0 for n in (self.wi.shape[1], self.wi.shape[2], self.wo.shape[1], self.wo.shape[2]))
 
-    def _routed_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor, wi: torch.Tensor | None = None,
-                        wo: torch.Tensor | None = None) -> torch.Tensor:
+    def _routed_experts(self, routed: torch.Tensor, expert_ends: torch.Tensor, wi: torch.Tensor,
+                        wo: torch.Tensor) -> torch.Tensor:
         """The experts over their own tokens only (``routed``'s rows bucketed by expert, ascending;
         ``expert_ends`` the int32 bucket ends); ``wi`` / ``wo``: the expert weights in the compute
-        dtype (default: the parameters)."""
-        wi = self.wi if wi is None else wi
-        wo = self.wo if wo is None else wo
+        dtype."""
         if routed.device.type == "cpu" and routed.dtype in (torch.bfloat16, torch.float16) and routed.shape[0]:
             return self._padded_batched_experts(routed, expert_ends, wi, wo)
         if self._grouped_gemm_ok(routed):

@@ -227,33 +227,27 @@ def encode_packed(model: nn.Module, images: Any, *, embedder: nn.Module | None =
     Each image's rows equal encoding it alone (Gemma 4: HF's flattened ``get_image_features`` rows,
     same order). ``attention_backend`` (Gemma 4): "sdpa" (one batched SDPA per run of equal-size
     images) or "varlen" (torch's flash varlen attention; CUDA float16 / bfloat16)."""
-    def is_a(module, name):
-        cls = _loaded(module, name)
-        return cls is not None and isinstance(model, cls)
-
-    if isinstance(images, (list, tuple)) and not images and _is_tower(model):
+    tower = next((name for module, name in _TOWERS if isinstance(model, _loaded(module, name) or ())), None)
+    if tower is None:
+        raise TypeError(f"encode_packed: `model` must be a vitops Gemma4VisionEncoderLayer, Gemma3VisionEncoderLayer "
+                        f"or Llama4VisionModel, got {type(model).__name__}")
+    if isinstance(images, (list, tuple)) and not images:
         # no images (a text-only request): an empty encoding, so callers need no special case
         config = getattr(embedder, "config", model.config) if embedder is not None else model.config
         width = (config.text_hidden_size if embedder is not None
                  else getattr(config, "vision_output_dim", None) or config.hidden_size)
         w = _param(model)
         return PackedEncoding(torch.empty(0, width, device=w.device, dtype=w.dtype), ())
-    if is_a("vitops.models.gemma4_vision", "Gemma4VisionEncoderLayer"):
+    if tower == "Gemma4VisionEncoderLayer":
         return _encode_gemma4(model, embedder, images, max_soft_tokens, processor, attention_backend, deterministic)
-    if is_a("vitops.models.gemma3", "Gemma3VisionEncoderLayer"):
+    if tower == "Gemma3VisionEncoderLayer":
         return _encode_gemma3(model, embedder, images, processor, deterministic)
-    if is_a("vitops.models.llama4", "Llama4VisionModel"):
-        return _encode_llama4(model, embedder, images, processor, deterministic)
-    raise TypeError(f"encode_packed: `model` must be a vitops Gemma4VisionEncoderLayer, Gemma3VisionEncoderLayer or "
-                    f"Llama4VisionModel, got {type(model).__name__}")
+    return _encode_llama4(model, embedder, images, processor, deterministic)
 
 
-_TOWERS = (("vitops.models.gemma4_vision", "Gemma4VisionEncoderLayer"), ("vitops.models.gemma3", "Gemma3VisionEncoderLayer"),
-           ("vitops.models.llama4", "Llama4VisionModel"))
-
-
-def _is_tower(model) -> bool:
-    return any(cls is not None and isinstance(model, cls) for cls in (_loaded(m, n) for m, n in _TOWERS))
+# the towers encode_packed takes: (module, class), looked up only if the module is already loaded
+_TOWERS = (("vitops.models.gemma4_vision", "Gemma4VisionEncoderLayer"),
+           ("vitops.models.gemma3", "Gemma3VisionEncoderLayer"), ("vitops.models.llama4", "Llama4VisionModel"))
 
 
 def _encode_gemma4(tower, embedder, images, max_soft_tokens, processor, attention_backend, deterministic):

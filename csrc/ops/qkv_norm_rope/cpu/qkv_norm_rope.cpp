@@ -345,20 +345,21 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
   torch::stable::parallel_for(0, num_chunks, /*grain_size=*/1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const int64_t table = rope::cpu::table_length(g.layout);
     std::vector<acc> cos(table), sin(table), sin_forward(table), x(hd), gy(hd), u(hd), gu(hd), scratch(hd + 2);
-    // The norm's backward for a head row whose norm input is xin: grad (d loss / d norm output) in,
-    // d loss / d norm input out; adds the row's weight-gradient terms to the chunk partial.
-    // v's norm (tensor 2) has no weight.
-    auto norm_backward = [&](const acc* xin, acc* grad_row, int tensor, acc* chunk_partial) {
-      const acc r = norm::inverse_rms(norm::sum_of_squares(xin, hd), hd, eps_acc);
-      for (int64_t e = 0; e < hd; ++e) {
-        u[e] = xin[e] * r;
-        if (tensor < 2 && weighted) {
-          chunk_partial[tensor * hd + e] += grad_row[e] * u[e];
-          grad_row[e] = grad_row[e] * t.weights[tensor][e];
-        }
-      }
-      const acc mean_dot = norm::lane_dot(grad_row, u.data(), hd) / static_cast<acc>(hd);
-      for (int64_t e = 0; e < hd; ++e) grad_row[e] = r * (grad_row[e] - u[e] * mean_dot);
+    // The norm's backward for a head row whose norm input is xin (staged floats, or the row in
+    // storage): grad (d loss / d norm output) in, d loss / d norm input written to out (which may be
+    // grad itself), rounded to out's type; adds the row's weight-gradient terms to the chunk
+    // partial. v's norm (tensor 2) has no weight. Staged and storage rows take the same expressions
+    // and summation lanes, so the same bits.
+    auto norm_backward = [&](const auto* xin, acc* grad_row, auto* out, int tensor, acc* chunk_partial) {
+      using out_t = std::remove_cv_t<std::remove_pointer_t<decltype(out)>>;
+      const acc r = norm::inverse_rms(norm::sum_of_squares_widened<acc>(xin, hd), hd, eps_acc);
+      const acc dot = tensor < 2 && weighted
+                          ? norm_backward_dot<true>(xin, r, grad_row, t.weights[tensor].data(),
+                                                    chunk_partial + tensor * hd, u.data(), hd)
+                          : norm_backward_dot<false>(xin, r, grad_row, static_cast<const acc*>(nullptr),
+                                                     static_cast<acc*>(nullptr), u.data(), hd);
+      const acc mean_dot = dot / static_cast<acc>(hd);
+      for (int64_t e = 0; e < hd; ++e) out[e] = narrow<out_t>(r * (grad_row[e] - u[e] * mean_dot));
     };
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc* chunk_partial = weighted ? partial.data() + chunk * kNumWeights * hd : nullptr;
@@ -388,7 +389,7 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
                   rope::cpu::rotate_row(g.layout, x.data(), gu.data(), cos.data(), sin_forward.data());
                   for (int64_t e = 0; e < hd; ++e) x[e] = widen(narrow<scalar_t>(gu[e]));
                 }
-                norm_backward(x.data(), gy.data(), tensor, chunk_partial);
+                norm_backward(x.data(), gy.data(), gy.data(), tensor, chunk_partial);
                 if (rotate) {
                   rope::cpu::rotate_row(g.layout, gy.data(), gu.data(), cos.data(), sin.data());
                   result = gu.data();
@@ -398,7 +399,7 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
                   rope::cpu::rotate_row(g.layout, gy.data(), gu.data(), cos.data(), sin.data());
                   result = gu.data();
                 }
-                if (normalized) norm_backward(x.data(), result, tensor, chunk_partial);
+                if (normalized) norm_backward(x.data(), result, result, tensor, chunk_partial);
               }
               for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(result[e]);
               continue;
@@ -413,20 +414,12 @@ void backward_impl(const char* op, const Geometry& g, const HeadIO<scalar_t>& in
             // The common order (norm, then rotation) in four passes over the row, each reading its
             // input straight from storage: d(loss)/d(normalised row) (the transposed rotation for q
             // and k), the row's sum of squares, the norm's backward terms and their dot product,
-            // and the result. The same expressions and summation lanes as norm_backward on rows
-            // staged in floats: the same bits, with half the passes.
+            // and the result narrowed into dst.
             if (tensor < 2)
               rope::cpu::rotate_row(g.layout, gsrc, gu.data(), cos.data(), sin.data());
             else
               for (int64_t e = 0; e < hd; ++e) gu[e] = widen(gsrc[e]);
-            const acc r = norm::inverse_rms(norm::sum_of_squares_widened<acc>(src, hd), hd, eps_acc);
-            const acc dot =
-                tensor < 2 && weighted
-                    ? norm_backward_dot<true>(src, r, gu.data(), t.weights[tensor].data(), chunk_partial + tensor * hd,
-                                              u.data(), hd)
-                    : norm_backward_dot<false, scalar_t, acc>(src, r, gu.data(), nullptr, nullptr, u.data(), hd);
-            const acc mean_dot = dot / static_cast<acc>(hd);
-            for (int64_t e = 0; e < hd; ++e) dst[e] = narrow<scalar_t>(r * (gu[e] - u[e] * mean_dot));
+            norm_backward(src, gu.data(), dst, tensor, chunk_partial);
           }
         }
       }
